@@ -1,0 +1,1 @@
+"""The click front end of nca-tiles (installed as the package ``nca_tiles_cli``)."""
