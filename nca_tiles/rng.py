@@ -1,0 +1,118 @@
+"""Counter-based randomness: random numbers as pure functions of their coordinates.
+
+A stateful generator gives each chunk of a tiled canvas different numbers depending on the order
+in which chunks are visited. Here every random value is a hash of
+``(seed, stream, step, y, x, channel)`` in *global* canvas coordinates, so any window of the canvas
+draws exactly the numbers the whole canvas would draw there (design.md §2.3). The hash is 32-bit
+integer arithmetic done in int64 tensors, so it gives the same bits on CPU and GPU.
+
+The mixer is ``lowbias32`` (C. Wellons, "Prospecting for hash functions", 2018): a bijective
+32-bit integer hash with very low avalanche bias; keys are folded in one at a time.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+class Stream(enum.IntEnum):
+    """Independent random streams: one per use, so no two uses ever share numbers."""
+
+    INITIAL_NOISE = 1  # x_T
+    STEP_NOISE = 2  # the ancestral-sampling noise of each denoising step
+    FIRE_MASK = 3  # the NCA's stochastic cell update
+
+
+def _lowbias32(h: torch.Tensor) -> torch.Tensor:
+    # int64 holds the 32-bit products exactly modulo 2**64; masking keeps the low 32 bits.
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & _MASK32
+    h = h ^ (h >> 15)
+    h = (h * 0x846CA68B) & _MASK32
+    return h ^ (h >> 16)
+
+
+def _fold(h: torch.Tensor, key: torch.Tensor | int) -> torch.Tensor:
+    """Mix one more key into the hash state."""
+    return _lowbias32((h + key + 0x9E3779B9) & _MASK32)
+
+
+def _key32(value: int) -> int:
+    # Seeds may be any Python int; fold them into 32 bits without losing the high part.
+    value &= (1 << 64) - 1
+    return (value ^ (value >> 32)) & _MASK32
+
+
+def hash_grid(
+    seed: int,
+    stream: Stream,
+    step: int,
+    y0: int,
+    x0: int,
+    height: int,
+    width: int,
+    channels: int = 1,
+    *,
+    substep: int = 0,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """32-bit hashes of every (channel, y, x) of a window, as an int64 tensor (channels, H, W).
+
+    ``(y0, x0)`` is the window's origin in global canvas coordinates; ``step`` and ``substep``
+    (e.g. the denoising step and the NCA step inside it) select independent draws.
+    """
+    h = torch.full((1, 1, 1), 0, dtype=torch.int64, device=device)
+    for key in (_key32(seed), int(stream), _key32(step), _key32(substep)):
+        h = _fold(h, key)
+    ys = torch.arange(y0, y0 + height, dtype=torch.int64, device=device).view(1, -1, 1)
+    xs = torch.arange(x0, x0 + width, dtype=torch.int64, device=device).view(1, 1, -1)
+    cs = torch.arange(channels, dtype=torch.int64, device=device).view(-1, 1, 1)
+    h = _fold(h, ys & _MASK32)
+    h = _fold(h, xs & _MASK32)
+    return _fold(h, cs)
+
+
+def _to_unit_interval(h: torch.Tensor) -> torch.Tensor:
+    """Map 32-bit hashes to float32 uniforms in the open interval (0, 1)."""
+    # The top 24 bits fill a float32 mantissa exactly; the half-step offset keeps 0 out (log(0)).
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def uniform(seed: int, stream: Stream, step: int, y0: int, x0: int, height: int, width: int,
+            channels: int = 1, *, substep: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Uniform(0, 1) float32 values, shape (channels, H, W), a pure function of their coordinates."""
+    return _to_unit_interval(
+        hash_grid(seed, stream, step, y0, x0, height, width, channels, substep=substep, device=device)
+    )
+
+
+def normal(seed: int, stream: Stream, step: int, y0: int, x0: int, height: int, width: int,
+           channels: int = 1, *, substep: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Standard normal float32 values, shape (channels, H, W), by the Box–Muller transform.
+
+    The two uniforms come from two hashes of the same coordinates that differ in the last key.
+    """
+    h = hash_grid(seed, stream, step, y0, x0, height, width, channels, substep=substep, device=device)
+    u1 = _to_unit_interval(h)
+    u2 = _to_unit_interval(_fold(h, 0x5BD1E995))
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+
+
+def bernoulli(p: float, seed: int, stream: Stream, step: int, y0: int, x0: int, height: int, width: int,
+              channels: int = 1, *, substep: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bernoulli(p) masks as float32 0/1, shape (channels, H, W)."""
+    h = hash_grid(seed, stream, step, y0, x0, height, width, channels, substep=substep, device=device)
+    return (_to_unit_interval(h) < p).to(torch.float32)
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A new 32-bit seed from a seed and integer keys (e.g. sample index, training step)."""
+    h = torch.tensor([0], dtype=torch.int64)
+    for key in (_key32(seed), *(_key32(k) for k in keys)):
+        h = _fold(h, key)
+    return int(h.item())

@@ -1,0 +1,84 @@
+"""Counter-based randomness: statistics, independence, and windows equal to the whole."""
+
+import numpy as np
+import pytest
+import torch
+
+from nca_tiles import rng
+from nca_tiles.rng import Stream
+
+
+def test_normal_moments():
+    z = rng.normal(7, Stream.STEP_NOISE, 3, 0, 0, 256, 256, 3).numpy().ravel()
+    assert abs(z.mean()) < 0.01
+    assert abs(z.std() - 1) < 0.01
+    assert abs(np.mean(z**3)) < 0.03  # skewness of a normal: 0
+    assert abs(np.mean(z**4) - 3) < 0.06  # kurtosis of a normal: 3
+
+
+def test_uniform_and_bernoulli_moments():
+    u = rng.uniform(1, Stream.FIRE_MASK, 0, 0, 0, 300, 300).numpy()
+    assert 0 < u.min() and u.max() < 1
+    assert abs(u.mean() - 0.5) < 0.005
+    assert abs(u.var() - 1 / 12) < 0.002
+    m = rng.bernoulli(0.3, 1, Stream.FIRE_MASK, 0, 0, 0, 300, 300).numpy()
+    assert set(np.unique(m)) == {0.0, 1.0}
+    assert abs(m.mean() - 0.3) < 0.01
+
+
+def test_neighbours_uncorrelated():
+    z = rng.normal(0, Stream.INITIAL_NOISE, 0, 0, 0, 256, 256, 3).numpy()
+    pairs = {
+        "x": (z[:, :, :-1], z[:, :, 1:]),
+        "y": (z[:, :-1, :], z[:, 1:, :]),
+        "diagonal": (z[:, :-1, :-1], z[:, 1:, 1:]),
+        "channel": (z[:-1], z[1:]),
+    }
+    for name, (a, b) in pairs.items():
+        r = np.corrcoef(a.ravel(), b.ravel())[0, 1]
+        assert abs(r) < 0.01, (name, r)
+
+
+def test_keys_give_independent_streams():
+    base = rng.normal(0, Stream.STEP_NOISE, 5, 0, 0, 128, 128, 3).numpy().ravel()
+    others = [
+        rng.normal(1, Stream.STEP_NOISE, 5, 0, 0, 128, 128, 3),  # seed
+        rng.normal(0, Stream.INITIAL_NOISE, 5, 0, 0, 128, 128, 3),  # stream
+        rng.normal(0, Stream.STEP_NOISE, 6, 0, 0, 128, 128, 3),  # step
+        rng.normal(0, Stream.STEP_NOISE, 5, 0, 0, 128, 128, 3, substep=1),  # substep
+        rng.normal(0, Stream.STEP_NOISE, 5, 0, 1, 128, 128, 3),  # shifted window
+    ]
+    for other in others:
+        other = other.numpy().ravel()
+        assert not np.allclose(base, other)
+        assert abs(np.corrcoef(base, other)[0, 1]) < 0.02
+
+
+def test_window_equals_window_of_whole():
+    whole = rng.normal(3, Stream.STEP_NOISE, 9, 0, 0, 100, 120, 3)
+    window = rng.normal(3, Stream.STEP_NOISE, 9, 37, 51, 20, 30, 3)
+    assert torch.equal(window, whole[:, 37:57, 51:81])
+    whole_mask = rng.bernoulli(0.5, 3, Stream.FIRE_MASK, 9, 0, 0, 100, 120, substep=4)
+    assert torch.equal(rng.bernoulli(0.5, 3, Stream.FIRE_MASK, 9, 99, 5, 1, 7, substep=4), whole_mask[:, 99:, 5:12])
+
+
+def test_far_coordinates_and_large_seeds():
+    # A 100 000 px canvas and a 64-bit seed must work and stay deterministic.
+    a = rng.normal(2**40 + 5, Stream.INITIAL_NOISE, 0, 99_990, 99_990, 10, 10, 3)
+    b = rng.normal(2**40 + 5, Stream.INITIAL_NOISE, 0, 99_990, 99_990, 10, 10, 3)
+    assert torch.equal(a, b) and torch.isfinite(a).all()
+
+
+def test_derive_seed_is_deterministic_and_spreads():
+    seeds = {rng.derive_seed(0, i) for i in range(1000)}
+    assert len(seeds) == 1000
+    assert rng.derive_seed(5, 1, 2) == rng.derive_seed(5, 1, 2) != rng.derive_seed(5, 2, 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_same_on_gpu():
+    cpu = rng.normal(1, Stream.STEP_NOISE, 2, 10, 20, 64, 64, 3)
+    gpu = rng.normal(1, Stream.STEP_NOISE, 2, 10, 20, 64, 64, 3, device="cuda").cpu()
+    assert torch.equal(rng.hash_grid(1, Stream.STEP_NOISE, 2, 10, 20, 64, 64, 3),
+                       rng.hash_grid(1, Stream.STEP_NOISE, 2, 10, 20, 64, 64, 3, device="cuda").cpu())
+    torch.testing.assert_close(cpu, gpu, rtol=1e-5, atol=1e-5)
