@@ -1,0 +1,249 @@
+"""Diff-NCA: the denoiser of "Frequency-Time Diffusion with Neural Cellular Automata"
+(Kalkhof et al., 2024), made local and translation-equivariant so it tiles exactly.
+
+One cell rule is applied at every pixel and iterated ``s`` times per denoising step. The state has
+``c`` channels: 0–2 hold the noisy image x_t and are never written, 3–5 are read out as the
+predicted noise ε̂, the rest start at zero. The state is rebuilt from x_t at every denoising step.
+
+Deviations from the paper (design.md §2), each needed for exact tiling:
+
+1. A per-pixel norm over the hidden channels instead of ``GroupNorm(1, h)``, which normalises over
+   the whole image and so makes every output depend on the whole canvas.
+2. No absolute pixel position in the embedding (meaningless on a 100 000 px canvas): it depends
+   only on (t, NCA step), so the conditioning is one vector per step, broadcast over pixels.
+3. The stochastic "fire" mask is a pure function of (seed, t, NCA step, global y, x) at inference
+   (:class:`CounterFireMask`), so a window draws what the whole canvas draws there.
+
+Because the embedding is spatially constant and reflect padding keeps a constant constant, its
+contribution to each convolution is exactly a per-sample bias: computed as such, not by
+concatenating a broadcast tensor to every pixel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nca_tiles import rng
+from nca_tiles.errors import NcaTilesError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a Diff-NCA. Saved as JSON beside the weights."""
+
+    channels: int = 96  # c: state channels per pixel
+    hidden: int = 512  # h: hidden width of the per-pixel MLP
+    nca_steps: int = 20  # s: NCA steps per denoising step = halo in pixels
+    embedding_channels: int = 2  # channels of the conditioning vector e
+    embedding_hidden: int = 256
+    # Sinusoidal features per conditioning scalar (t and the NCA step). Sized so the paper preset
+    # has the paper's parameter count (331 k).
+    encoding_dim: int = 176
+    fire_rate: float = 0.5
+    image_channels: int = 3
+
+    def __post_init__(self) -> None:
+        if self.channels < 2 * self.image_channels:
+            raise NcaTilesError(f"channels must be at least {2 * self.image_channels} (image + noise readout)")
+        for name in ("hidden", "nca_steps", "embedding_channels", "embedding_hidden"):
+            if getattr(self, name) < 1:
+                raise NcaTilesError(f"model config: {name} must be ≥ 1")
+        if self.encoding_dim < 2 or self.encoding_dim % 2:
+            raise NcaTilesError("model config: encoding_dim must be an even number ≥ 2")
+        if not 0.0 < self.fire_rate <= 1.0:
+            raise NcaTilesError("model config: fire_rate must be in (0, 1]")
+
+    @property
+    def halo(self) -> int:
+        """Dependency radius of one denoising step: one pixel per NCA step (3×3 perception)."""
+        return self.nca_steps
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise NcaTilesError(f"model config has unknown fields {sorted(unknown)}: written by a newer nca-tiles?")
+        return cls(**data)
+
+    def macs_per_pixel_step(self) -> int:
+        """Multiply-accumulates per pixel per NCA step (the convolutions; design.md §4)."""
+        c, h = self.channels, self.hidden
+        return 9 * c * c + 2 * c * h + h * c
+
+
+# Presets. `paper` is the paper's model, a GPU model (≈ 85 s per training step on 2 CPU cores).
+# `small` is sized by measurement (benchmarks/bench_presets.py) to take ~1–2 k training steps an
+# hour on a 2-core CPU: the bundled default model. `tiny` is for tests.
+PRESETS: dict[str, ModelConfig] = {
+    "paper": ModelConfig(channels=96, hidden=512, nca_steps=20),
+    "small": ModelConfig(channels=24, hidden=96, nca_steps=10, embedding_hidden=64, encoding_dim=32),
+    "tiny": ModelConfig(channels=8, hidden=16, nca_steps=3, embedding_hidden=16, encoding_dim=8),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise NcaTilesError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}") from None
+
+
+def describe_preset(name: str) -> str:
+    config = preset(name)
+    model = DiffNCA(config)
+    return (
+        f"preset {name}\n"
+        f"{json.dumps(config.to_dict(), indent=2)}\n"
+        f"parameters: {model.num_parameters():,}\n"
+        f"halo per denoising step: {config.halo} px\n"
+        f"MAC per pixel per denoising step: {config.macs_per_pixel_step() * config.nca_steps:,}"
+    )
+
+
+def sinusoidal_encoding(values: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Transformer sinusoidal encoding (Vaswani et al., 2017) of scalars: (N,) -> (N, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=values.device, dtype=torch.float32) / half)
+    angles = values.to(torch.float32)[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+class FireMask(Protocol):
+    """Source of the stochastic update masks, one per NCA step: (B, 1, H, W) float 0/1."""
+
+    def __call__(self, nca_step: int, shape: tuple[int, int, int, int], device: torch.device) -> torch.Tensor: ...
+
+
+@dataclass
+class TorchFireMask:
+    """Masks from a torch generator: for training, where tiling does not matter."""
+
+    rate: float
+    generator: torch.Generator | None = None
+
+    def __call__(self, nca_step: int, shape: tuple[int, int, int, int], device: torch.device) -> torch.Tensor:
+        b, _, h, w = shape
+        draw = torch.rand((b, 1, h, w), generator=self.generator, device=self.generator.device if self.generator else device)
+        return (draw < self.rate).to(device=device, dtype=torch.float32)
+
+
+@dataclass
+class CounterFireMask:
+    """Masks keyed by global canvas coordinates (deviation 3): for inference.
+
+    ``origins[i]`` is the global (y, x) of window i's top-left pixel; ``seeds[i]`` and
+    ``timesteps[i]`` its sampling seed and diffusion timestep.
+    """
+
+    rate: float
+    seeds: list[int]
+    timesteps: list[int]
+    origins: list[tuple[int, int]]
+
+    def __call__(self, nca_step: int, shape: tuple[int, int, int, int], device: torch.device) -> torch.Tensor:
+        _, _, h, w = shape
+        masks = [
+            rng.bernoulli(self.rate, seed, rng.Stream.FIRE_MASK, t, y0, x0, h, w, substep=nca_step, device=device)
+            for seed, t, (y0, x0) in zip(self.seeds, self.timesteps, self.origins)
+        ]
+        return torch.stack(masks)
+
+
+class PixelNorm(nn.Module):
+    """Layer norm over channels at each pixel (deviation 1): local, unlike GroupNorm(1, h)."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=1, keepdim=True)
+        var = x.var(dim=1, keepdim=True, unbiased=False)
+        x = (x - mean) * torch.rsqrt(var + self.eps)
+        return x * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+
+
+class DiffNCA(nn.Module):
+    """The Diff-NCA noise predictor ε_θ(x_t, t): weights only, no schedule, no sampling loop."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c, h, e = config.channels, config.hidden, config.embedding_channels
+        # Embedding: sinusoidal(t) ++ sinusoidal(NCA step) -> 256 -> SiLU -> e channels.
+        self.embed = nn.Sequential(
+            nn.Linear(2 * config.encoding_dim, config.embedding_hidden),
+            nn.SiLU(),
+            nn.Linear(config.embedding_hidden, e),
+        )
+        self.perceive = nn.Conv2d(c + e, c, kernel_size=3)  # padded by reflection in forward
+        self.mul_cond0 = nn.Linear(e, 2 * c + e)
+        self.to_hidden = nn.Conv2d(2 * c + e, h, kernel_size=1)
+        self.norm = PixelNorm(h)
+        self.mul_cond1 = nn.Linear(e, h)
+        self.to_update = nn.Conv2d(h, c, kernel_size=1)
+        # Multiplicative conditioning starts as the identity; the update starts at zero
+        # (as in Growing NCA, Mordvintsev et al., 2020), so early training is stable.
+        for cond in (self.mul_cond0, self.mul_cond1):
+            nn.init.normal_(cond.weight, std=0.02)
+            nn.init.ones_(cond.bias)
+        nn.init.zeros_(self.to_update.weight)
+        nn.init.zeros_(self.to_update.bias)
+        # Channels the rule may write: not the image (0–2).
+        writable = torch.ones(1, c, 1, 1)
+        writable[:, : config.image_channels] = 0
+        self.register_buffer("writable", writable, persistent=False)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def embedding(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Conditioning vectors e for every (NCA step, sample): (s, B, embedding_channels)."""
+        cfg = self.config
+        steps = torch.arange(cfg.nca_steps, device=timesteps.device)
+        enc_t = sinusoidal_encoding(timesteps, cfg.encoding_dim)  # (B, D)
+        enc_k = sinusoidal_encoding(steps, cfg.encoding_dim)  # (s, D)
+        b, s = enc_t.shape[0], enc_k.shape[0]
+        pairs = torch.cat([enc_t[None].expand(s, b, -1), enc_k[:, None].expand(s, b, -1)], dim=2)
+        return self.embed(pairs.to(self.embed[0].weight.dtype))
+
+    def nca_step(self, state: torch.Tensor, e: torch.Tensor, fire: torch.Tensor) -> torch.Tensor:
+        """One application of the cell rule. state (B, c, H, W), e (B, E), fire (B, 1, H, W)."""
+        c = self.config.channels
+        w3 = self.perceive.weight
+        # 3×3 perception of (state, e): the e part of the kernel acts on a constant -> a bias.
+        bias3 = self.perceive.bias + torch.einsum("oekl,be->bo", w3[:, c:], e)
+        perceived = F.conv2d(F.pad(state, (1, 1, 1, 1), mode="reflect"), w3[:, :c]) + bias3[:, :, None, None]
+        m0 = self.mul_cond0(e)  # (B, 2c + E)
+        z = torch.cat([perceived, state], dim=1) * m0[:, : 2 * c, None, None]
+        w1 = self.to_hidden.weight[:, :, 0, 0]
+        bias1 = self.to_hidden.bias + (e * m0[:, 2 * c :]) @ w1[:, 2 * c :].T
+        hidden = F.conv2d(z, self.to_hidden.weight[:, : 2 * c]) + bias1[:, :, None, None]
+        hidden = F.leaky_relu(self.norm(hidden)) * self.mul_cond1(e)[:, :, None, None]
+        update = self.to_update(hidden)
+        return state + update * (fire * self.writable)
+
+    def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, fire: FireMask) -> torch.Tensor:
+        """Predict the noise ε̂ in x_t (B, 3, H, W) at diffusion timesteps (B,)."""
+        cfg = self.config
+        b, _, h, w = x_t.shape
+        state = torch.cat([x_t, x_t.new_zeros(b, cfg.channels - cfg.image_channels, h, w)], dim=1)
+        embeddings = self.embedding(timesteps.to(x_t.device))
+        for k in range(cfg.nca_steps):
+            state = self.nca_step(state, embeddings[k], fire(k, (b, 1, h, w), x_t.device))
+        ic = cfg.image_channels
+        return state[:, ic : 2 * ic]

@@ -1,0 +1,134 @@
+"""The Diff-NCA rule is local (radius s) and translation-equivariant: the core of exact tiling."""
+
+import pytest
+import torch
+
+from nca_tiles.errors import NcaTilesError
+from nca_tiles.model import PRESETS, CounterFireMask, DiffNCA, ModelConfig, describe_preset, preset
+
+CONFIG = ModelConfig(channels=12, hidden=24, nca_steps=5, embedding_hidden=16, encoding_dim=8)
+S = CONFIG.nca_steps
+
+
+def trained_like(config: ModelConfig = CONFIG, seed: int = 0) -> DiffNCA:
+    """A model with non-zero update weights (a fresh one has a zero last layer: trivially local)."""
+    torch.manual_seed(seed)
+    model = DiffNCA(config).double().eval()
+    for p in model.to_update.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return model
+
+
+def predict(model, x, t=123, origin=(0, 0), seed=11):
+    fire = CounterFireMask(model.config.fire_rate, [seed] * x.shape[0], [t] * x.shape[0], [origin] * x.shape[0])
+    with torch.no_grad():
+        return model(x, torch.full((x.shape[0],), t), fire)
+
+
+def test_paper_preset_parameter_count_matches_paper():
+    n = DiffNCA(PRESETS["paper"]).num_parameters()
+    assert abs(n - 331_000) / 331_000 < 0.03, n
+
+
+def test_prediction_depends_on_input():
+    model = trained_like()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    eps = predict(model, x)
+    assert eps.shape == x.shape
+    assert eps.abs().mean() > 1e-3
+    assert not torch.allclose(eps, predict(model, x + 0.5))
+
+
+def test_one_pixel_changes_noise_only_within_radius_s():
+    model = trained_like()
+    x = torch.randn(1, 3, 41, 41, dtype=torch.float64)
+    y, x0 = 20, 20
+    bumped = x.clone()
+    bumped[0, :, y, x0] += 1.0
+    diff = (predict(model, bumped) - predict(model, x)).abs().amax(dim=(0, 1))
+    changed = (diff > 0).nonzero()
+    assert len(changed) > 0
+    radius = (changed - torch.tensor([y, x0])).abs().amax()
+    assert radius == S, f"dependency radius {radius}, expected {S}"
+
+
+@pytest.mark.parametrize("box", [(10, 18, 7, 30), (0, 12, 0, 12), (25, 40, 33, 50), (5, 6, 40, 50)])
+def test_crop_with_halo_equals_crop_of_whole(box):
+    model = trained_like()
+    h, w = 40, 50
+    x = torch.randn(1, 3, h, w, dtype=torch.float64)
+    whole = predict(model, x)
+    y0, y1, x0, x1 = box
+    # The window: the crop ± s, clipped to the canvas; fire masks keyed by its global origin.
+    wy0, wy1, wx0, wx1 = max(0, y0 - S), min(h, y1 + S), max(0, x0 - S), min(w, x1 + S)
+    window = predict(model, x[:, :, wy0:wy1, wx0:wx1], origin=(wy0, wx0))
+    crop = window[:, :, y0 - wy0 : y1 - wy0, x0 - wx0 : x1 - wx0]
+    torch.testing.assert_close(crop, whole[:, :, y0:y1, x0:x1], rtol=1e-9, atol=1e-9)
+
+
+def test_halo_smaller_than_s_is_not_enough():
+    # The halo arithmetic is tight: with s − 1 pixels of halo the border of the crop is wrong.
+    model = trained_like()
+    x = torch.randn(1, 3, 40, 40, dtype=torch.float64)
+    whole = predict(model, x)
+    y0, y1 = 15, 25
+    halo = S - 1
+    window = predict(model, x[:, :, y0 - halo : y1 + halo, y0 - halo : y1 + halo], origin=(y0 - halo, y0 - halo))
+    crop = window[:, :, halo:-halo, halo:-halo]
+    assert not torch.allclose(crop, whole[:, :, y0:y1, y0:y1])
+
+
+def test_shifted_input_gives_shifted_output():
+    model = trained_like()
+    x = torch.randn(1, 3, 48, 48, dtype=torch.float64)
+    dy, dx = 3, 5
+    # The fire mask is keyed by global coordinates, so a content shift is a shift of the origin too.
+    base = predict(model, x[:, :, :40, :40], origin=(0, 0))
+    shifted = predict(model, x[:, :, dy : dy + 40, dx : dx + 40], origin=(dy, dx))
+    # Pixels at least s from both windows' edges (global dy+i must be interior in base too).
+    interior = slice(S, 40 - S - max(dy, dx))
+    torch.testing.assert_close(
+        shifted[:, :, interior, interior],
+        base[:, :, dy + interior.start : dy + interior.stop, dx + interior.start : dx + interior.stop],
+        rtol=1e-9, atol=1e-9,
+    )
+
+
+def test_image_channels_are_never_written():
+    model = trained_like()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    state = torch.cat([x, torch.zeros(2, model.config.channels - 3, 16, 16, dtype=torch.float64)], 1)
+    e = model.embedding(torch.tensor([5, 6]))[0].double()
+    after = model.nca_step(state, e, torch.ones(2, 1, 16, 16, dtype=torch.float64))
+    assert torch.equal(after[:, :3], x)
+    assert not torch.equal(after[:, 3:], state[:, 3:])
+
+
+def test_embedding_as_bias_equals_explicit_concatenation():
+    # The e channels are folded into biases; check against the paper's literal concat formulation.
+    model = trained_like()
+    c = model.config.channels
+    b, h, w = 2, 9, 11
+    state = torch.randn(b, c, h, w, dtype=torch.float64)
+    e = torch.randn(b, model.config.embedding_channels, dtype=torch.float64)
+    fire = torch.ones(b, 1, h, w, dtype=torch.float64)
+    eb = e[:, :, None, None].expand(-1, -1, h, w)
+    inp = torch.cat([state, eb], 1)
+    perceived = model.perceive(torch.nn.functional.pad(inp, (1, 1, 1, 1), mode="reflect"))
+    z = torch.cat([perceived, state, eb], 1) * model.mul_cond0(e)[:, :, None, None]
+    hidden = torch.nn.functional.leaky_relu(model.norm(model.to_hidden(z))) * model.mul_cond1(e)[:, :, None, None]
+    expected = state + model.to_update(hidden) * model.writable
+    torch.testing.assert_close(model.nca_step(state, e, fire), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_presets_and_bad_configs():
+    assert preset("tiny").nca_steps == PRESETS["tiny"].halo
+    assert "parameters" in describe_preset("paper")
+    with pytest.raises(NcaTilesError):
+        preset("huge")
+    with pytest.raises(NcaTilesError):
+        ModelConfig(channels=4)
+    with pytest.raises(NcaTilesError):
+        ModelConfig(fire_rate=0)
+    with pytest.raises(NcaTilesError):
+        ModelConfig.from_dict({**CONFIG.to_dict(), "future_field": 1})
