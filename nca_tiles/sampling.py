@@ -1,0 +1,160 @@
+"""The sampling pipeline: model + schedule, and the reverse-diffusion loop written out.
+
+The pieces every executor shares:
+
+- :func:`initial_noise` — x_T of any window, keyed by global coordinates;
+- :func:`predict_noise` — ε̂ on windows whose origins are known (fire masks keyed globally);
+- :func:`reverse_step` — x_t -> x_{t_prev} on a region, its noise keyed globally.
+
+:func:`generate_region` runs them over one whole canvas in memory: the reference that tiled
+synthesis must equal, and the API for small images (e.g. to feed a data loader).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nca_tiles import rng
+from nca_tiles.checkpoint import load_model_files, model_hash, resolve_model_path
+from nca_tiles.errors import NcaTilesError
+from nca_tiles.model import CounterFireMask, DiffNCA, ModelConfig
+from nca_tiles.schedule import NoiseSchedule, ScheduleConfig
+
+
+@dataclass
+class Pipeline:
+    """A loaded model ready to sample: EMA weights in eval mode, its schedule and metadata."""
+
+    model: DiffNCA
+    schedule: NoiseSchedule
+    mpp: float
+    hash: str
+    meta: dict
+    device: torch.device
+    precision: str = "fp32"  # "fp32" | "bf16" (CUDA autocast)
+
+    @property
+    def halo(self) -> int:
+        return self.model.config.halo
+
+    def autocast(self):
+        if self.precision == "bf16" and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise NcaTilesError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    if device not in ("cpu", "cuda"):
+        raise NcaTilesError(f"unknown device {device!r}: choose auto, cpu or cuda")
+    return torch.device(device)
+
+
+def build_pipeline(meta: dict, state_dict: dict, device: str | torch.device = "cpu", precision: str = "auto") -> Pipeline:
+    device = resolve_device(device) if isinstance(device, str) else device
+    config = ModelConfig.from_dict(meta["model"])
+    model = DiffNCA(config)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        raise NcaTilesError(f"weights do not fit the model config: {str(exc).splitlines()[0]}") from None
+    model.eval().requires_grad_(False).to(device)
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"  # bf16 on CPU is very slow (design.md §4)
+    return Pipeline(
+        model=model,
+        schedule=NoiseSchedule(ScheduleConfig.from_dict(meta["schedule"])),
+        mpp=float(meta["data"]["mpp"]),
+        hash=model_hash(meta, state_dict),
+        meta=meta,
+        device=device,
+        precision=precision,
+    )
+
+
+def load_model(path: Path | str | None = None, device: str = "auto", precision: str = "auto") -> Pipeline:
+    """Load a model for sampling: a run directory, model directory or checkpoint file; None = bundled."""
+    meta, state = load_model_files(resolve_model_path(None if path is None else Path(path)))
+    return build_pipeline(meta, state, device, precision)
+
+
+def initial_noise(seed: int, y0: int, x0: int, height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """x_T on a window, (3, H, W), a pure function of (seed, global coordinates)."""
+    return rng.normal(seed, rng.Stream.INITIAL_NOISE, 0, y0, x0, height, width, 3, device=device)
+
+
+@torch.no_grad()
+def predict_noise(pipeline: Pipeline, x_t: torch.Tensor, t: int, origins: list[tuple[int, int]], seeds: list[int]) -> torch.Tensor:
+    """ε̂ for a batch of windows (B, 3, H, W) whose top-left global coordinates are ``origins``."""
+    b = x_t.shape[0]
+    fire = CounterFireMask(pipeline.model.config.fire_rate, seeds, [t] * b, origins)
+    timesteps = torch.full((b,), t, dtype=torch.long, device=pipeline.device)
+    with pipeline.autocast():
+        eps = pipeline.model(x_t.to(pipeline.device), timesteps, fire)
+    return eps.float()
+
+
+def reverse_step(pipeline: Pipeline, sampler: str, eps: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int,
+                 seed: int, origin: tuple[int, int], eta: float = 0.0) -> torch.Tensor:
+    """x_t -> x_{t_prev} on one region (3, H, W) at global ``origin``; its noise keyed globally."""
+    schedule = pipeline.schedule
+    noise = None
+    if schedule.needs_noise(sampler, t, eta):
+        _, h, w = x_t.shape
+        noise = rng.normal(seed, rng.Stream.STEP_NOISE, t, origin[0], origin[1], h, w, 3, device=x_t.device)
+    return schedule.step(sampler, eps, t, t_prev, x_t, noise, eta)
+
+
+def sampling_plan(pipeline: Pipeline, sampler: str, steps: int | None) -> list[tuple[int, int]]:
+    """The (t, t_prev) pairs of a sampling run, in order."""
+    ts = pipeline.schedule.sampling_timesteps(sampler, steps)
+    return list(zip(ts, ts[1:] + [-1]))
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Model space [-1, 1] (C, H, W) or (B, C, H, W) -> uint8 channel-last."""
+    img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return img.movedim(-3, -1).cpu().numpy()
+
+
+@torch.no_grad()
+def generate_region(pipeline: Pipeline, height: int, width: int, seed: int = 0, steps: int | None = 50,
+                    sampler: str = "ddim", eta: float = 0.0) -> np.ndarray:
+    """Synthesize a whole (height, width) canvas in memory: uint8 (H, W, 3).
+
+    Pixel for pixel what ``nca-tiles synthesize`` writes for the same model, seed and size
+    (up to float rounding), whatever its chunking.
+    """
+    if height < 2 or width < 2:
+        raise NcaTilesError("height and width must be at least 2 px")
+    x = initial_noise(seed, 0, 0, height, width, pipeline.device)
+    for t, t_prev in sampling_plan(pipeline, sampler, steps):
+        eps = predict_noise(pipeline, x[None], t, [(0, 0)], [seed])[0]
+        x = reverse_step(pipeline, sampler, eps, x, t, t_prev, seed, (0, 0), eta)
+    return to_uint8(x)
+
+
+@torch.no_grad()
+def generate_patches(pipeline: Pipeline, n: int, size: int = 64, seed: int = 0, steps: int | None = 50,
+                     sampler: str = "ddim", batch: int = 64, eta: float = 0.0) -> np.ndarray:
+    """n independent size × size samples, uint8 (n, size, size, 3); sample i uses seed (seed, i)."""
+    out = np.empty((n, size, size, 3), dtype=np.uint8)
+    plan = sampling_plan(pipeline, sampler, steps)
+    for start in range(0, n, batch):
+        seeds = [rng.derive_seed(seed, i) for i in range(start, min(n, start + batch))]
+        x = torch.stack([initial_noise(s, 0, 0, size, size, pipeline.device) for s in seeds])
+        origins = [(0, 0)] * len(seeds)
+        for t, t_prev in plan:
+            eps = predict_noise(pipeline, x, t, origins, seeds)
+            x = torch.stack([reverse_step(pipeline, sampler, eps[i], x[i], t, t_prev, s, (0, 0), eta)
+                             for i, s in enumerate(seeds)])
+        out[start : start + len(seeds)] = to_uint8(x)
+    return out
