@@ -1,0 +1,157 @@
+"""The evaluation protocol: every metric for synthetic patches, bracketed by a floor and a ceiling.
+
+A metric value means little alone (random-feature FD has no published scale), so each metric is
+computed three times, always against held-out real patches the model never saw:
+
+- floor:     held-out real vs training real   (two real samples: the best a model can hope for)
+- synthetic: synthetic vs held-out real        (the result)
+- ceiling:   colour-matched noise vs held-out real (right colours, no tissue: any model must beat it)
+
+All three comparisons use the same number of patches n, because FD, KID's spread and C2ST power
+all depend on n.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from nca_tiles import metrics
+from nca_tiles.errors import NcaTilesError
+
+COMPARISONS: dict[str, str] = {
+    "floor": "held-out real vs train real",
+    "synthetic": "synthetic vs held-out real",
+    "ceiling": "colour-matched noise vs held-out real",
+}
+
+# metric key -> table label
+METRICS: dict[str, str] = {
+    "fd_random": "FD, random features",
+    "kid_random": "KID x 1e3, random features",
+    "w1_haematoxylin": "W1 haematoxylin OD",
+    "w1_eosin": "W1 eosin OD",
+    "w1_dab": "W1 DAB OD",
+    "c2st_auc": "C2ST AUC (0.5 = same)",
+}
+
+
+def _subsample(patches: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    if len(patches) == n:
+        return patches
+    return patches[np.sort(rng.choice(len(patches), n, replace=False))]
+
+
+def _compare(
+    patches: np.ndarray,
+    features: np.ndarray,
+    reference: np.ndarray,
+    reference_features: np.ndarray,
+    seed: int,
+    kid_subset_size: int,
+    kid_subsets: int,
+    n_pixels: int,
+    c2st_steps: int,
+) -> dict[str, float]:
+    kid_mean, kid_std = metrics.kernel_inception_distance(
+        features, reference_features, n_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed
+    )
+    stains = metrics.stain_wasserstein(patches, reference, n_pixels=n_pixels, seed=seed)
+    return {
+        "fd_random": metrics.feature_frechet_distance(features, reference_features),
+        "kid_random": kid_mean,
+        "kid_random_std": kid_std,
+        **{f"w1_{stain}": value for stain, value in stains.items()},
+        "c2st_auc": metrics.c2st_auc(reference, patches, seed=seed, steps=c2st_steps),
+    }
+
+
+def evaluate_patches(
+    real_train: np.ndarray,
+    real_heldout: np.ndarray,
+    synthetic: np.ndarray,
+    seed: int = 0,
+    *,
+    kid_subsets: int = 100,
+    n_pixels: int = 200_000,
+    c2st_steps: int = 300,
+) -> dict[str, Any]:
+    """Every metric for the floor, synthetic and ceiling comparisons (see the module docstring).
+
+    The three sets are cut to a common n (seeded random subsets). KID uses ``kid_subsets`` subsets
+    of min(1000, n // 2) so its standard deviation is informative. Returns a JSON-serialisable dict:
+    ``{"note", "seed", "n", "patch_size", "comparisons": {name: description},
+    "results": {name: {metric: value}}}``.
+    """
+    real_train = metrics.check_patches(real_train, "real_train", min_count=4)
+    real_heldout = metrics.check_patches(real_heldout, "real_heldout", min_count=4)
+    synthetic = metrics.check_patches(synthetic, "synthetic", min_count=4)
+    shapes = {real_train.shape[1:], real_heldout.shape[1:], synthetic.shape[1:]}
+    if len(shapes) != 1:
+        raise NcaTilesError(f"all patches must have the same size, got {sorted(shapes)}")
+
+    rng = np.random.default_rng(seed)
+    n = min(len(real_train), len(real_heldout), len(synthetic))
+    sets = {
+        "train": _subsample(real_train, n, rng),
+        "heldout": _subsample(real_heldout, n, rng),
+        "synthetic": _subsample(synthetic, n, rng),
+    }
+    # Noise coloured like the training patches: the model saw those colours, not the held-out ones.
+    sets["noise"] = metrics.colour_matched_noise(sets["train"], n, seed=seed)
+    features = {name: metrics.random_features(patches, seed=seed) for name, patches in sets.items()}
+
+    options = {
+        "seed": seed,
+        "kid_subset_size": max(2, min(1000, n // 2)),
+        "kid_subsets": kid_subsets,
+        "n_pixels": n_pixels,
+        "c2st_steps": c2st_steps,
+    }
+    results = {
+        comparison: _compare(sets[name], features[name], sets["heldout"], features["heldout"], **options)
+        for comparison, name in (("floor", "train"), ("synthetic", "synthetic"), ("ceiling", "noise"))
+    }
+    return {
+        "note": metrics.NOT_INCEPTION_NOTE,
+        "seed": int(seed),
+        "n": int(n),
+        "patch_size": [int(s) for s in synthetic.shape[1:3]],
+        "comparisons": dict(COMPARISONS),
+        "results": results,
+    }
+
+
+def _format_value(key: str, values: dict[str, float]) -> str:
+    if key == "kid_random":
+        return f"{values[key] * 1e3:.2f} ± {values['kid_random_std'] * 1e3:.2f}"
+    if key == "c2st_auc":
+        return f"{values[key]:.3f}"
+    return f"{values[key]:.4g}"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A plain-text table: metric | real vs real (floor) | synthetic | noise (ceiling)."""
+    header = ["metric", "real vs real (floor)", "synthetic", "noise (ceiling)"]
+    rows = [
+        [label] + [_format_value(key, results["results"][name]) for name in ("floor", "synthetic", "ceiling")]
+        for key, label in METRICS.items()
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return " | ".join(cell.ljust(width) if i == 0 else cell.rjust(width) for i, (cell, width) in enumerate(zip(cells, widths)))
+
+    return "\n".join(
+        [
+            f"Note: {results['note']}",
+            f"n = {results['n']} patches per set, {results['patch_size'][0]} x {results['patch_size'][1]} px, "
+            f"seed {results['seed']}; every column is compared with held-out real patches; "
+            "lower is better, except C2ST AUC, where 0.5 is best.",
+            "",
+            line(header),
+            "-+-".join("-" * width for width in widths),
+            *(line(row) for row in rows),
+        ]
+    )
