@@ -1,0 +1,116 @@
+"""The evaluation protocol and ``nca-tiles evaluate`` on real H&E crops from the sample slide."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from nca_tiles.errors import NcaTilesError
+from nca_tiles.evaluation import METRICS, evaluate_patches, format_table
+from nca_tiles_cli.main import cli
+
+
+@pytest.fixture(scope="module")
+def real_crops(sample_slide: Path) -> np.ndarray:
+    """64 x 64 tissue crops (>= 60 % tissue) of the real H&E sample slide, in random order."""
+    import openslide
+
+    with openslide.OpenSlide(str(sample_slide)) as slide:
+        image = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+    crops = [
+        image[y : y + 64, x : x + 64]
+        for y in range(0, image.shape[0] - 63, 32)
+        for x in range(0, image.shape[1] - 63, 32)
+        if (image[y : y + 64, x : x + 64].min(axis=-1) < 200).mean() > 0.6
+    ]
+    return np.stack(crops)[np.random.default_rng(0).permutation(len(crops))]
+
+
+@pytest.fixture(scope="module")
+def results(real_crops: np.ndarray) -> dict:
+    import torch
+    from skimage.filters import gaussian
+
+    train, heldout, other = real_crops[:96], real_crops[96:192], real_crops[192:288]
+    # A stand-in for a mediocre model: real tissue, blurred (sigma 2 px).
+    blurred = np.rint(gaussian(other, sigma=(0, 2, 2, 0), channel_axis=-1) * 255).astype(np.uint8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return evaluate_patches(train, heldout, blurred, seed=0, kid_subsets=20, n_pixels=20_000, c2st_steps=60)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_floor_is_below_the_noise_ceiling_on_real_crops(results):
+    floor, synthetic, ceiling = (results["results"][name] for name in ("floor", "synthetic", "ceiling"))
+    for key in METRICS:
+        assert floor[key] < ceiling[key], key
+    assert abs(floor["c2st_auc"] - 0.5) < 0.2 and ceiling["c2st_auc"] > 0.95
+    # Blurred real tissue lands between real and noise in random-feature FD.
+    assert floor["fd_random"] < synthetic["fd_random"] < ceiling["fd_random"]
+
+
+def test_results_are_json_serialisable_and_complete(results):
+    again = json.loads(json.dumps(results, allow_nan=False))
+    assert again["n"] == 96 and again["patch_size"] == [64, 64] and again["seed"] == 0
+    assert set(again["results"]) == {"floor", "synthetic", "ceiling"}
+    for values in again["results"].values():
+        assert set(METRICS) | {"kid_random_std"} == set(values)
+    assert "NOT Inception" in again["note"]
+
+
+def test_format_table(results):
+    table = format_table(results)
+    assert "NOT Inception" in table and "not comparable to published" in table
+    header = next(line for line in table.splitlines() if line.startswith("metric"))
+    assert [cell.strip() for cell in header.split("|")] == ["metric", "real vs real (floor)", "synthetic", "noise (ceiling)"]
+    for label in METRICS.values():
+        assert label in table
+
+
+def test_evaluate_patches_refuses_bad_input(real_crops):
+    good = real_crops[:8]
+    with pytest.raises(NcaTilesError):
+        evaluate_patches(good, good, np.zeros((0, 64, 64, 3), np.uint8))
+    with pytest.raises(NcaTilesError):
+        evaluate_patches(good, good, good.astype(np.float32))
+    with pytest.raises(NcaTilesError):
+        evaluate_patches(good, good, good[:, :32, :32])  # another patch size
+    with pytest.raises(NcaTilesError):
+        evaluate_patches(good[:2], good, good)  # too few
+
+
+# --------------------------------------------------------------------------- CLI: seam score
+
+
+def test_cli_seam_score_of_the_real_slide(sample_slide, tmp_path):
+    out = tmp_path / "seam.json"
+    result = CliRunner().invoke(cli, ["evaluate", "--slide", str(sample_slide), "--chunk", "101", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "seam score" in result.output and "2220 x 2967" in result.output
+    stats = json.loads(out.read_text())
+    assert stats["chunk"] == 101 and stats["score"] == pytest.approx(1.0, abs=0.06)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--slide", "missing.ome.tif", "--chunk", "64"], "does not exist"),
+        (["--slide", "{slide}"], "--chunk"),
+        (["--slide", "{slide}", "--chunk", "0"], "positive"),
+        (["--chunk", "64"], "--slide"),
+        ([], "--patches"),
+        (["--slide", "{slide}", "--chunk", "64", "--patches", "p.zarr"], "not both"),
+    ],
+)
+def test_cli_errors_are_one_line(args, message, sample_slide):
+    args = [arg.format(slide=sample_slide) for arg in args]
+    result = CliRunner().invoke(cli, ["evaluate", *args])
+    assert result.exit_code != 0
+    assert "Error:" in result.output and message in result.output, result.output
+    assert "Traceback" not in result.output
