@@ -39,7 +39,7 @@ SLIDE_EXTENSIONS = (
 OPENSLIDE_EXTENSIONS = (".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif")
 
 # Largest side, in pixels of the level read, of one read: bounds memory whatever the slide size.
-MAX_READ_SIDE = 2048
+MAX_READ_SIDE = 1024
 
 # µm/px outside this range in TIFF resolution tags is not a microscope's: typically the 72 dpi
 # default that image libraries write (352.8 µm/px). Treated as "no µm/px".
@@ -353,7 +353,8 @@ def read_level0_region(
     """The level-0 rectangle (x, y, w, h) resampled to (out_h, out_w, 3) RGB uint8.
 
     Reads from the best pyramid level, in pieces of at most ``MAX_READ_SIDE`` pixels a side, and
-    area-averages: exact block means for whole-number factors, area-weighted (PIL BOX) otherwise.
+    area-averages (``resample_box``): exact block means for whole-number factors, exact area
+    weighting of partly covered pixels otherwise.
     """
     if out_w <= 0 or out_h <= 0 or w <= 0 or h <= 0:
         raise ValueError(f"empty region {w}x{h} -> {out_w}x{out_h}")
@@ -402,13 +403,14 @@ def resample_box(
     pixels: np.ndarray, box: tuple[float, float, float, float], out_w: int, out_h: int
 ) -> np.ndarray:
     """Resample the (possibly fractional) ``box`` (left, top, right, bottom) of an RGB uint8 array
-    to (out_h, out_w, 3): each output pixel is the area-weighted mean of the input it covers."""
-    from PIL import Image
-
+    to (out_h, out_w, 3): each output pixel is the area-weighted mean of the input it covers,
+    pixels cut by its border counting by the fraction inside. Enlarging interpolates bilinearly.
+    """
     left, top, right, bottom = box
     fx, fy = (right - left) / out_w, (bottom - top) / out_h
-    aligned = all(_is_whole(v) for v in (left, top, fx, fy))
-    if aligned and fx >= 1 and fy >= 1:
+    if fx < 1 or fy < 1:
+        return _enlarge(pixels, box, out_w, out_h)
+    if all(_is_whole(v) for v in (left, top, fx, fy)):  # whole-number factor: plain block means
         kx, ky, x0, y0 = round(fx), round(fy), round(left), round(top)
         crop = pixels[y0 : y0 + out_h * ky, x0 : x0 + out_w * kx]
         if kx == 1 and ky == 1:
@@ -416,16 +418,38 @@ def resample_box(
         blocks = crop.reshape(out_h, ky, out_w, kx, 3).sum(axis=(1, 3), dtype=np.uint32)
         n = kx * ky
         return ((blocks + n // 2) // n).astype(np.uint8)  # exact mean, rounded half up
-    # BOX is exact area weighting when shrinking; when enlarging (--allow-upsample) it would be
-    # nearest neighbour, so interpolate instead (with a one-pixel margin for its support).
-    shrink = fx >= 1 and fy >= 1
-    margin = 0 if shrink else 1
-    x0, y0 = max(0, _floor(left) - margin), max(0, _floor(top) - margin)
-    x1, y1 = _ceil(right) + margin, _ceil(bottom) + margin
-    crop = np.ascontiguousarray(pixels[y0:y1, x0:x1])  # only what the box touches goes to PIL
+    # PIL's BOX filter weighs each input pixel 0 or 1 by where its centre falls, which is not
+    # area weighting at fractional factors; integrate exactly instead, one axis at a time.
+    x0, y0 = _floor(left), _floor(top)
+    crop = pixels[y0 : _ceil(bottom), x0 : _ceil(right)].astype(np.float64)
+    crop = _area_mean_along(crop, 1, left - x0, fx, out_w)
+    crop = _area_mean_along(crop, 0, top - y0, fy, out_h)
+    return np.floor(crop + 0.5).clip(0, 255).astype(np.uint8)
+
+
+def _area_mean_along(values: np.ndarray, axis: int, start: float, step: float, count: int) -> np.ndarray:
+    """Means of ``values`` over the intervals [start + j*step, start + (j+1)*step), j < count, of
+    the axis, treating each element as constant over its unit cell: differences of the piecewise-
+    linear running integral, so O(n) whatever the factor."""
+    length = values.shape[axis]
+    bounds = np.clip(start + step * np.arange(count + 1), 0, length)
+    cell = np.minimum(np.floor(bounds).astype(np.int64), length - 1)
+    inside = (bounds - cell).reshape([-1 if a == axis else 1 for a in range(values.ndim)])
+    running = np.concatenate([np.zeros_like(np.take(values, [0], axis)), np.cumsum(values, axis)], axis)
+    integral = np.take(running, cell, axis) + inside * np.take(values, cell, axis)
+    return np.diff(integral, axis=axis) / step
+
+
+def _enlarge(pixels: np.ndarray, box: tuple[float, float, float, float], out_w: int, out_h: int) -> np.ndarray:
+    """Bilinear resampling (``--allow-upsample``), reading a one-pixel margin for its support."""
+    from PIL import Image
+
+    left, top, right, bottom = box
+    x0, y0 = max(0, _floor(left) - 1), max(0, _floor(top) - 1)
+    crop = np.ascontiguousarray(pixels[y0 : _ceil(bottom) + 1, x0 : _ceil(right) + 1])
     image = Image.fromarray(crop)
-    resample = Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR
-    return np.asarray(image.resize((out_w, out_h), resample, box=(left - x0, top - y0, right - x0, bottom - y0)))
+    shifted = (left - x0, top - y0, right - x0, bottom - y0)
+    return np.asarray(image.resize((out_w, out_h), Image.Resampling.BILINEAR, box=shifted))
 
 
 # --- metadata -----------------------------------------------------------------------------------

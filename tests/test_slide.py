@@ -1,0 +1,268 @@
+"""Slide reading: every reader on real files (the bundled Aperio slide, files written here), µm/px
+from metadata, exact resampling, damaged files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _slides import (
+    PINK,
+    PURPLE,
+    checkerboard,
+    halve,
+    random_bytes,
+    truncated_copy,
+    write_ome_pyramid,
+    write_plain_tiff,
+    write_png,
+)
+
+from nca_tiles import slide as slide_module
+from nca_tiles.errors import NcaTilesError
+from nca_tiles.slide import (
+    OpenSlideSlide,
+    PillowSlide,
+    SlideReadError,
+    TiffSlide,
+    best_level,
+    find_slides,
+    open_slide,
+    read_level0_region,
+    read_region_at_mpp,
+    resample_box,
+)
+
+
+@pytest.fixture(scope="module")
+def sample_pixels(sample_slide) -> np.ndarray:
+    with open_slide(sample_slide) as slide:
+        return slide.read_region(0, 0, 0, *slide.dimensions)
+
+
+@pytest.fixture(scope="module")
+def ome_pyramid(tmp_path_factory):
+    """A 3-level OME-TIFF (SubIFDs) of random pixels at 0.5 µm/px, and its levels."""
+    path = tmp_path_factory.mktemp("ome") / "pyramid.ome.tif"
+    image = np.random.default_rng(1).integers(0, 256, (700, 900, 3), dtype=np.uint8)
+    return path, write_ome_pyramid(path, image, 0.5)
+
+
+def test_sample_svs_through_openslide(sample_slide, sample_pixels):
+    with open_slide(sample_slide) as slide:
+        assert isinstance(slide, OpenSlideSlide)
+        assert slide.dimensions == (2220, 2967)
+        assert slide.mpp == pytest.approx(0.499)
+        assert slide.level_downsamples == (1.0,)
+    assert sample_pixels.shape == (2967, 2220, 3) and sample_pixels.dtype == np.uint8
+    assert sample_pixels[:50, :50].mean() > 220  # top-left corner is glass
+
+
+def test_ome_pyramid_levels_round_trip(ome_pyramid):
+    path, levels = ome_pyramid
+    with open_slide(path) as slide:
+        assert isinstance(slide, TiffSlide) and slide.format_name == "OME-TIFF"
+        assert slide.mpp == pytest.approx(0.5)
+        assert slide.level_dimensions == tuple((a.shape[1], a.shape[0]) for a in levels)
+        assert slide.level_downsamples == pytest.approx((1.0, 2.0, 4.0), rel=1e-2)
+        for level, written in enumerate(levels):
+            np.testing.assert_array_equal(slide.read_region(level, 0, 0, *slide.level_dimensions[level]), written)
+        np.testing.assert_array_equal(slide.read_region(1, 100, 37, 50, 20), levels[1][37:57, 100:150])
+
+
+def test_outside_the_image_reads_white(ome_pyramid):
+    path, levels = ome_pyramid
+    with open_slide(path) as slide:
+        region = slide.read_region(0, -10, -5, 30, 20)
+    assert (region[:5] == 255).all() and (region[:, :10] == 255).all()
+    np.testing.assert_array_equal(region[5:, 10:], levels[0][:15, :20])
+
+
+@pytest.mark.parametrize(("unit", "size"), [("µm", 0.25), ("nm", 250.0), ("mm", 0.00025)])
+def test_ome_physical_size_units(tmp_path, unit, size):
+    path = tmp_path / "unit.ome.tif"
+    write_ome_pyramid(path, checkerboard(256, 256, 8), size, unit=unit, levels=1)
+    with open_slide(path) as slide:
+        assert slide.mpp == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("unit", ["CENTIMETER", "INCH"])
+def test_plain_tiff_resolution_tags(tmp_path, unit):
+    path = tmp_path / "plain.tif"
+    write_plain_tiff(path, checkerboard(100, 120, 8), 0.5, unit=unit)
+    with open_slide(path) as slide:
+        assert isinstance(slide, TiffSlide) and slide.format_name == "TIFF"
+        assert slide.mpp == pytest.approx(0.5, rel=1e-4)
+        np.testing.assert_array_equal(slide.read_region(0, 0, 0, 120, 100), checkerboard(100, 120, 8))
+
+
+def test_tiled_tiff_goes_through_openslide(tmp_path):
+    path = tmp_path / "tiled.tif"
+    image = checkerboard(300, 260, 8)
+    write_plain_tiff(path, image, 0.5, tiled=True)
+    with open_slide(path) as slide:
+        assert isinstance(slide, OpenSlideSlide)
+        assert slide.mpp == pytest.approx(0.5, rel=1e-4)
+        np.testing.assert_array_equal(slide.read_region(0, 0, 0, 260, 300), image)
+
+
+def test_no_resolution_needs_source_mpp(tmp_path):
+    tif, png = tmp_path / "bare.tif", tmp_path / "bare.png"
+    write_plain_tiff(tif, checkerboard(64, 64, 8), None)
+    write_png(png, checkerboard(64, 64, 8))
+    for path in (tif, png):
+        with open_slide(path) as slide:
+            with pytest.raises(NcaTilesError, match=r"--source-mpp") as info:
+                _ = slide.mpp
+            assert path.name in str(info.value)
+        with open_slide(path, source_mpp=0.5) as slide:
+            assert slide.mpp == 0.5
+    with open_slide(png, source_mpp=0.5) as slide:
+        assert isinstance(slide, PillowSlide)
+        np.testing.assert_array_equal(slide.read_region(0, 0, 0, 64, 64), checkerboard(64, 64, 8))
+
+
+def test_metadata_wins_over_source_mpp(sample_slide):
+    with open_slide(sample_slide, source_mpp=0.25) as slide:
+        assert slide.mpp == pytest.approx(0.499)
+
+
+def test_screen_dpi_is_not_a_resolution(tmp_path):
+    path = tmp_path / "dpi72.tif"
+    write_plain_tiff(path, checkerboard(64, 64, 8), 25400 / 72, unit="INCH")  # 72 dpi
+    with open_slide(path) as slide:
+        assert slide.metadata_mpp is None
+
+
+@pytest.mark.parametrize("kind", ["png", "tif", "tiled-tif"])
+def test_checkerboard_halves_exactly(tmp_path, kind):
+    """An 8 px checkerboard at 0.5 µm/px is a 4 px checkerboard at 1.0 µm/px, whatever the reader."""
+    image = checkerboard(256, 320, 8)
+    path = tmp_path / f"checker.{kind.split('-')[-1]}"
+    if kind == "png":
+        write_png(path, image)
+    else:
+        write_plain_tiff(path, image, 0.5, tiled=kind == "tiled-tif")
+    with open_slide(path, source_mpp=0.5) as slide:
+        out = read_region_at_mpp(slide, 0, 0, 160, 128, 1.0)
+        np.testing.assert_array_equal(out, checkerboard(128, 160, 4))
+        # an offset by a whole square swaps the colours
+        np.testing.assert_array_equal(read_region_at_mpp(slide, 8, 0, 64, 64, 1.0), checkerboard(64, 64, 4, (PURPLE, PINK)))
+
+
+def test_non_integer_factor_is_area_weighted(tmp_path):
+    """1.5x: each output pixel averages 1.5x1.5 input pixels, partial pixels weighted by area.
+    Reference: repeat every pixel 2x (exact), then take 3x3 block means."""
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    path = tmp_path / "random.png"
+    write_png(path, image)
+    with open_slide(path, source_mpp=1.0) as slide:
+        out = read_region_at_mpp(slide, 0, 0, 80, 60, 1.5)
+    doubled = image.repeat(2, axis=0).repeat(2, axis=1).astype(np.float64)
+    expected = doubled.reshape(60, 3, 80, 3, 3).mean(axis=(1, 3))
+    assert np.abs(out - expected).max() <= 1.0
+
+
+def test_fractional_box_at_offset():
+    image = np.random.default_rng(3).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    out = resample_box(image, (3.5, 2.5, 3.5 + 12, 2.5 + 12), 8, 8)
+    fine = image.repeat(2, axis=0).repeat(2, axis=1).astype(np.float64)[5 : 5 + 24, 7 : 7 + 24]
+    expected = fine.reshape(8, 3, 8, 3, 3).mean(axis=(1, 3))
+    assert np.abs(out - expected).max() <= 1.0
+
+
+def test_best_level_is_at_or_finer_than_target(ome_pyramid):
+    path, _ = ome_pyramid
+    with open_slide(path) as slide:
+        assert [best_level(slide, d) for d in (0.5, 1.0, 1.9, 2.0, 3.0, 4.0, 100.0)] == [0, 0, 0, 1, 1, 2, 2]
+
+
+def test_pyramid_read_matches_level_zero_read(ome_pyramid, tmp_path):
+    """Reading at 2.0 µm/px from level 2 gives what area-averaging level 0 gives."""
+    path, levels = ome_pyramid
+    flat = tmp_path / "flat.png"
+    write_png(flat, levels[0])
+    with open_slide(path) as pyramid, open_slide(flat, source_mpp=0.5) as single:
+        from_pyramid = read_region_at_mpp(pyramid, 40, 80, 100, 60, 2.0)
+        from_level0 = read_region_at_mpp(single, 40, 80, 100, 60, 2.0)
+    np.testing.assert_array_equal(from_pyramid, halve(halve(levels[0]))[20:80, 10:110])
+    assert np.abs(from_pyramid.astype(int) - from_level0).max() <= 1  # rounding once vs twice
+
+
+def test_reads_in_bounded_pieces_give_the_same_pixels(sample_slide, monkeypatch):
+    with open_slide(sample_slide) as slide:
+        whole = read_level0_region(slide, 100, 200, 900, 700, 300, 233)
+        monkeypatch.setattr(slide_module, "MAX_READ_SIDE", 64)
+        pieces = read_level0_region(slide, 100, 200, 900, 700, 300, 233)
+    # Same pixels, up to float round-off deciding an exact .5 tie the other way.
+    difference = np.abs(whole.astype(int) - pieces)
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
+
+
+def test_same_tissue_through_two_readers(sample_slide, sample_pixels, tmp_path):
+    path = tmp_path / "sample.ome.tif"
+    write_ome_pyramid(path, sample_pixels, 0.499, levels=2)
+    with open_slide(sample_slide) as svs, open_slide(path) as ome:
+        assert ome.mpp == pytest.approx(svs.mpp)
+        np.testing.assert_array_equal(ome.read_region(0, 500, 700, 256, 256), svs.read_region(0, 500, 700, 256, 256))
+        a, b = (read_region_at_mpp(s, 500, 700, 128, 128, 1.0).astype(int) for s in (svs, ome))
+    assert np.abs(a - b).mean() < 2
+
+
+# --- damaged and missing files --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda d, s: truncated_copy(s, d / "half.svs", 0.5), id="truncated-svs"),
+        pytest.param(lambda d, s: truncated_copy(s, d / "almost.svs", 0.99), id="truncated-svs-99%"),
+        pytest.param(lambda d, s: random_bytes(d / "noise.svs"), id="random-svs"),
+        pytest.param(lambda d, s: random_bytes(d / "noise.tif"), id="random-tif"),
+        pytest.param(lambda d, s: (d / "header.tif").write_bytes(b"II*\x00" + bytes(100)) and d / "header.tif", id="tiff-header-only"),
+        pytest.param(lambda d, s: (d / "empty.png").write_bytes(b"") or d / "empty.png", id="empty-png"),
+    ],
+)
+def test_damaged_files_raise_with_the_reason(tmp_path, sample_slide, make):
+    path = make(tmp_path, sample_slide)
+    with pytest.raises(SlideReadError) as info:
+        open_slide(path)
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message
+
+
+def test_truncated_ome_tiff(tmp_path, ome_pyramid):
+    path = truncated_copy(ome_pyramid[0], tmp_path / "cut.ome.tif", 0.5)
+    with pytest.raises(SlideReadError, match="truncated"):
+        open_slide(path)
+
+
+def test_truncated_png(tmp_path):
+    path = tmp_path / "whole.png"
+    write_png(path, np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8))
+    cut = truncated_copy(path, tmp_path / "cut.png", 0.6)
+    with pytest.raises(SlideReadError, match="cut.png"):
+        open_slide(cut)
+
+
+def test_missing_file():
+    with pytest.raises(NcaTilesError, match="does not exist"):
+        open_slide("/no/such/slide.svs")
+
+
+def test_find_slides_searches_folders(tmp_path, sample_slide):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / ".hidden").mkdir()
+    for name in ("a/one.svs", "a/b/two.ome.tif", "a/b/three.PNG", "a/notes.txt", ".hidden/four.svs"):
+        (tmp_path / name).write_bytes(b"x")
+    found = find_slides([tmp_path, tmp_path / "a" / "one.svs", sample_slide])
+    names = [p.name for p in found]
+    assert names == ["three.PNG", "two.ome.tif", "one.svs", "cmu_small_region.svs"]  # path order, once each
+
+
+def test_find_slides_errors(tmp_path):
+    with pytest.raises(NcaTilesError, match="does not exist"):
+        find_slides([tmp_path / "missing"])
+    (tmp_path / "notes.txt").write_text("no slides here")
+    with pytest.raises(NcaTilesError, match="no slide files"):
+        find_slides([tmp_path])
