@@ -72,11 +72,15 @@ def tissue_mask(
     mask_pixel_area = downsample * downsample
     min_objects = 64 if min_object_area is None else min_object_area / mask_pixel_area
     max_holes = 64 if max_hole_area is None else max_hole_area / mask_pixel_area
-    mask, threshold = tissue_from_rgb(thumbnail, min_object_pixels=int(min_objects), max_hole_pixels=int(max_holes))
+    mask, threshold = tissue_from_rgb(
+        thumbnail, min_object_pixels=int(min_objects), max_hole_pixels=int(max_holes)
+    )
     return TissueMask(mask=mask, downsample=downsample, threshold=threshold)
 
 
-def tissue_from_rgb(rgb: np.ndarray, *, min_object_pixels: int = 64, max_hole_pixels: int = 64) -> tuple[np.ndarray, float]:
+def tissue_from_rgb(
+    rgb: np.ndarray, *, min_object_pixels: int = 64, max_hole_pixels: int = 64
+) -> tuple[np.ndarray, float]:
     """Boolean tissue mask of an RGB uint8 thumbnail, and the saturation threshold used."""
     from skimage.filters import threshold_otsu
 
@@ -86,7 +90,7 @@ def tissue_from_rgb(rgb: np.ndarray, *, min_object_pixels: int = 64, max_hole_pi
     if values.size == 0 or values.min() == values.max():
         threshold = MAX_THRESHOLD
     else:
-        threshold = float(np.clip(threshold_otsu(values), MIN_THRESHOLD, MAX_THRESHOLD))
+        threshold = min(max(float(threshold_otsu(values)), MIN_THRESHOLD), MAX_THRESHOLD)
     mask = lit & (saturation > threshold)
     mask = _remove_small_components(mask, min_object_pixels)
     holes = _remove_small_components(~mask, max_hole_pixels, keep_border=True)
