@@ -77,9 +77,21 @@ class Slide(ABC):
 
     @property
     def level_downsamples(self) -> tuple[float, ...]:
-        """Level-0 pixels per pixel of each level (mean of the x and y ratios, as OpenSlide)."""
+        """Level-0 pixels per pixel of each level.
+
+        Pyramids are made by whole-number factors with the odd last pixel rounded down or up
+        (2967 px / 4 -> 741 px), so the size ratio (4.004) misplaces far pixels by several level-0
+        pixels; when both sizes are a rounding of the level-0 size over a whole number, that number
+        is the downsample. Otherwise the mean of the x and y ratios, as OpenSlide.
+        """
         w0, h0 = self.dimensions
-        return tuple((w0 / w + h0 / h) / 2 for w, h in self.level_dimensions)
+        downsamples = []
+        for w, h in self.level_dimensions:
+            ratio = (w0 / w + h0 / h) / 2
+            k = max(1, round(ratio))
+            exact = all(size in (size0 // k, -(-size0 // k)) for size0, size in ((w0, w), (h0, h)))
+            downsamples.append(float(k) if exact else ratio)
+        return tuple(downsamples)
 
     @property
     def mpp(self) -> float:

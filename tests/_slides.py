@@ -29,7 +29,13 @@ def halve(image: np.ndarray) -> np.ndarray:
 
 
 def write_ome_pyramid(
-    path: Path, image: np.ndarray, physical_size: float, unit: str = "µm", levels: int = 3, tile: int = 128
+    path: Path,
+    image: np.ndarray,
+    physical_size: float,
+    unit: str = "µm",
+    levels: int = 3,
+    tile: int = 128,
+    compression: str | None = None,
 ) -> list[np.ndarray]:
     """Tiled OME-TIFF with PhysicalSizeX/Y, reduced levels stored as SubIFDs of level 0 (the
     layout of current OME-TIFF writers). Returns the levels written."""
@@ -44,10 +50,28 @@ def write_ome_pyramid(
         "PhysicalSizeYUnit": unit,
     }
     with tifffile.TiffWriter(path) as tif:
-        tif.write(pyramid[0], subifds=levels - 1, tile=(tile, tile), photometric="rgb", metadata=metadata)
+        common = {"tile": (tile, tile), "photometric": "rgb", "compression": compression}
+        tif.write(pyramid[0], subifds=levels - 1, metadata=metadata, **common)
         for level in pyramid[1:]:
-            tif.write(level, subfiletype=1, tile=(tile, tile), photometric="rgb")
+            tif.write(level, subfiletype=1, **common)
     return pyramid
+
+
+def corrupt_fine_levels(path: Path, levels: int) -> None:
+    """Overwrite the middle of every tile of the first ``levels`` pyramid levels with noise: the
+    file still opens and its coarse levels read, but decoding finer pixels fails (needs a
+    compressed file)."""
+    with tifffile.TiffFile(path) as tif:
+        spans = [
+            span
+            for level in tif.series[0].levels[:levels]
+            for span in zip(level.keyframe.dataoffsets, level.keyframe.databytecounts, strict=True)
+        ]
+    noise = np.random.default_rng(0)
+    with open(path, "r+b") as f:
+        for offset, count in spans:
+            f.seek(offset + count // 4)
+            f.write(noise.integers(0, 256, count // 2, dtype=np.uint8).tobytes())
 
 
 def write_plain_tiff(path: Path, image: np.ndarray, mpp: float | None, unit: str = "CENTIMETER", tiled=False) -> None:

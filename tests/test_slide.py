@@ -146,7 +146,8 @@ def test_checkerboard_halves_exactly(tmp_path, kind):
         out = read_region_at_mpp(slide, 0, 0, 160, 128, 1.0)
         np.testing.assert_array_equal(out, checkerboard(128, 160, 4))
         # an offset by a whole square swaps the colours
-        np.testing.assert_array_equal(read_region_at_mpp(slide, 8, 0, 64, 64, 1.0), checkerboard(64, 64, 4, (PURPLE, PINK)))
+        swapped = checkerboard(64, 64, 4, (PURPLE, PINK))
+        np.testing.assert_array_equal(read_region_at_mpp(slide, 8, 0, 64, 64, 1.0), swapped)
 
 
 def test_non_integer_factor_is_area_weighted(tmp_path):
@@ -212,6 +213,11 @@ def test_same_tissue_through_two_readers(sample_slide, sample_pixels, tmp_path):
 # --- damaged and missing files --------------------------------------------------------------------
 
 
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
 @pytest.mark.parametrize(
     "make",
     [
@@ -219,8 +225,8 @@ def test_same_tissue_through_two_readers(sample_slide, sample_pixels, tmp_path):
         pytest.param(lambda d, s: truncated_copy(s, d / "almost.svs", 0.99), id="truncated-svs-99%"),
         pytest.param(lambda d, s: random_bytes(d / "noise.svs"), id="random-svs"),
         pytest.param(lambda d, s: random_bytes(d / "noise.tif"), id="random-tif"),
-        pytest.param(lambda d, s: (d / "header.tif").write_bytes(b"II*\x00" + bytes(100)) and d / "header.tif", id="tiff-header-only"),
-        pytest.param(lambda d, s: (d / "empty.png").write_bytes(b"") or d / "empty.png", id="empty-png"),
+        pytest.param(lambda d, s: _write(d / "header.tif", b"II*\x00" + bytes(100)), id="tiff-header-only"),
+        pytest.param(lambda d, s: _write(d / "empty.png", b""), id="empty-png"),
     ],
 )
 def test_damaged_files_raise_with_the_reason(tmp_path, sample_slide, make):

@@ -1,0 +1,418 @@
+"""``extract-patches`` and the patch store: real slides in, zarr store out, read back and checked.
+
+Extractions run at coarse resolutions (--mpp 2) or with --max-per-slide to stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from _slides import (
+    checkerboard,
+    copy,
+    corrupt_fine_levels,
+    random_bytes,
+    truncated_copy,
+    write_ome_pyramid,
+    write_png,
+)
+from click.testing import CliRunner
+
+from nca_tiles import __version__
+from nca_tiles.errors import NcaTilesError
+from nca_tiles.patches import (
+    describe_store,
+    extract_patches,
+    is_patch_store,
+    open_patch_store,
+)
+from nca_tiles.slide import open_slide, read_level0_region, read_region_at_mpp
+from nca_tiles.tissue import saturation_and_value
+from nca_tiles_cli.main import cli
+
+CONTRACT_KEYS = {"kind", "format_version", "target_mpp", "patch_size", "slides", "tool_version", "split_by", "seed"}
+
+
+def extract(slides, out, **settings):
+    return extract_patches([Path(s) for s in slides], out, progress=False, **settings)
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary stores left beside an output."""
+    return [p.name for p in folder.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+
+
+@pytest.fixture(scope="module")
+def slides_dir(tmp_path_factory, sample_slide) -> Path:
+    """Three copies of the sample's tissue through three readers: the .svs (OpenSlide), an
+    OME-TIFF pyramid with SubIFDs (tifffile) and a PNG at ~1 µm/px (Pillow, needs --source-mpp)."""
+    folder = tmp_path_factory.mktemp("slides")
+    copy(sample_slide, folder / "sample.svs")
+    with open_slide(sample_slide) as slide:
+        pixels = slide.read_region(0, 0, 0, *slide.dimensions)
+        write_ome_pyramid(folder / "sample.ome.tif", pixels, 0.499, compression="zlib")
+        write_png(folder / "sample.png", read_region_at_mpp(slide, 0, 0, 1110, 1483, 0.998))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def one_slide_store(tmp_path_factory, sample_slide):
+    out = tmp_path_factory.mktemp("store") / "patches.zarr"
+    result = extract([sample_slide], out, patch_size=64, target_mpp=2.0)
+    return out, result
+
+
+# --- the store --------------------------------------------------------------------------------------
+
+
+def test_store_layout(one_slide_store, sample_slide):
+    out, result = one_slide_store
+    group = zarr.open_group(out, mode="r")
+    n = result.n_patches
+    assert n > 20
+    assert group["images"].shape == (n, 64, 64, 3) and group["images"].dtype == np.uint8
+    assert group["images"].chunks == (256, 64, 64, 3)
+    for name, dtype in (("slide_index", np.int32), ("x", np.int64), ("y", np.int64), ("split", np.uint8)):
+        assert group[name].shape == (n,) and group[name].dtype == dtype
+    attrs = group.attrs["nca_tiles"]
+    assert CONTRACT_KEYS <= set(attrs)
+    assert attrs["kind"] == "patches" and attrs["format_version"] == 1
+    assert attrs["target_mpp"] == 2.0 and attrs["patch_size"] == 64
+    assert attrs["tool_version"] == __version__ and attrs["seed"] == 0 and attrs["split_by"] == "region"
+    (entry,) = attrs["slides"]
+    assert entry["path"] == str(sample_slide.resolve())
+    assert (entry["width"], entry["height"], entry["mpp"], entry["n_patches"]) == (2220, 2967, 0.499, n)
+    assert set(np.unique(group["split"][:])) == {0, 1, 2}
+
+
+def test_patches_are_the_slide_pixels_and_tissue(one_slide_store, sample_slide):
+    out, _ = one_slide_store
+    store = open_patch_store(out)
+    footprint = round(64 * 2.0 / 0.499)  # level-0 px under one patch
+    assert ((store.x % footprint) == 0).all() and ((store.y % footprint) == 0).all()
+    assert (store.x + footprint <= 2220).all() and (store.y + footprint <= 2967).all()
+    with open_slide(sample_slide) as slide:
+        for i in (0, len(store) // 2, len(store) - 1):
+            expected = read_level0_region(slide, store.x[i], store.y[i], footprint, footprint, 64, 64)
+            np.testing.assert_array_equal(store.images[i], expected)
+        glass = read_level0_region(slide, 0, 0, footprint, footprint, 64, 64)
+    patch_saturation = saturation_and_value(store.images[:])[0].mean(axis=(1, 2))
+    assert patch_saturation.min() > 0.1 and patch_saturation.mean() > 0.25
+    assert saturation_and_value(glass)[0].mean() < 0.05
+
+
+def test_reader_api(one_slide_store):
+    out, result = one_slide_store
+    store = open_patch_store(out)
+    assert store.path == out and store.mpp == 2.0 and store.patch_size == 64
+    assert store.split.dtype == np.uint8 and len(store.split) == len(store) == result.n_patches
+    parts = [store.indices(name) for name in ("train", "val", "test")]
+    assert all(len(p) for p in parts)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(store)))  # disjoint, complete
+    assert result.split_counts == {"train": len(parts[0]), "val": len(parts[1]), "test": len(parts[2])}
+    assert len(store.identity) == 16 and store.identity == open_patch_store(out).identity
+    with pytest.raises(NcaTilesError, match="unknown split"):
+        store.indices("validation")
+
+
+def test_describe_store(one_slide_store):
+    out, result = one_slide_store
+    text = describe_store(out)
+    assert f"{result.n_patches} patches of 64x64 px at 2 µm/px" in text
+    assert "split by region" in text and "cmu_small_region.svs" in text
+    store = open_patch_store(out)
+    assert f"train {len(store.indices('train'))} | val {len(store.indices('val'))}" in text
+
+
+def test_checkerboard_resampled_exactly(tmp_path):
+    """8 px squares at 0.5 µm/px become 4 px squares at 1.0 µm/px."""
+    path = tmp_path / "checker.png"
+    write_png(path, checkerboard(256, 256, 8))
+    result = extract([path], tmp_path / "p.zarr", patch_size=16, target_mpp=1.0, source_mpp=0.5, min_tissue=0.5)
+    store = open_patch_store(result.out)
+    assert len(store) == 8 * 8  # (256 px / 2) / 16 px patches a side, all stained
+    for image in store.images[:]:
+        np.testing.assert_array_equal(image, checkerboard(16, 16, 4))
+
+
+def test_region_split_has_no_leakage(tmp_path, sample_slide):
+    """Overlapping patches (stride < size) in one slide: every patch lies inside one region, and
+    every region is in one split, so no val/test pixel is in a train patch."""
+    result = extract([sample_slide], tmp_path / "p.zarr", patch_size=32, stride=16, target_mpp=2.0, seed=3)
+    store = open_patch_store(result.out)
+    assert store.attrs["split_by"] == "region"
+    footprint = round(32 * 2.0 / 0.499)
+    region = store.slides[0]["region_size"]
+    assert region >= 2 * footprint
+    for coordinate in (store.x, store.y):
+        assert (coordinate // region == (coordinate + footprint - 1) // region).all()
+    region_keys = (store.y // region) * 10_000 + store.x // region
+    for key in np.unique(region_keys):
+        assert len(np.unique(store.split[region_keys == key])) == 1
+    counts = np.bincount(store.split, minlength=3) / len(store)
+    assert counts[0] > 0.6 and 0.03 < counts[1] < 0.2 and 0.03 < counts[2] < 0.2
+    # the footprints of different splits never overlap
+    boxes = {s: set() for s in range(3)}
+    for x, y, s in zip(store.x // 16, store.y // 16, store.split, strict=True):  # 16 divides all
+        boxes[s] |= {(x + i, y + j) for i in range(footprint // 16) for j in range(footprint // 16)}
+    assert not (boxes[0] & boxes[1]) and not (boxes[0] & boxes[2]) and not (boxes[1] & boxes[2])
+
+
+def test_three_slides_split_by_slide(tmp_path, slides_dir):
+    result = extract([slides_dir], tmp_path / "p.zarr", target_mpp=2.0, source_mpp=0.998, max_per_slide=12)
+    store = open_patch_store(result.out)
+    assert result.split_by == "slide" and not result.skipped
+    assert [Path(s["path"]).name for s in store.slides] == ["sample.ome.tif", "sample.png", "sample.svs"]
+    assert [s["n_patches"] for s in store.slides] == [12, 12, 12]
+    per_slide = [set(store.split[store.slide_index == i].tolist()) for i in range(3)]
+    assert all(len(s) == 1 for s in per_slide) and set().union(*per_slide) == {0, 1, 2}
+    assert store.slides[1]["mpp"] == 0.998  # the PNG's --source-mpp
+    assert store.slides[0]["mpp"] == pytest.approx(0.499)  # the OME-TIFF's own PhysicalSize
+
+
+def test_pyramid_level_at_the_target_is_copied(tmp_path, slides_dir, sample_slide):
+    """The OME-TIFF's 4x level is at 1.996 µm/px: for --mpp 2 its pixels are taken as they are
+    (256 level-0 px per 64 px patch, a 0.2 % scale change) rather than resampled with blur."""
+    result = extract([slides_dir / "sample.ome.tif"], tmp_path / "p.zarr", target_mpp=2.0)
+    store = open_patch_store(result.out)
+    assert ((store.x % 256) == 0).all() and ((store.y % 256) == 0).all()
+    with open_slide(slides_dir / "sample.ome.tif") as ome, open_slide(sample_slide) as svs:
+        for i in range(len(store)):
+            x, y = store.x[i] // 4, store.y[i] // 4
+            np.testing.assert_array_equal(store.images[i], ome.read_region(2, x, y, 64, 64))
+            from_svs = read_level0_region(svs, store.x[i], store.y[i], 256, 256, 64, 64)
+            assert np.abs(from_svs.astype(int) - store.images[i]).max() <= 1  # 2x2 of 2x2 vs 4x4 means
+
+
+def test_seed_and_max_per_slide(tmp_path, sample_slide):
+    settings = {"patch_size": 32, "target_mpp": 2.0, "max_per_slide": 15}
+    first = open_patch_store(extract([sample_slide], tmp_path / "a.zarr", seed=1, **settings).out)
+    again = open_patch_store(extract([sample_slide], tmp_path / "b.zarr", seed=1, **settings).out)
+    other = open_patch_store(extract([sample_slide], tmp_path / "c.zarr", seed=2, **settings).out)
+    assert len(first) == 15
+    assert first.identity == again.identity
+    np.testing.assert_array_equal(first.images[:], again.images[:])
+    assert first.identity != other.identity
+    assert set(zip(first.x, first.y)) != set(zip(other.x, other.y))
+
+
+def test_damaged_slides_are_skipped(tmp_path, sample_slide):
+    truncated = truncated_copy(sample_slide, tmp_path / "truncated.svs", 0.6)
+    noise = random_bytes(tmp_path / "noise.tif")
+    result = extract([sample_slide, truncated, noise], tmp_path / "p.zarr", target_mpp=2.0)
+    assert [s.path.name for s in result.skipped] == ["truncated.svs", "noise.tif"]
+    assert all(s.reason for s in result.skipped)
+    assert len(open_patch_store(result.out).slides) == 1
+    summary = result.summary()
+    assert "read 1 of 3 slide files" in summary and "skipped 2 files" in summary and "truncated.svs" in summary
+
+
+def test_slide_failing_mid_read_is_rolled_back(tmp_path, slides_dir):
+    """Three slides with tissue plan a split by slide; one fails while its patches are read (its
+    full-resolution tiles are damaged, its thumbnail levels are not): its patches are removed and
+    the two left are split by region."""
+    damaged = copy(slides_dir / "sample.ome.tif", tmp_path / "damaged.ome.tif")
+    corrupt_fine_levels(damaged, 2)  # patches at 1 µm/px come from level 1, the mask from level 2
+    slides = [slides_dir / "sample.svs", slides_dir / "sample.png", damaged]
+    result = extract(slides, tmp_path / "p.zarr", target_mpp=1.0, max_per_slide=20, source_mpp=0.998)
+    assert [s.path.name for s in result.skipped] == ["damaged.ome.tif"]
+    assert "while reading patches" in result.skipped[0].reason
+    store = open_patch_store(result.out)
+    assert result.split_by == "region" and len(store.slides) == 2 and len(store) == 40
+    assert not leftovers(tmp_path)
+
+
+def test_upsampling_when_allowed(tmp_path):
+    path = tmp_path / "coarse.png"
+    write_png(path, checkerboard(128, 128, 8))
+    result = extract([path], tmp_path / "p.zarr", patch_size=32, target_mpp=0.5, source_mpp=1.0, allow_upsample=True)
+    store = open_patch_store(result.out)
+    assert len(store) == 8 * 8  # 256 px a side at 0.5 µm/px in 32 px patches
+    assert set(store.x.tolist()) == set(range(0, 128, 16))  # a patch covers 16 source px
+    # 8 px squares become 16 px squares: interpolation blends only across square borders
+    expected = checkerboard(32, 32, 16)
+    for image in store.images[:]:
+        for y in (4, 12, 20, 28):
+            np.testing.assert_array_equal(image[y, 4::8], expected[y, 4::8])
+
+
+def test_overwrite(tmp_path, sample_slide):
+    out = tmp_path / "p.zarr"
+    settings = {"patch_size": 64, "target_mpp": 2.0}
+    first = extract([sample_slide], out, **settings)
+    with pytest.raises(NcaTilesError, match="--overwrite"):
+        extract([sample_slide], out, **settings)
+    second = extract([sample_slide], out, overwrite=True, seed=5, **settings)
+    assert open_patch_store(out).attrs["seed"] == 5 and second.n_patches == first.n_patches
+    assert not leftovers(tmp_path)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("keep me")
+    with pytest.raises(NcaTilesError, match="not a patch store"):
+        extract([sample_slide], precious, overwrite=True, **settings)
+    assert (precious / "thesis.txt").read_text() == "keep me"
+
+
+# --- bad input: one line, non-zero exit, nothing written ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, sample_slide) -> dict[str, tuple[list[str], str]]:
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "empty").mkdir()
+    (folder / "empty" / "readme.txt").write_text("no slides")
+    broken = folder / "broken"
+    broken.mkdir()
+    truncated_copy(sample_slide, broken / "cut.svs", 0.3)
+    random_bytes(broken / "noise.svs")
+    write_png(folder / "plain.png", checkerboard(128, 128, 8))
+    write_png(folder / "glass.png", np.full((256, 256, 3), 244, np.uint8))
+    existing = folder / "existing.zarr"
+    extract([sample_slide], existing, target_mpp=4.0)
+    sample = str(sample_slide)
+    return {
+        "missing path": ([str(folder / "nope.svs")], "does not exist"),
+        "folder without slides": ([str(folder / "empty")], "no slide files"),
+        "only damaged slides": ([str(broken)], "none of the 2 slide files is usable"),
+        "no mpp": ([str(folder / "plain.png")], "--source-mpp"),
+        "upsampling": ([sample, "--mpp", "0.25"], "--allow-upsample"),
+        "patch size 0": ([sample, "--patch-size", "0"], "--patch-size"),
+        "patch size 1025": ([sample, "--patch-size", "1025"], "--patch-size"),
+        "negative stride": ([sample, "--stride", "-4"], "--stride"),
+        "min tissue above 1": ([sample, "--min-tissue", "1.5"], "--min-tissue"),
+        "no tissue": ([str(folder / "glass.png"), "--source-mpp", "0.5"], "no tissue"),
+        "existing output": ([sample, "--out", str(existing)], "exists"),
+    }
+
+
+BAD_CASES = [
+    "missing path",
+    "folder without slides",
+    "only damaged slides",
+    "no mpp",
+    "upsampling",
+    "patch size 0",
+    "patch size 1025",
+    "negative stride",
+    "min tissue above 1",
+    "no tissue",
+    "existing output",
+]
+
+
+def _as_library_call(args: list[str]) -> tuple[list[str], dict]:
+    """The CLI arguments as extract_patches arguments."""
+    names = {
+        "--mpp": ("target_mpp", float),
+        "--patch-size": ("patch_size", int),
+        "--stride": ("stride", int),
+        "--min-tissue": ("min_tissue", float),
+        "--source-mpp": ("source_mpp", float),
+        "--out": ("out", Path),
+    }
+    slides, settings, rest = [], {}, list(args)
+    while rest:
+        item = rest.pop(0)
+        if item in names:
+            key, kind = names[item]
+            settings[key] = kind(rest.pop(0))
+        else:
+            slides.append(item)
+    return slides, settings
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_library(case, bad_inputs, tmp_path):
+    args, message = bad_inputs[case]
+    slides, settings = _as_library_call(args)
+    out = settings.pop("out", tmp_path / "out.zarr")
+    before = sorted(p.name for p in out.parent.iterdir())
+    with pytest.raises(NcaTilesError, match=message.replace("-", r"\-")):
+        extract(slides, out, **settings)
+    assert sorted(p.name for p in out.parent.iterdir()) == before  # nothing written, nothing left
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_cli(case, bad_inputs, tmp_path):
+    args, message = bad_inputs[case]
+    if "--out" not in args:
+        args = [*args, "--out", str(tmp_path / "out.zarr")]
+    result = CliRunner().invoke(cli, ["extract-patches", *args])
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out.zarr").exists() and not leftovers(tmp_path)
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def test_cli_extracts_and_info_describes(tmp_path, sample_slide):
+    out = tmp_path / "p.zarr"
+    args = ["extract-patches", str(sample_slide), "--out", str(out), "--mpp", "2", "--patch-size", "32"]
+    result = CliRunner().invoke(cli, [*args, "--max-per-slide", "30", "--seed", "4"])
+    assert result.exit_code == 0, result.output
+    assert "read 1 of 1 slide file" in result.output and "30 patches of 32x32 px at 2 µm/px" in result.output
+    info = CliRunner().invoke(cli, ["info", str(out)])
+    assert info.exit_code == 0, info.output
+    assert info.output.strip() == describe_store(out)
+    assert describe_store(out) in result.output
+
+
+def test_cli_skips_damaged_slide_and_says_why(tmp_path, sample_slide):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    copy(sample_slide, folder / "good.svs")
+    random_bytes(folder / "bad.svs")
+    out = tmp_path / "p.zarr"
+    result = CliRunner().invoke(cli, ["extract-patches", str(folder), "--out", str(out), "--mpp", "4"])
+    assert result.exit_code == 0, result.output
+    assert "read 1 of 2 slide files" in result.output
+    assert "bad.svs: OpenSlide cannot open it" in result.output
+
+
+def test_help_lists_the_options():
+    result = CliRunner().invoke(cli, ["extract-patches", "--help"])
+    assert result.exit_code == 0
+    for option in ("--patch-size", "--mpp", "--stride", "--min-tissue", "--max-per-slide", "--seed",
+                   "--source-mpp", "--overwrite", "--allow-upsample", "--out"):  # fmt: skip
+        assert option in result.output
+
+
+# --- opening stores -------------------------------------------------------------------------------
+
+
+def test_open_rejects_what_is_not_a_store(tmp_path, one_slide_store):
+    with pytest.raises(NcaTilesError, match="does not exist"):
+        open_patch_store(tmp_path / "missing.zarr")
+    (tmp_path / "folder").mkdir()
+    assert not is_patch_store(tmp_path / "folder")
+    with pytest.raises(NcaTilesError, match="not a patch store"):
+        open_patch_store(tmp_path / "folder")
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(one_slide_store[0], damaged)
+    shutil.rmtree(damaged / "split")
+    assert is_patch_store(damaged)  # cheap check: the group says so
+    with pytest.raises(NcaTilesError, match="corrupt"):
+        open_patch_store(damaged)
+    garbled = tmp_path / "garbled.zarr"
+    shutil.copytree(one_slide_store[0], garbled)
+    (garbled / "images" / "zarr.json").write_text("{not json")
+    with pytest.raises(NcaTilesError, match="corrupt"):
+        describe_store(garbled)
+
+
+def test_newer_format_is_refused(tmp_path, one_slide_store):
+    newer = tmp_path / "newer.zarr"
+    shutil.copytree(one_slide_store[0], newer)
+    meta = json.loads((newer / "zarr.json").read_text())
+    meta["attributes"]["nca_tiles"]["format_version"] = 2
+    (newer / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(NcaTilesError, match="format 2"):
+        open_patch_store(newer)
