@@ -209,19 +209,30 @@ class ExtractionResult:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class _Settings:
+    patch_size: int
+    target_mpp: float
+    stride: int  # at target_mpp
+    min_tissue: float
+    max_per_slide: int | None
+    seed: int
+    source_mpp: float | None
+    progress: bool
+
+
 @dataclass
 class _SlidePlan:
-    """One usable slide: where its tissue patches are, before any split is chosen."""
+    """Where one slide's tissue patches are, and how they are read."""
 
     order: int  # position among the input files: seeds its sampling independently of skips
-    path: Path
     width: int
     height: int
     mpp: float
     level: int  # pyramid level the patches are read from
     footprint: int  # level-0 px a patch covers
     stride: int  # level-0 px between patch positions
-    xs: np.ndarray  # level-0 top-left of every tissue patch position
+    xs: np.ndarray  # level-0 top-left of every tissue patch position, row-major
     ys: np.ndarray
 
 
@@ -243,40 +254,40 @@ def extract_patches(
     """Extract tissue patches of ``patch_size`` px at ``target_mpp`` µm/px from ``slides`` (files
     and/or folders) into a new patch store at ``out``.
 
-    Unreadable slides are skipped (listed in the result); everything else that is wrong raises
-    ``NcaTilesError`` before anything is written. The store is built beside ``out`` under a
-    temporary name and renamed when complete, so ``out`` is never half-written.
+    Unreadable slides and slides without tissue are skipped (listed in the result); everything
+    else that is wrong raises ``NcaTilesError`` before anything is written. The store is built
+    beside ``out`` under a temporary name and renamed when complete, so ``out`` is never
+    half-written. ``progress`` shows a bar per slide on a terminal.
     """
     from nca_tiles.slide import find_slides
 
     stride = patch_size if stride is None else stride
     _check_settings(patch_size, target_mpp, stride, min_tissue, max_per_slide, source_mpp)
+    settings = _Settings(patch_size, target_mpp, stride, min_tissue, max_per_slide, seed, source_mpp, progress)
     out = Path(out)
     _check_output(out, overwrite)
     files = find_slides(slides)
     skipped: list[SkippedSlide] = []
-    _check_resolutions(files, target_mpp, source_mpp, allow_upsample, skipped)
-    plans = _plan_slides(files, patch_size, target_mpp, stride, min_tissue, source_mpp, skipped)
+    candidates = _check_resolutions(files, target_mpp, source_mpp, allow_upsample, skipped)
 
     while True:
-        if not plans:
+        if not candidates:
             raise NcaTilesError(_nothing_usable_message(files, skipped))
-        split_by = "slide" if len(plans) >= MIN_SLIDES_FOR_SLIDE_SPLIT else "region"
+        # Decided before tissue is known, so that each slide is read once, straight into the
+        # store; if too few slides turn out usable to split by slide, the store is redone.
+        split_by = "slide" if len(candidates) >= MIN_SLIDES_FOR_SLIDE_SPLIT else "region"
         partial = out.parent / f".{out.name}.partial-{os.getpid()}"
         try:
-            attrs, lost = _write_store(
-                partial, plans, split_by, patch_size, target_mpp, max_per_slide, seed, source_mpp, progress
-            )
+            attrs, unusable = _write_store(partial, candidates, split_by, settings)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
-        skipped.extend(lost)
-        lost_paths = {s.path for s in lost}
-        plans = [p for p in plans if p.path not in lost_paths]
-        if not plans or (split_by == "slide" and len(plans) < MIN_SLIDES_FOR_SLIDE_SPLIT):
-            # Slides failed mid-read: nothing left (raise above), or too few left to split by
-            # slide (write again, split by region).
+        skipped.extend(unusable)
+        written = {entry["path"] for entry in attrs["slides"]}
+        used = [(order, path) for order, path in candidates if str(path) in written]
+        if len(used) == 0 or (split_by == "slide" and len(used) < MIN_SLIDES_FOR_SLIDE_SPLIT):
             shutil.rmtree(partial, ignore_errors=True)
+            candidates = used
             continue
         break
 
@@ -329,12 +340,14 @@ def _check_output(out: Path, overwrite: bool) -> None:
 
 def _check_resolutions(
     files: list[Path], target_mpp: float, source_mpp: float | None, allow_upsample: bool, skipped: list[SkippedSlide]
-) -> None:
-    """Open every file once, cheaply: unreadable ones join ``skipped``; a missing µm/px or an
-    unwanted upsampling raises now, before minutes of tissue detection."""
+) -> list[tuple[int, Path]]:
+    """Open every file once, cheaply. Unreadable ones join ``skipped``; a missing µm/px or an
+    unwanted upsampling raises now, before minutes of reading. Returns (order, path) of the
+    readable ones."""
     from nca_tiles.slide import SlideReadError, open_slide
 
-    for path in files:
+    readable = []
+    for order, path in enumerate(files):
         try:
             with open_slide(path, source_mpp) as slide:
                 native = slide.mpp  # raises if neither metadata nor --source-mpp gives it
@@ -346,114 +359,96 @@ def _check_resolutions(
                 f"--mpp {target_mpp:g} is finer than {path.name}'s {native:g} µm/px: use --mpp {native:g} "
                 "or coarser, or pass --allow-upsample to interpolate"
             )
+        readable.append((order, path))
+    return readable
 
 
-def _plan_slides(
-    files: list[Path],
-    patch_size: int,
-    target_mpp: float,
-    stride: int,
-    min_tissue: float,
-    source_mpp: float | None,
-    skipped: list[SkippedSlide],
-) -> list[_SlidePlan]:
-    """Tissue mask and tissue patch positions of every readable slide."""
-    from nca_tiles.slide import SlideReadError, best_level, open_slide
+def _plan_slide(slide: Any, order: int, settings: _Settings) -> _SlidePlan | str:
+    """The tissue patch positions of an open slide, or why it has none."""
+    from nca_tiles.slide import best_level
     from nca_tiles.tissue import tissue_mask
 
-    done = {s.path for s in skipped}
-    plans = []
-    for order, path in enumerate(files):
-        if path in done:
-            continue
-        try:
-            with open_slide(path, source_mpp) as slide:
-                factor = target_mpp / slide.mpp  # level-0 px per patch px
-                level = best_level(slide, factor)
-                downsample = slide.level_downsamples[level]
-                footprint = round(max(1, round(patch_size * factor / downsample)) * downsample)
-                step = round(max(1, round(stride * factor / downsample)) * downsample)
-                width, height = slide.dimensions
-                if footprint > min(width, height):
-                    reason = f"smaller than one {patch_size} px patch at {target_mpp:g} µm/px"
-                    skipped.append(SkippedSlide(path, reason))
-                    continue
-                mask = tissue_mask(slide, footprint / MASK_PIXELS_PER_PATCH)
-                mpp = slide.mpp
-        except SlideReadError as exc:
-            skipped.append(SkippedSlide(path, _strip_path(str(exc), path)))
-            continue
-        grid_x = np.arange(0, width - footprint + 1, step, dtype=np.int64)
-        grid_y = np.arange(0, height - footprint + 1, step, dtype=np.int64)
-        xs, ys = (a.ravel() for a in np.meshgrid(grid_x, grid_y))  # row-major: y, then x
-        keep = mask.fractions(xs, ys, footprint) >= min_tissue
-        if not keep.any():
-            skipped.append(SkippedSlide(path, f"no patch with at least {min_tissue:.0%} tissue"))
-            continue
-        plans.append(_SlidePlan(order, path, width, height, mpp, level, footprint, step, xs[keep], ys[keep]))
-    return plans
+    factor = settings.target_mpp / slide.mpp  # level-0 px per patch px
+    level = best_level(slide, factor)
+    downsample = slide.level_downsamples[level]
+    footprint = round(max(1, round(settings.patch_size * factor / downsample)) * downsample)
+    step = round(max(1, round(settings.stride * factor / downsample)) * downsample)
+    width, height = slide.dimensions
+    if footprint > min(width, height):
+        return f"smaller than one {settings.patch_size} px patch at {settings.target_mpp:g} µm/px"
+    mask = tissue_mask(slide, footprint / MASK_PIXELS_PER_PATCH)
+    grid_x = np.arange(0, width - footprint + 1, step, dtype=np.int64)
+    grid_y = np.arange(0, height - footprint + 1, step, dtype=np.int64)
+    xs, ys = (a.ravel() for a in np.meshgrid(grid_x, grid_y))  # row-major: y, then x
+    keep = mask.fractions(xs, ys, footprint) >= settings.min_tissue
+    if not keep.any():
+        return f"no patch with at least {settings.min_tissue:.0%} tissue"
+    return _SlidePlan(order, width, height, slide.mpp, level, footprint, step, xs[keep], ys[keep])
+
+
+def _select(plan: _SlidePlan, split_by: str, settings: _Settings) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """The patch positions to extract, and the region side for a region split: patches crossing a
+    region border are dropped, then at most ``max_per_slide`` are drawn at random."""
+    xs, ys, region_size = plan.xs, plan.ys, None
+    if split_by == "region":
+        region_size = _region_size(plan)
+        inside = ((xs + plan.footprint - 1) // region_size == xs // region_size) & (
+            (ys + plan.footprint - 1) // region_size == ys // region_size
+        )
+        xs, ys = xs[inside], ys[inside]
+    if settings.max_per_slide is not None and len(xs) > settings.max_per_slide:
+        rng = np.random.default_rng([settings.seed, plan.order])
+        chosen = np.sort(rng.choice(len(xs), size=settings.max_per_slide, replace=False))
+        xs, ys = xs[chosen], ys[chosen]
+    return xs, ys, region_size
 
 
 def _write_store(
-    partial: Path,
-    plans: list[_SlidePlan],
-    split_by: str,
-    patch_size: int,
-    target_mpp: float,
-    max_per_slide: int | None,
-    seed: int,
-    source_mpp: float | None,
-    progress: bool,
+    partial: Path, candidates: list[tuple[int, Path]], split_by: str, settings: _Settings
 ) -> tuple[dict[str, Any], list[SkippedSlide]]:
-    """Write the store at ``partial``; returns its attributes and the slides lost to read errors
-    (their patches rolled back)."""
+    """Write the store at ``partial``, one slide after the other. Returns its attributes and the
+    slides that gave no patch, and why (a slide failing mid-read has its patches rolled back)."""
     import zarr
     from tqdm import tqdm
 
     from nca_tiles.slide import SlideReadError, open_slide
 
+    size = settings.patch_size
     shutil.rmtree(partial, ignore_errors=True)
     group = zarr.open_group(partial, mode="w", zarr_format=3)
-    chunk = max(1, min(CHUNK_PATCHES, MAX_CHUNK_BYTES // (patch_size * patch_size * 3)))
-    images = group.create_array(
-        "images", shape=(0, patch_size, patch_size, 3), dtype="uint8", chunks=(chunk, patch_size, patch_size, 3)
-    )
+    chunk = max(1, min(CHUNK_PATCHES, MAX_CHUNK_BYTES // (size * size * 3)))
+    images = group.create_array("images", shape=(0, size, size, 3), dtype="uint8", chunks=(chunk, size, size, 3))
     entries: list[dict[str, Any]] = []
     columns: dict[str, list[np.ndarray]] = {"x": [], "y": [], "split": []}
-    lost: list[SkippedSlide] = []
+    unusable: list[SkippedSlide] = []
 
-    for plan in plans:
-        xs, ys, region_size = plan.xs, plan.ys, None
-        if split_by == "region":
-            region_size = _region_size(plan)
-            inside = ((xs + plan.footprint - 1) // region_size == xs // region_size) & (
-                (ys + plan.footprint - 1) // region_size == ys // region_size
-            )
-            xs, ys = xs[inside], ys[inside]
-            if len(xs) == 0:
-                lost.append(SkippedSlide(plan.path, "no patch fits inside one split region"))
-                continue
-        if max_per_slide is not None and len(xs) > max_per_slide:
-            rng = np.random.default_rng([seed, plan.order])
-            chosen = np.sort(rng.choice(len(xs), size=max_per_slide, replace=False))
-            xs, ys = xs[chosen], ys[chosen]
-        n_before = images.shape[0]
+    for order, path in candidates:
+        n_before, stage = images.shape[0], ""
         try:
-            with open_slide(plan.path, source_mpp) as slide:
-                reader = _PatchReader(slide, plan.level, plan.footprint, patch_size)
-                order = reader.reading_order(xs, ys)
-                xs, ys = xs[order], ys[order]  # the store keeps the reading order
-                disable = None if progress else True  # None: a bar only on a terminal
-                with tqdm(total=len(xs), desc=plan.path.name, unit="patch", disable=disable) as bar:
+            with open_slide(path, settings.source_mpp) as slide:
+                plan = _plan_slide(slide, order, settings)
+                if isinstance(plan, str):
+                    unusable.append(SkippedSlide(path, plan))
+                    continue
+                xs, ys, region_size = _select(plan, split_by, settings)
+                if len(xs) == 0:
+                    unusable.append(SkippedSlide(path, "no patch fits inside one split region"))
+                    continue
+                stage = " (while reading patches)"
+                reader = _PatchReader(slide, plan.level, plan.footprint, size)
+                order_read = reader.reading_order(xs, ys)
+                xs, ys = xs[order_read], ys[order_read]  # the store keeps the reading order
+                disable = None if settings.progress else True  # None: a bar only on a terminal
+                with tqdm(total=len(xs), desc=path.name, unit="patch", disable=disable) as bar:
                     for batch in reader.patches(xs, ys, chunk):
                         images.append(batch, axis=0)
                         bar.update(len(batch))
         except SlideReadError as exc:
-            images.resize((n_before, patch_size, patch_size, 3))
-            lost.append(SkippedSlide(plan.path, _strip_path(str(exc), plan.path) + " (while reading patches)"))
+            images.resize((n_before, size, size, 3))
+            unusable.append(SkippedSlide(path, _strip_path(str(exc), path) + stage))
             continue
         entry: dict[str, Any] = {
-            "path": str(plan.path),
+            "path": str(path),
             "width": plan.width,
             "height": plan.height,
             "mpp": plan.mpp,
@@ -461,15 +456,15 @@ def _write_store(
         }
         if region_size is not None:
             entry["region_size"] = int(region_size)
-            columns["split"].append(_split_regions(xs // region_size, ys // region_size, seed, plan.order))
+            columns["split"].append(_split_regions(xs // region_size, ys // region_size, settings.seed, order))
         entries.append(entry)
         columns["x"].append(xs.astype(np.int64))
         columns["y"].append(ys.astype(np.int64))
 
     counts = [entry["n_patches"] for entry in entries]
     slide_index = np.repeat(np.arange(len(entries), dtype=np.int32), counts)
-    if split_by == "slide":  # known only now: slides lost above take no split with them
-        columns["split"] = [_split_slides(np.asarray(counts), seed)[slide_index]]
+    if split_by == "slide":  # known only now: slides skipped above take no split with them
+        columns["split"] = [_split_slides(np.asarray(counts), settings.seed)[slide_index]]
     data = {
         "slide_index": slide_index,
         **{name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in columns.items()},
@@ -480,15 +475,15 @@ def _write_store(
     attrs = {
         "kind": "patches",
         "format_version": FORMAT_VERSION,
-        "target_mpp": float(target_mpp),
-        "patch_size": int(patch_size),
+        "target_mpp": float(settings.target_mpp),
+        "patch_size": int(size),
         "slides": entries,
         "tool_version": __version__,
         "split_by": split_by,
-        "seed": int(seed),
+        "seed": int(settings.seed),
     }
     group.attrs[ATTRS_KEY] = attrs
-    return attrs, lost
+    return attrs, unusable
 
 
 class _PatchReader:

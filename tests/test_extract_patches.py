@@ -227,6 +227,16 @@ def test_slide_failing_mid_read_is_rolled_back(tmp_path, slides_dir):
     assert not leftovers(tmp_path)
 
 
+def test_slide_without_tissue_leaves_too_few_to_split_by_slide(tmp_path, slides_dir):
+    glass = tmp_path / "glass.png"
+    write_png(glass, np.full((1500, 1100, 3), 243, np.uint8))
+    slides = [slides_dir / "sample.svs", slides_dir / "sample.png", glass]
+    result = extract(slides, tmp_path / "p.zarr", target_mpp=2.0, max_per_slide=10, source_mpp=0.998)
+    assert [(s.path.name, s.reason) for s in result.skipped] == [("glass.png", "no patch with at least 60% tissue")]
+    assert result.split_by == "region" and len(result.slides) == 2
+    assert "read 2 of 3 slide files" in result.summary()
+
+
 def test_upsampling_when_allowed(tmp_path):
     path = tmp_path / "coarse.png"
     write_png(path, checkerboard(128, 128, 8))
