@@ -472,7 +472,7 @@ def seam_statistics(image: Any, chunk: int, max_strip_bytes: int = 32 * 2**20) -
 
     Returns a dict with ``score`` = border mean / interior mean (1.00 = no seam), both means,
     ``control_score`` (the same ratio on a grid shifted by ``control_shift`` pixels, None for
-    chunks below 9 px; JPEG's 8x8 blocks alone lift both scores above 1, a seam lifts only
+    chunks that divide 16; JPEG blocks alone lift both scores above 1, a seam lifts only
     ``score``), the chunk size and the image's (height, width).
     """
     if not isinstance(chunk, (int, np.integer)) or chunk <= 0:
@@ -504,10 +504,11 @@ def seam_statistics(image: Any, chunk: int, max_strip_bytes: int = 32 * 2**20) -
         previous_row = rows[-1]
 
     score, border_mean, inner_mean = _grid_ratio(col_sums, row_sums, chunk, 0)
-    # Control: the same ratio on a grid shifted by about half a chunk (a multiple of 8, so that
-    # JPEG's 8x8 block edges, if the file is JPEG-compressed, fall on it as often as on the real
-    # grid). score ~ control_score means no seam beyond what compression leaves everywhere.
-    shift = max(8, chunk // 2 - (chunk // 2) % 8) % chunk
+    # Control: the same ratio on a grid shifted by about half a chunk, by a multiple of 16 so that
+    # JPEG block edges (8 x 8, or 16 x 16 MCUs with YCbCr 2x2 subsampling), if the file is JPEG-
+    # compressed, fall on it as often as on the real grid. score ~ control_score means no seam
+    # beyond what compression leaves everywhere.
+    shift = max(16, chunk // 2 - (chunk // 2) % 16) % chunk
     control = _grid_ratio(col_sums, row_sums, chunk, shift)[0] if shift else None
     return {
         "score": score,

@@ -222,6 +222,11 @@ def test_seam_score_reads_ome_tiff_and_zarr_files(tmp_path):
     array = zarr.create_array(tmp_path / "slide.zarr", shape=image.shape, chunks=(64, 64, 3), dtype="uint8")
     array[:] = image
     assert metrics.seam_score(tmp_path / "slide.zarr", 64) == pytest.approx(expected, rel=1e-6)
+    # OME-Zarr 0.4 layout: a zarr v2 group, channel-first level "0" named by its multiscales.
+    group = zarr.open_group(tmp_path / "slide.ome.zarr", mode="w", zarr_format=2)
+    group.attrs["multiscales"] = [{"version": "0.4", "datasets": [{"path": "0"}]}]
+    group.create_array("0", shape=(3, *image.shape[:2]), chunks=(3, 64, 64), dtype="uint8")[:] = np.moveaxis(image, -1, 0)
+    assert metrics.seam_score(tmp_path / "slide.ome.zarr", 64) == pytest.approx(expected, rel=1e-6)
 
 
 def test_seam_score_of_the_real_slide_is_near_one(sample_slide):
