@@ -75,7 +75,7 @@ def _read_yxc(array: Any, axes: list[str], step: int) -> np.ndarray:
     return np.transpose(pixels, order)
 
 
-def _tiff_pixels(path: Path, size: int) -> np.ndarray:
+def _tiff_pixels(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     import tifffile
     import zarr
 
@@ -86,14 +86,14 @@ def _tiff_pixels(path: Path, size: int) -> np.ndarray:
         index = pick_level(sizes, size)
         step = _stride(*sizes[index], size)
         array = zarr.open(series.aszarr(level=index), mode="r")
-        return _read_yxc(array, list(levels[index].axes), step)
+        return _read_yxc(array, list(levels[index].axes), step), sizes[0]
 
 
 def _axis(level: Any, axis: str) -> int:
     return int(level.shape[level.axes.index(axis)]) if axis in level.axes else 1
 
 
-def _ome_zarr_pixels(path: Path, size: int) -> np.ndarray:
+def _ome_zarr_pixels(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     image = open_ome_zarr(path)
     names = [str(axis.get("name", "")).upper() for axis in image.axes]
     sizes = []
@@ -102,7 +102,7 @@ def _ome_zarr_pixels(path: Path, size: int) -> np.ndarray:
         sizes.append((int(shape.get("Y", 1)), int(shape.get("X", 1))))
     index = pick_level(sizes, size)
     step = _stride(*sizes[index], size)
-    return _read_yxc(image.levels[index].array, names, step)
+    return _read_yxc(image.levels[index].array, names, step), sizes[0]
 
 
 def make_thumbnail(path: str | os.PathLike[str], size: int = 1024) -> Any:
@@ -119,14 +119,15 @@ def make_thumbnail(path: str | os.PathLike[str], size: int = 1024) -> Any:
 
             with openslide.OpenSlide(str(path)) as slide:
                 return slide.get_thumbnail((size, size)).convert("RGB")
-        pixels = _tiff_pixels(path, size) if kind == "tiff" else _ome_zarr_pixels(path, size)
+        pixels, (height, width) = _tiff_pixels(path, size) if kind == "tiff" else _ome_zarr_pixels(path, size)
     except NcaTilesError:
         raise
     except Exception as exc:  # corrupt, truncated, or an undecodable codec
         raise NcaTilesError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
-    image = Image.fromarray(_to_rgb8(pixels), mode="RGB")
-    image.thumbnail((size, size), Image.Resampling.LANCZOS)
-    return image
+    # The target keeps level 0's aspect ratio (lower levels round odd sizes up).
+    scale = min(1.0, size / max(height, width))
+    target = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return Image.fromarray(_to_rgb8(pixels), mode="RGB").resize(target, Image.Resampling.LANCZOS)
 
 
 def write_preview(path: str | os.PathLike[str], out: str | os.PathLike[str], *, size: int = 1024) -> Path:
