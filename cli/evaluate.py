@@ -127,8 +127,13 @@ def _evaluate_model(
     real_train, real_heldout = _read_rows(store.images, picked["train"]), _read_rows(store.images, picked[split])
     size = real_heldout.shape[1]
 
-    click.echo(f"sampling {n_used} synthetic {size} x {size} patches ({sampler})...", err=True)
     pipeline = load_model(model, device)
+    if abs(pipeline.mpp - store.mpp) > 0.01 * store.mpp:
+        raise NcaTilesError(
+            f"the model was trained at {pipeline.mpp:g} µm/px but {patches} holds {store.mpp:g} µm/px patches: "
+            f"compare at the same resolution (extract-patches --mpp {pipeline.mpp:g})"
+        )
+    click.echo(f"sampling {n_used} synthetic {size} x {size} patches ({sampler})...", err=True)
     synthetic = generate_patches(pipeline, n_used, size=size, seed=seed, steps=steps, sampler=sampler)
 
     click.echo("computing metrics...", err=True)

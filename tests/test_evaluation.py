@@ -85,6 +85,60 @@ def test_evaluate_patches_refuses_bad_input(real_crops):
         evaluate_patches(good[:2], good, good)  # too few
 
 
+# --------------------------------------------------------------------------- CLI: model metrics
+
+
+@pytest.fixture(scope="module")
+def store_and_model(sample_slide: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """A patch store of the sample slide at 0.5 µm/px, and an untrained tiny model at 0.5 µm/px
+    (random non-zero weights: a fresh model's output layer is zero)."""
+    import torch
+
+    from nca_tiles.checkpoint import save_model_dir
+    from nca_tiles.model import PRESETS, DiffNCA
+    from nca_tiles.patches import extract_patches
+    from nca_tiles.schedule import ScheduleConfig
+
+    root = tmp_path_factory.mktemp("evaluate")
+    extract_patches([sample_slide], root / "patches.zarr", target_mpp=0.5, progress=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = DiffNCA(PRESETS["tiny"])
+        for parameter in model.to_update.parameters():
+            torch.nn.init.normal_(parameter, std=0.2)
+    meta = {
+        "model": PRESETS["tiny"].to_dict(),
+        "schedule": ScheduleConfig().to_dict(),
+        "data": {"mpp": 0.5, "patch_size": 64},
+    }
+    save_model_dir(root / "model", meta, model.state_dict())
+    return root / "patches.zarr", root / "model"
+
+
+def test_cli_evaluates_a_model_against_a_patch_store(store_and_model, tmp_path):
+    patches, model = store_and_model
+    out = tmp_path / "metrics.json"
+    args = ["evaluate", "--model", str(model), "--patches", str(patches), "--n", "16", "--steps", "2", "--json", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "NOT Inception" in result.output and "real vs real (floor)" in result.output
+    saved = json.loads(out.read_text())
+    assert saved["n"] == 16 and saved["split"] == "test" and saved["model"] == str(model)
+    # An untrained model is far from real tissue: above the floor in every distance.
+    floor, synthetic = saved["results"]["floor"], saved["results"]["synthetic"]
+    for key in ("fd_random", "w1_haematoxylin", "w1_eosin"):
+        assert synthetic[key] > floor[key], key
+
+
+def test_cli_refuses_a_model_at_another_resolution(store_and_model, sample_slide, tmp_path):
+    from nca_tiles.patches import extract_patches
+
+    _, model = store_and_model
+    extract_patches([sample_slide], tmp_path / "coarse.zarr", target_mpp=1.0, max_per_slide=64, progress=False)
+    result = CliRunner().invoke(cli, ["evaluate", "--model", str(model), "--patches", str(tmp_path / "coarse.zarr"), "--n", "8"])
+    assert result.exit_code != 0 and "Error:" in result.output and "µm/px" in result.output, result.output
+
+
 # --------------------------------------------------------------------------- CLI: seam score
 
 
