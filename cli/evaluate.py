@@ -39,16 +39,19 @@ def evaluate(
     """Measure how close a model's patches are to real held-out patches, or score a slide's seams.
 
     \b
-    With --patches: sample n synthetic patches from --model and compare them with n held-out real
-    patches (--split), next to two references: train vs held-out real (the floor) and
-    colour-matched noise (the ceiling). Metrics: Fréchet distance and KID in the features of a
-    fixed random CNN (NOT Inception-FID: not comparable to published numbers), Wasserstein-1 of
-    haematoxylin/eosin/DAB optical densities, and a classifier two-sample test (AUC 0.5 = real and
-    synthetic cannot be told apart).
+    With --patches: sample n synthetic patches from --model and compare them
+    with n held-out real patches (--split), beside two references: train vs
+    held-out real (the floor) and colour-matched noise (the ceiling).
+    Metrics: Fréchet distance and KID in the features of a fixed random CNN
+    (NOT Inception-FID: not comparable to published numbers); Wasserstein-1
+    of haematoxylin, eosin and DAB optical densities; and a classifier
+    two-sample test (AUC 0.5 = real and synthetic cannot be told apart).
 
     \b
-    With --slide FILE --chunk C: the seam score, mean gradient across chunk borders / inside
-    chunks (1.00 = no seam), read in strips so any slide size fits in memory.
+    With --slide FILE --chunk C: the seam score, mean gradient across chunk
+    borders / inside chunks (1.00 = no seam), and a control on a shifted grid
+    (JPEG blocks lift both; a seam lifts only the score). The slide is read
+    in strips, so any size fits in memory.
     """
     if slide is not None:
         if patches is not None or model is not None:

@@ -383,7 +383,7 @@ def colour_matched_noise(reference: np.ndarray, n: int | None = None, seed: int 
     mean, cov = pixels.mean(axis=0), np.cov(pixels, rowvar=False)
     colour = np.linalg.cholesky(cov + 1e-6 * np.eye(3))
 
-    noise = rng.standard_normal((n, *reference.shape[1:]))
+    noise = rng.standard_normal((n, *reference.shape[1:]), dtype=np.float32)
     if sigma > 0:
         noise = gaussian(noise, sigma=(0, sigma, sigma), channel_axis=-1, mode="wrap")
     noise = (noise - noise.mean(axis=(0, 1, 2))) / noise.std(axis=(0, 1, 2))
@@ -481,6 +481,14 @@ def seam_statistics(image: Any, chunk: int, max_strip_bytes: int = 32 * 2**20) -
         raise NcaTilesError("with chunk size 1 every pixel pair is a border: give the synthesis chunk size (>= 2)")
     if isinstance(image, (str, Path)):
         image = open_slide_level0(image)
+        try:
+            return _seam_statistics(image, chunk, max_strip_bytes)
+        finally:
+            image.store.close()  # tifffile's store holds the file open
+    return _seam_statistics(image, chunk, max_strip_bytes)
+
+
+def _seam_statistics(image: Any, chunk: int, max_strip_bytes: int) -> dict[str, Any]:
     layout = _layout(tuple(image.shape))
     height, width = (image.shape[0], image.shape[1]) if layout in ("yx", "yxc") else image.shape[-2:]
     if height < 2 or width < 2:
