@@ -60,7 +60,6 @@ PREDICTOR_COMPRESSIONS = {"deflate", "lzw", "zstd"}
 BIGTIFF_ABOVE_BYTES = 2**31
 
 
-
 def check_tiff_options(tile: int, compression: str, quality: int) -> None:
     """Raise NcaTilesError for options the writer (or Bio-Formats) cannot honour."""
     if compression not in COMPRESSIONS:
@@ -94,7 +93,8 @@ def ome_metadata(*, name: str, mpp: float, generator: dict[str, Any] | None) -> 
     }
     if generator:
         description += GENERATOR_MARKER + json.dumps(generator, ensure_ascii=False, sort_keys=True)
-        metadata["MapAnnotation"] = {"Namespace": GENERATOR_NAMESPACE, **generator_annotation(generator)}
+        # Under "Value", so that generator keys such as "Description" stay map entries.
+        metadata["MapAnnotation"] = {"Namespace": GENERATOR_NAMESPACE, "Value": generator_annotation(generator)}
     metadata["Description"] = description
     return metadata
 

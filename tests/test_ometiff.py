@@ -120,14 +120,22 @@ def test_explicit_arguments_override_canvas_attributes(smooth_work_dir, tmp_path
 
     work_dir, _ = smooth_work_dir
     out = write_ome_tiff(
-        work_dir, tmp_path / "a.ome.tif", mpp=0.25, generator={"seed": 1}, name="Named µ slide", tile=512, progress=False
+        work_dir,
+        tmp_path / "a.ome.tif",
+        mpp=0.25,
+        generator={"seed": 1, "Description": "<&>", "Namespace": "x"},
+        name="Named µ slide",
+        tile=512,
+        progress=False,
     )
     with tifffile.TiffFile(out) as tif:
         ome = from_xml(tif.ome_metadata, validate=True)
         assert len(tif.series[0].levels) == 2  # 1000 -> 500 fits one 512 tile
     assert ome.images[0].name == "Named µ slide"
     assert ome.images[0].pixels.physical_size_x == pytest.approx(0.25)
-    assert {m.k: m.value for m in ome.structured_annotations.map_annotations[0].value.ms} == {"seed": "1"}
+    annotation = ome.structured_annotations.map_annotations[0]
+    assert annotation.namespace == ometiff.GENERATOR_NAMESPACE
+    assert {m.k: m.value for m in annotation.value.ms} == {"seed": "1", "Description": "<&>", "Namespace": "x"}
 
 
 def test_numpy_canvas_single_level(tmp_path):
