@@ -16,20 +16,26 @@ COMPRESSION_NAMES = "jpeg, deflate, lzw, zstd, packbits, none"
 
 
 def check_synthesis_finished(source: Path) -> None:
-    """Refuse a work directory whose manifest says synthesis has not finished: its canvas is
-    still noise or half-denoised."""
+    """Refuse a work directory whose manifest says the last denoising sweep has not run: its
+    canvas is still noise or half-denoised. (A synthesis whose own export failed has all its
+    sweeps done but is not marked finished: that canvas is complete and may be exported.)"""
     import json
 
     manifest = source / "manifest.json"
     if not (source.is_dir() and manifest.is_file()):
         return
     try:
-        finished = json.loads(manifest.read_text()).get("finished", True)
-    except (OSError, ValueError, AttributeError):
+        state = json.loads(manifest.read_text())
+        if state.get("finished", True):
+            return
+        sweeps = 1 + len(state["job"]["timesteps"])  # sweep 0 draws x_T, one more per step
+        done = int(state["sweeps_done"])
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return  # not ours to judge: opening the canvas reports real problems
-    if finished is False:
+    if done < sweeps:
         raise NcaTilesError(
-            f"synthesis in {source} has not finished: rerun the same nca-tiles synthesize command to finish it"
+            f"synthesis in {source} has not finished ({done} of {sweeps} sweeps): "
+            "rerun the same nca-tiles synthesize command to finish it"
         )
 
 

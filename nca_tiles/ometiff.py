@@ -13,6 +13,7 @@ output folder and renamed at the very end: an interrupted export never leaves ``
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -54,6 +55,8 @@ COMPRESSIONS: dict[str, str | None] = {
 # Lossless codecs that gain from horizontal differencing; predictor 2 is the only one
 # Bio-Formats undoes.
 PREDICTOR_COMPRESSIONS = {"deflate", "lzw", "zstd"}
+# tifffile encodes these with imagecodecs only (deflate and predictors fall back to zlib/NumPy).
+NEEDS_IMAGECODECS = {"jpeg", "lzw", "zstd", "packbits"}
 
 # BigTIFF when the pixels (all levels, uncompressed) exceed 2 GiB: classic TIFF offsets stop at
 # 4 GiB, and LZW can expand incompressible data by up to 1.5x.
@@ -68,6 +71,11 @@ def check_tiff_options(tile: int, compression: str, quality: int) -> None:
         raise NcaTilesError(f"tile must be a positive multiple of 16 (e.g. 256, 512), got {tile!r}")
     if not isinstance(quality, int) or isinstance(quality, bool) or not 1 <= quality <= 100:
         raise NcaTilesError(f"JPEG quality must be an integer from 1 to 100, got {quality!r}")
+    if compression in NEEDS_IMAGECODECS and importlib.util.find_spec("imagecodecs") is None:
+        raise NcaTilesError(
+            f"{compression} compression needs the imagecodecs package: pip install imagecodecs "
+            "(or choose deflate or none)"
+        )
 
 
 def generator_annotation(generator: dict[str, Any]) -> dict[str, str]:

@@ -197,9 +197,11 @@ def test_cli_export_needs_a_pixel_size(tmp_path):
 
 def test_cli_export_refuses_unfinished_synthesis(tmp_path):
     work_dir = write_canvas(tmp_path / "work", smooth_image(64, 64), chunk=64)
-    (work_dir / "manifest.json").write_text(json.dumps({"finished": False, "sweeps_done": 3}))
-    assert_clean_error(run("export", work_dir, "--out", tmp_path / "x.ome.tif"), "has not finished")
-    (work_dir / "manifest.json").write_text(json.dumps({"finished": True}))
+    manifest = {"finished": False, "sweeps_done": 3, "job": {"timesteps": [999, 500, 0]}}
+    (work_dir / "manifest.json").write_text(json.dumps(manifest))
+    assert_clean_error(run("export", work_dir, "--out", tmp_path / "x.ome.tif"), "has not finished (3 of 4 sweeps)")
+    # every sweep done but the synthesis' own export failed: the canvas is complete
+    (work_dir / "manifest.json").write_text(json.dumps({**manifest, "sweeps_done": 4}))
     assert run("export", work_dir, "--out", tmp_path / "x.ome.tif").exit_code == 0
 
 
