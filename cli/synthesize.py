@@ -1,0 +1,73 @@
+"""``nca-tiles synthesize``: a whole-slide image of any size, chunk by chunk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from nca_tiles_cli.options import check_output, device_option, overwrite_option, seed_option
+
+
+@click.command(short_help="Synthesize a whole-slide image of any size, chunk by chunk.")
+@click.option("--model", type=click.Path(path_type=Path), default=None,
+              help="Run directory, model directory or checkpoint file. Default: the bundled model.")
+@click.option("--width", type=int, required=True, help="Slide width in pixels.")
+@click.option("--height", type=int, required=True, help="Slide height in pixels.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output slide (.ome.tif, or .ome.zarr with --format ome-zarr).")
+@click.option("--chunk", type=int, default=1024, show_default=True, help="Chunk side in pixels (one zarr shard, one unit of work).")
+@seed_option()
+@click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
+@click.option("--steps", type=int, default=None, help="Denoising steps (ddim: default 50; ddpm: always T).")
+@click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM η (0: deterministic).")
+@device_option()
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="auto: bf16 autocast on CUDA, fp32 on CPU.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Windows per model call.")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None,
+              help="Where the canvas lives while synthesizing (default: OUT.work, removed when done).")
+@click.option("--keep-canvas", is_flag=True, help="Keep the zarr canvas (float buffers too) after writing OUT.")
+@overwrite_option()
+@click.option("--workers", type=int, default=None, help="Run on a local dask cluster of N worker processes.")
+@click.option("--scheduler", default=None, help="Run on an existing dask cluster (tcp://host:port).")
+@click.option("--format", "format_", type=click.Choice(["ome-tiff", "ome-zarr"]), default="ome-tiff", show_default=True)
+@click.option("--tile", type=int, default=512, show_default=True, help="OME-TIFF tile side.")
+@click.option("--compression", default="jpeg", show_default=True, help="OME-TIFF compression: jpeg, deflate, lzw, zstd, none.")
+@click.option("--quality", type=int, default=90, show_default=True, help="JPEG quality.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (grid, halo overhead, disk, memory, time) and stop.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def synthesize(model, width, height, out, chunk, seed, sampler, steps, eta, device, precision, batch, work_dir,
+               keep_canvas, overwrite, workers, scheduler, format_, tile, compression, quality, dry_run,
+               no_progress) -> None:
+    """Synthesize a WIDTH × HEIGHT slide with a Diff-NCA model, streaming chunk by chunk over a
+    zarr canvas, and write it as a pyramidal OME-TIFF that QuPath opens.
+
+    The pixels are a pure function of (model, seed, size, sampler, steps): any --chunk, --batch
+    or number of workers gives the same slide. An interrupted run resumes when rerun.
+    """
+    from nca_tiles.errors import NcaTilesError
+    from nca_tiles.plan import describe_plan, make_plan
+    from nca_tiles.sampling import load_model
+    from nca_tiles.slide_job import SlideRequest, check_request, default_work_dir, synthesize_slide
+    from nca_tiles.synthesis import make_job
+
+    if workers is not None and scheduler is not None:
+        raise NcaTilesError("give --workers or --scheduler, not both")
+    if not dry_run:
+        check_output(out, overwrite)
+    pipeline = load_model(model, device, precision)
+    req = SlideRequest(width=width, height=height, out=out, seed=seed, chunk=chunk, sampler=sampler, steps=steps,
+                       eta=eta, batch=batch, work_dir=work_dir, keep_canvas=keep_canvas, format=format_, tile=tile,
+                       compression=compression, quality=quality, workers=workers, scheduler=scheduler)
+    check_request(req, pipeline.halo)
+    if format_ == "ome-tiff":
+        from nca_tiles.ometiff import check_tiff_options
+
+        check_tiff_options(tile, compression, quality)
+    if dry_run:
+        job = make_job(pipeline, seed, width, height, chunk, sampler, steps, eta)
+        plan = make_plan(pipeline, job, batch)
+        click.echo(describe_plan(plan, pipeline, job, batch, work_dir or default_work_dir(out)))
+        return
+    synthesize_slide(pipeline, req, model_path=model, device=device, progress=not no_progress)
+    click.echo(f"wrote {out}")

@@ -1,0 +1,279 @@
+"""Training Diff-NCA with the paper's recipe (design.md §1).
+
+ε-prediction with loss MSE + L1; Adam (lr 1.6e-3, betas (0.9, 0.99), eps 1e-8); ExponentialLR
+γ = 0.9999 per step; EMA of the weights with decay 0.99, used for sampling. Every random draw of
+step n (batch, dihedral augmentation, t, ε, fire masks) comes from a generator seeded with
+(seed, n), so a resumed run continues exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nca_tiles import __version__, rng
+from nca_tiles.checkpoint import (
+    CHECKPOINT_NAME,
+    FORMAT_VERSION,
+    MODEL_DIR_NAME,
+    atomic_torch_save,
+    check_format_version,
+    save_model_dir,
+    torch_load,
+)
+from nca_tiles.errors import NcaTilesError
+from nca_tiles.model import DiffNCA, ModelConfig, TorchFireMask
+from nca_tiles.schedule import NoiseSchedule, ScheduleConfig
+
+METRICS_NAME = "metrics.jsonl"
+SAMPLES_DIR = "samples"
+MAX_IN_MEMORY_BYTES = 4 << 30  # larger patch stores would need a streaming loader
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200_000
+    batch_size: int = 16
+    lr: float = 1.6e-3
+    adam_betas: tuple[float, float] = (0.9, 0.99)
+    adam_eps: float = 1e-8
+    lr_gamma: float = 0.9999
+    ema_decay: float = 0.99
+    seed: int = 0
+    val_every: int = 500
+    val_batches: int = 8
+    sample_every: int = 2000
+    checkpoint_every: int = 500
+    sample_steps: int = 50
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise NcaTilesError("--steps must be ≥ 1")
+        if self.batch_size < 1:
+            raise NcaTilesError("--batch-size must be ≥ 1")
+        if not self.lr > 0:
+            raise NcaTilesError("--lr must be > 0")
+
+
+def to_model_space(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each sample rotated by a random multiple of 90° and randomly flipped (8 symmetries)."""
+    b = x.shape[0]
+    rotations = torch.randint(4, (b,), generator=generator).tolist()
+    flips = torch.randint(2, (b,), generator=generator).tolist()
+    out = []
+    for sample, k, flip in zip(x, rotations, flips):
+        sample = torch.rot90(sample, k, dims=(1, 2))
+        out.append(torch.flip(sample, dims=(2,)) if flip else sample)
+    return torch.stack(out)
+
+
+def diffusion_loss(model: DiffNCA, schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generator,
+                   device: torch.device, autocast) -> tuple[torch.Tensor, dict]:
+    """Draw t and ε, noise x_0, predict ε: loss = MSE + L1 (the paper's)."""
+    b = x0.shape[0]
+    t = torch.randint(schedule.timesteps, (b,), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    x_t = schedule.add_noise(x0, noise, t)
+    fire = TorchFireMask(model.config.fire_rate, generator)
+    with autocast():
+        eps = model(x_t.to(device), t.to(device), fire).float()
+    noise = noise.to(device)
+    mse = F.mse_loss(eps, noise)
+    l1 = F.l1_loss(eps, noise)
+    return mse + l1, {"mse": mse.item(), "l1": l1.item()}
+
+
+class Trainer:
+    """One training run in a run directory; resumable at any checkpoint."""
+
+    def __init__(self, store, out: Path, model_config: ModelConfig, schedule_config: ScheduleConfig,
+                 train_config: TrainConfig, device: torch.device, precision: str = "fp32",
+                 compile: bool = False, preset_name: str | None = None):
+        self.store = store
+        self.out = Path(out)
+        self.cfg = train_config
+        self.device = device
+        self.precision = precision
+        self.preset_name = preset_name
+        self.schedule = NoiseSchedule(schedule_config)
+        self.model = DiffNCA(model_config).to(device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train_config.lr,
+                                          betas=train_config.adam_betas, eps=train_config.adam_eps)
+        self.lr_scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=train_config.lr_gamma)
+        self.step = 0
+        self.forward = torch.compile(self.model) if compile else self.model
+        self.train_images = self._load_split("train")
+        if len(self.train_images) == 0:
+            raise NcaTilesError(f"{store.path} has no patches in its train split: extract from more tissue")
+        self.val_images = self._load_split("val")
+        self._stop_requested = False
+
+    # -- data ---------------------------------------------------------------------------------
+    def _load_split(self, split: str) -> np.ndarray:
+        idx = np.sort(self.store.indices(split))
+        p = self.store.patch_size
+        if len(idx) * p * p * 3 > MAX_IN_MEMORY_BYTES:
+            raise NcaTilesError(f"{split} split is larger than {MAX_IN_MEMORY_BYTES >> 30} GiB: use --max-per-slide when extracting")
+        if len(idx) == 0:
+            return np.zeros((0, p, p, 3), np.uint8)
+        images = self.store.images[:]  # small stores: one read is faster than many
+        return images[idx]
+
+    def _batch(self, generator: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(len(self.train_images), (self.cfg.batch_size,), generator=generator).numpy()
+        return dihedral(to_model_space(self.train_images[idx]), generator)
+
+    def _autocast(self):
+        if self.precision == "bf16" and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    # -- state ----------------------------------------------------------------------------------
+    def meta(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "model": self.model.config.to_dict(),
+            "schedule": self.schedule.config.to_dict(),
+            "data": {"mpp": self.store.mpp, "patch_size": self.store.patch_size, "patch_store": self.store.identity},
+            "training": {"step": self.step, "preset": self.preset_name, "seed": self.cfg.seed},
+            "nca_tiles_version": __version__,
+        }
+
+    def save(self) -> None:
+        """Checkpoint (raw weights for resuming) and model dir (EMA weights for sampling), atomically."""
+        state = {
+            "format_version": FORMAT_VERSION,
+            "meta": self.meta(),
+            "step": self.step,
+            "train_config": asdict(self.cfg),
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+        }
+        atomic_torch_save(self.out / CHECKPOINT_NAME, state)
+        save_model_dir(self.out / MODEL_DIR_NAME, self.meta(), {k: v.cpu() for k, v in self.ema.state_dict().items()})
+
+    def resume(self) -> None:
+        path = self.out / CHECKPOINT_NAME
+        if not path.exists():
+            raise NcaTilesError(f"--resume: {path} does not exist (drop --resume to start a new run)")
+        state = torch_load(path)
+        check_format_version(state.get("format_version"), path)
+        saved = state["meta"]
+        if saved["model"] != self.model.config.to_dict() or saved["schedule"] != self.schedule.config.to_dict():
+            raise NcaTilesError(f"--resume: {path} was trained with a different model or schedule config (use the same --preset)")
+        if saved["data"]["patch_store"] != self.store.identity:
+            raise NcaTilesError(f"--resume: {path} was trained on a different patch store (use the same --patches)")
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.step = int(state["step"])
+
+    # -- loop -----------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        generator = torch.Generator().manual_seed(rng.derive_seed(self.cfg.seed, self.step))
+        self.model.train()
+        x0 = self._batch(generator)
+        loss, parts = diffusion_loss(self.forward, self.schedule, x0, generator, self.device, self._autocast)
+        if not math.isfinite(loss.item()):
+            raise NcaTilesError(
+                f"loss became {loss.item()} at step {self.step}: stopped; the last good checkpoint is "
+                f"{self.out / CHECKPOINT_NAME} (try a lower --lr)"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self._update_ema()
+        self.step += 1
+        return {"loss": loss.item(), **parts, "lr": self.lr_scheduler.get_last_lr()[0]}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        d = self.cfg.ema_decay
+        for ema_p, p in zip(self.ema.parameters(), self.model.parameters()):
+            ema_p.lerp_(p, 1.0 - d)
+
+    @torch.no_grad()
+    def validation_loss(self) -> float | None:
+        """EMA loss on the val split with fixed draws, so successive values are comparable."""
+        if len(self.val_images) == 0:
+            return None
+        self.ema.eval()
+        generator = torch.Generator().manual_seed(rng.derive_seed(self.cfg.seed, 0xFA11))
+        losses = []
+        for i in range(self.cfg.val_batches):
+            start = (i * self.cfg.batch_size) % len(self.val_images)
+            x0 = to_model_space(self.val_images[start : start + self.cfg.batch_size])
+            loss, _ = diffusion_loss(self.ema, self.schedule, x0, generator, self.device, self._autocast)
+            losses.append(loss.item())
+        return float(np.mean(losses))
+
+    def write_samples(self) -> Path:
+        from nca_tiles.sample_grid import save_sample_grid
+        from nca_tiles.sampling import build_pipeline
+
+        pipeline = build_pipeline(self.meta(), self.ema.state_dict(), self.device, self.precision)
+        path = self.out / SAMPLES_DIR / f"step_{self.step:07d}.png"
+        save_sample_grid(pipeline, path, seed=self.cfg.seed, steps=self.cfg.sample_steps)
+        return path
+
+    def _log(self, record: dict) -> None:
+        with open(self.out / METRICS_NAME, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _request_stop(self, signum, frame) -> None:
+        self._stop_requested = True
+
+    def run(self, progress: bool = True) -> dict:
+        """Train up to ``cfg.steps``; Ctrl-C saves a checkpoint and stops cleanly."""
+        from tqdm import tqdm
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, self._request_stop) if in_main_thread else None
+        last: dict = {}
+        try:
+            bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not progress, unit="step", dynamic_ncols=True)
+            start, start_step = time.perf_counter(), self.step
+            while self.step < self.cfg.steps and not self._stop_requested:
+                last = self.train_step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.4f}")
+                record = {"step": self.step, **last, "time": time.time()}
+                if self.step % self.cfg.val_every == 0 or self.step == self.cfg.steps:
+                    record["val_loss"] = self.validation_loss()
+                    record["steps_per_s"] = (self.step - start_step) / (time.perf_counter() - start)
+                self._log(record)
+                if self.step % self.cfg.checkpoint_every == 0:
+                    self.save()
+                if self.cfg.sample_every and self.step % self.cfg.sample_every == 0:
+                    self.write_samples()
+            bar.close()
+            self.save()
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGINT, previous)
+        if self._stop_requested:
+            raise KeyboardInterrupt
+        return last
