@@ -187,7 +187,10 @@ def _describe_tiff(path: Path) -> str:
             f"pixels: {colour}, {page.samplesperpixel} samples x {page.dtype}, "
             f"{'interleaved' if page.planarconfig == 1 else 'planar'}; axes {series.axes}"
         )
-        layout = f"tiles {page.tilewidth} x {page.tilelength}" if page.is_tiled else f"strips of {page.rowsperstrip} rows"
+        if page.is_tiled:
+            layout = f"tiles {page.tilewidth} x {page.tilelength}"
+        else:
+            layout = f"strips of {page.rowsperstrip} rows"
         lines.append(f"storage: {layout}, compression {page.compression.name}" + _predictor(page))
         um_x, um_y, generator = _tiff_pixel_size_and_generator(tif, page)
         lines.append(_size_line(sizes[0][0], sizes[0][1], um_x, um_y))

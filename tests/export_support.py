@@ -47,7 +47,12 @@ def write_canvas(
         rgb = group.create_array("rgb", shape=image.shape, chunks=(chunk, chunk, 3), dtype="uint8", attributes=attrs)
     else:
         rgb = group.create_array(
-            "rgb", shape=image.shape, chunks=(inner, inner, 3), shards=(chunk, chunk, 3), dtype="uint8", attributes=attrs
+            "rgb",
+            shape=image.shape,
+            chunks=(inner, inner, 3),
+            shards=(chunk, chunk, 3),
+            dtype="uint8",
+            attributes=attrs,
         )
     rgb[:] = image
     return work_dir

@@ -8,7 +8,15 @@ import json
 import numpy as np
 import pytest
 import tifffile
-from export_support import GENERATOR, MPP, corrupt_last_chunk, noisy_image, reference_pyramid, smooth_image, write_canvas
+from export_support import (
+    GENERATOR,
+    MPP,
+    corrupt_last_chunk,
+    noisy_image,
+    reference_pyramid,
+    smooth_image,
+    write_canvas,
+)
 
 from nca_tiles import ometiff
 from nca_tiles.errors import NcaTilesError
@@ -37,7 +45,8 @@ def read_levels(path):
 @pytest.mark.parametrize("compression", ["deflate", "lzw", "zstd", "packbits", "none"])
 def test_lossless_levels_equal_canvas_and_area_average(noisy_work_dir, tmp_path, compression):
     work_dir, image = noisy_work_dir
-    out = write_ome_tiff(work_dir, tmp_path / "slide.ome.tif", mpp=MPP, tile=256, compression=compression, progress=False)
+    out = tmp_path / "slide.ome.tif"
+    write_ome_tiff(work_dir, out, mpp=MPP, tile=256, compression=compression, progress=False)
     levels = read_levels(out)
     assert [level.shape for level in levels] == [(1000, 777, 3), (500, 389, 3), (250, 195, 3)]
     for got, want in zip(levels, reference_pyramid(image, 3), strict=True):

@@ -71,7 +71,8 @@ def test_replaces_existing_output_only_when_done(work_dir, tmp_path):
 
 def test_numpy_canvas_and_explicit_metadata(tmp_path):
     image = noisy_image(50, 40)
-    out = write_ome_zarr(image, tmp_path / "a.zarr", mpp=2.0, generator={"seed": 3}, name="named", chunk=64, progress=False)
+    out = tmp_path / "a.zarr"
+    write_ome_zarr(image, out, mpp=2.0, generator={"seed": 3}, name="named", chunk=64, progress=False)
     group = zarr.open_group(str(out), mode="r")
     assert group.attrs["multiscales"][0]["name"] == "named"
     assert group.attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 2.0, 2.0]
