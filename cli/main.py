@@ -52,7 +52,7 @@ class LazyGroup(click.Group):
         except NcaTilesError as exc:
             raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:
-            click.echo("Interrupted: rerun the same command to resume.", err=True)
+            click.echo("Interrupted: progress is saved; run the same command again to resume (train: add --resume).", err=True)
             ctx.exit(130)
 
 

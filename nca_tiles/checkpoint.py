@@ -27,6 +27,12 @@ MODEL_DIR_NAME = "model"
 DEFAULT_MODEL_DIR = Path(__file__).parent / "data" / "models" / "default"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -35,6 +41,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -83,8 +90,10 @@ def resolve_model_path(path: Path | None) -> ModelFiles:
             path = path.parent
         elif path.name == WEIGHTS_NAME:
             return ModelFiles(path.parent / CONFIG_NAME, path)
-        else:
+        elif path.suffix == ".pt":
             return ModelFiles(path.parent / MODEL_DIR_NAME / CONFIG_NAME, None, checkpoint=path)
+        else:
+            raise NcaTilesError(f"{path} is not a model: give a run directory, model directory or .pt checkpoint")
     if (path / MODEL_DIR_NAME / CONFIG_NAME).exists():
         path = path / MODEL_DIR_NAME
     if (path / CONFIG_NAME).exists() and (path / WEIGHTS_NAME).exists():
