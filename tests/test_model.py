@@ -132,3 +132,15 @@ def test_presets_and_bad_configs():
         ModelConfig(fire_rate=0)
     with pytest.raises(NcaTilesError):
         ModelConfig.from_dict({**CONFIG.to_dict(), "future_field": 1})
+
+
+def test_banded_inference_equals_unbanded():
+    # Inference runs the per-pixel part in bands of rows; training (autograd on) in one piece.
+    model = trained_like()
+    x = torch.randn(2, 3, 70, 300, dtype=torch.float64)  # 300 px wide: bands of 27 rows on a CPU
+    assert DiffNCA.band_pixels(x.device) // 300 < 70
+    banded = predict(model, x)
+    fire = CounterFireMask(model.config.fire_rate, [11, 11], [123, 123], [(0, 0), (0, 0)])
+    with torch.enable_grad():
+        whole = model(x, torch.full((2,), 123), fire).detach()
+    torch.testing.assert_close(banded, whole, rtol=1e-12, atol=1e-12)
