@@ -11,7 +11,7 @@ from nca_tiles.canvas import RGB, WorkDir
 from nca_tiles.errors import NcaTilesError
 from nca_tiles.plan import canvas_bytes, check_free_disk
 from nca_tiles.sampling import Pipeline
-from nca_tiles.synthesis import DaskExecutor, InProcessExecutor, Throughput, chunk_grid, make_job, run_sweeps
+from nca_tiles.synthesis import DaskExecutor, InProcessExecutor, chunk_grid, make_job, run_sweeps
 
 
 @dataclass(frozen=True)
@@ -87,11 +87,8 @@ def synthesize_slide(pipeline: Pipeline, req: SlideRequest, model_path: Path | N
     total = job.sweeps * job.width * job.height
     bar = tqdm(total=total, initial=manifest.sweeps_done * job.width * job.height, unit="px", unit_scale=True,
                disable=not progress, dynamic_ncols=True, desc=f"sweep {manifest.sweeps_done}/{job.sweeps}")
-    speed = Throughput()
-
     def on_pixels(n: int) -> None:
-        bar.update(n)
-        bar.set_postfix_str(f"{speed.add(n):.2f} MP/s")
+        bar.update(n)  # tqdm shows the rate in (M)px/s and the ETA
 
     def on_sweep(sweep: int) -> None:
         bar.set_description(f"sweep {sweep + 1}/{job.sweeps}")

@@ -11,7 +11,6 @@ simply be run again: a rerun resumes from the last completed sweep.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -247,15 +246,3 @@ def make_job(pipeline: Pipeline, seed: int, width: int, height: int, chunk: int,
     timesteps = tuple(pipeline.schedule.sampling_timesteps(sampler, steps))
     return Job(model_hash=pipeline.hash, seed=seed, width=width, height=height, chunk=chunk,
                sampler=sampler, timesteps=timesteps, eta=eta)
-
-
-class Throughput:
-    """Megapixels per second over canvas-pixel × sweep work, for the progress bar."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.pixels = 0
-
-    def add(self, n: int) -> float:
-        self.pixels += n
-        return self.pixels / 1e6 / max(time.perf_counter() - self.start, 1e-9)
