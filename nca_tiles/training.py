@@ -38,6 +38,7 @@ from nca_tiles.schedule import NoiseSchedule, ScheduleConfig
 METRICS_NAME = "metrics.jsonl"
 SAMPLES_DIR = "samples"
 MAX_IN_MEMORY_BYTES = 4 << 30  # larger patch stores would need a streaming loader
+INIT_SEED_KEY = 0x1417  # derives the seed of the initial weights from --seed
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,9 @@ class Trainer:
         self.precision = precision
         self.preset_name = preset_name
         self.schedule = NoiseSchedule(schedule_config)
-        self.model = DiffNCA(model_config).to(device)
+        with torch.random.fork_rng(devices=[]):  # the same --seed, the same initial weights
+            torch.manual_seed(rng.derive_seed(train_config.seed, INIT_SEED_KEY, 0))
+            self.model = DiffNCA(model_config).to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train_config.lr,
                                           betas=train_config.adam_betas, eps=train_config.adam_eps)
