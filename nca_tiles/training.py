@@ -126,6 +126,7 @@ class Trainer:
             raise NcaTilesError(f"{store.path} has no patches in its train split: extract from more tissue")
         self.val_images = self._load_split("val")
         self._stop_requested = False
+        self.saved_step: int | None = None  # step of the checkpoint on disk, if any
 
     # -- data ---------------------------------------------------------------------------------
     def _load_split(self, split: str) -> np.ndarray:
@@ -161,7 +162,12 @@ class Trainer:
         }
 
     def save(self) -> None:
-        """Checkpoint (raw weights for resuming) and model dir (EMA weights for sampling), atomically."""
+        """Checkpoint (raw weights for resuming) and model dir (EMA weights for sampling), atomically.
+
+        Non-finite weights are never written: they would replace the last good checkpoint."""
+        for module in (self.model, self.ema):
+            if not all(torch.isfinite(p).all() for p in module.parameters()):
+                raise self._diverged(f"the weights became non-finite (NaN or inf) at step {self.step}")
         state = {
             "format_version": FORMAT_VERSION,
             "meta": self.meta(),
@@ -174,6 +180,14 @@ class Trainer:
         }
         atomic_torch_save(self.out / CHECKPOINT_NAME, state)
         save_model_dir(self.out / MODEL_DIR_NAME, self.meta(), {k: v.cpu() for k, v in self.ema.state_dict().items()})
+        self.saved_step = self.step
+
+    def _diverged(self, what: str) -> NcaTilesError:
+        if self.saved_step is None:
+            where = f"no checkpoint was written yet (one every {self.cfg.checkpoint_every} steps)"
+        else:
+            where = f"the last good checkpoint is {self.out / CHECKPOINT_NAME} (step {self.saved_step})"
+        return NcaTilesError(f"{what}: stopped; {where} (try a lower --lr)")
 
     def resume(self) -> None:
         path = self.out / CHECKPOINT_NAME
@@ -190,7 +204,7 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.step = int(state["step"])
+        self.step = self.saved_step = int(state["step"])
 
     # -- loop -----------------------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -199,10 +213,7 @@ class Trainer:
         x0 = self._batch(generator)
         loss, parts = diffusion_loss(self.forward, self.schedule, x0, generator, self.device, self._autocast)
         if not math.isfinite(loss.item()):
-            raise NcaTilesError(
-                f"loss became {loss.item()} at step {self.step}: stopped; the last good checkpoint is "
-                f"{self.out / CHECKPOINT_NAME} (try a lower --lr)"
-            )
+            raise self._diverged(f"loss became {loss.item()} at step {self.step}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
