@@ -53,15 +53,16 @@ def train(patches, out, preset, steps, batch_size, lr, device, precision, resume
         precision = "bf16" if torch_device.type == "cuda" else "fp32"
     if precision == "bf16" and torch_device.type == "cpu":
         raise NcaTilesError("bf16 on a CPU is hundreds of times slower than fp32: use --precision fp32")
-    if out.exists() and any(out.iterdir()) and not resume:
-        if not overwrite:
-            raise NcaTilesError(f"{out} is not empty: pass --resume to continue it or --overwrite to start afresh")
-        shutil.rmtree(out)
+    replace = out.exists() and any(out.iterdir()) and not resume
+    if replace and not overwrite:
+        raise NcaTilesError(f"{out} is not empty: pass --resume to continue it or --overwrite to start afresh")
     store = open_patch_store(patches)
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, val_every=val_every,
                          sample_every=sample_every, checkpoint_every=checkpoint_every)
     trainer = Trainer(store, out, model_config, ScheduleConfig(), config, torch_device, precision,
                       compile=compile_, preset_name=preset)
+    if replace:
+        shutil.rmtree(out)  # only now that the new run is known to start
     if resume:
         trainer.resume()
         click.echo(f"resuming at step {trainer.step}")
