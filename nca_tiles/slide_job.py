@@ -49,6 +49,8 @@ def check_request(req: SlideRequest, halo: int) -> None:
         raise NcaTilesError(f"--chunk {req.chunk} is smaller than twice the model's halo ({2 * halo} px): use a larger --chunk")
     if req.batch < 1:
         raise NcaTilesError("--batch must be ≥ 1")
+    if not 0.0 <= req.eta <= 1.0:  # also refuses NaN
+        raise NcaTilesError(f"--eta must be between 0 (deterministic DDIM) and 1, got {req.eta}")
     if req.workers is not None and req.workers < 1:
         raise NcaTilesError("--workers must be ≥ 1")
     if req.format not in ("ome-tiff", "ome-zarr"):
