@@ -122,7 +122,7 @@ def export(work: WorkDir, req: SlideRequest, mpp: float, generator: dict, progre
     if req.format == "ome-zarr":
         from nca_tiles.omezarr import write_ome_zarr
 
-        write_ome_zarr(rgb, req.out, mpp=mpp, generator=generator)
+        write_ome_zarr(rgb, req.out, mpp=mpp, generator=generator, progress=progress)
     else:
         from nca_tiles.ometiff import write_ome_tiff
 
