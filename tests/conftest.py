@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +17,22 @@ SAMPLE_SLIDE = REPO / "nca_tiles" / "data" / "sample" / "cmu_small_region.svs"
 def sample_slide() -> Path:
     assert SAMPLE_SLIDE.exists(), SAMPLE_SLIDE
     return SAMPLE_SLIDE
+
+
+@pytest.fixture(scope="session")
+def real_crops(sample_slide: Path) -> np.ndarray:
+    """64 x 64 tissue crops (>= 60 % tissue) of the real H&E sample slide, in random order."""
+    import openslide
+
+    with openslide.OpenSlide(str(sample_slide)) as slide:
+        image = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+    crops = [
+        image[y : y + 64, x : x + 64]
+        for y in range(0, image.shape[0] - 63, 32)
+        for x in range(0, image.shape[1] - 63, 32)
+        if (image[y : y + 64, x : x + 64].min(axis=-1) < 200).mean() > 0.6
+    ]
+    return np.stack(crops)[np.random.default_rng(0).permutation(len(crops))]
 
 
 # Test models are tiny: extra OpenMP threads only add synchronisation, and on a loaded machine
