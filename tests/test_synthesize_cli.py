@@ -1,0 +1,171 @@
+"""``nca-tiles synthesize`` at the CLI: refused input, --dry-run, work dirs, export, OME-Zarr."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from nca_tiles.checkpoint import DEFAULT_MODEL_DIR, is_model_path
+from tests.cli_support import assert_ok, assert_one_line_error, run_cli
+from tests.helpers import save_test_model
+
+W, H = 70, 52  # not multiples of the chunk
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return save_test_model(tmp_path_factory.mktemp("model"))
+
+
+def synth(model: Path, out: Path, *args):
+    return run_cli("synthesize", "--model", model, "--width", W, "--height", H, "--out", out, "--chunk", 32,
+                   "--steps", 2, "--device", "cpu", "--compression", "deflate", "--tile", 32, "--no-progress", *args)
+
+
+def entries(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+# -- refused input ------------------------------------------------------------------------------
+@pytest.mark.parametrize("args,fragments", [
+    (["--width", 0], ["--width", "positive"]),
+    (["--height", -5], ["--height", "positive"]),
+    (["--chunk", 5], ["--chunk 5", "halo"]),  # tiny model: halo 3, so chunks must be ≥ 6
+    (["--workers", 2, "--scheduler", "tcp://127.0.0.1:1"], ["--workers", "--scheduler"]),
+    (["--compression", "lzma9"], ["compression", "lzma9"]),
+    (["--tile", 100], ["tile", "multiple of 16"]),
+    (["--batch", 0], ["--batch"]),
+    (["--eta", -1], ["--eta"]),
+    (["--eta", "nan"], ["--eta"]),  # would silently write a NaN (black) slide
+])
+def test_refused_arguments(model, tmp_path, args, fragments):
+    out = tmp_path / "slide.ome.tif"
+    assert_one_line_error(synth(model, out, *args), *fragments)
+    assert entries(tmp_path) == set()  # neither the output nor a work dir
+
+
+def test_non_number_is_a_usage_error(model, tmp_path):
+    result = run_cli("synthesize", "--model", model, "--width", "abc", "--height", 10, "--out", tmp_path / "s.ome.tif")
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output and "'abc' is not a valid integer" in result.output
+
+
+def test_not_enough_disk(model, tmp_path):
+    out = tmp_path / "huge.ome.tif"
+    result = run_cli("synthesize", "--model", model, "--width", 10_000_000, "--height", 10_000_000, "--out", out,
+                     "--device", "cpu", "--no-progress")
+    assert_one_line_error(result, "not enough free disk", "--work-dir")
+    assert entries(tmp_path) == set()
+
+
+def test_missing_model(tmp_path):
+    assert_one_line_error(synth(tmp_path / "nope", tmp_path / "s.ome.tif"), "nope", "does not exist")
+
+
+def test_corrupt_weights(model, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((model / "config.json").read_text())
+    (broken / "weights.pt").write_bytes(b"garbage, not a torch file" * 10)
+    assert_one_line_error(synth(broken, tmp_path / "s.ome.tif"), "weights.pt", "corrupt")
+    assert not (tmp_path / "s.ome.tif").exists()
+
+
+def test_model_of_a_newer_format(model, tmp_path):
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    config = json.loads((model / "config.json").read_text())
+    config["format_version"] = 99
+    (newer / "config.json").write_text(json.dumps(config))
+    (newer / "weights.pt").write_bytes((model / "weights.pt").read_bytes())
+    assert_one_line_error(synth(newer, tmp_path / "s.ome.tif"), "format version 99", "upgrade nca-tiles")
+    assert_one_line_error(run_cli("info", newer), "format version 99")
+
+
+def test_existing_output_needs_overwrite(model, tmp_path):
+    out = tmp_path / "s.ome.tif"
+    out.write_bytes(b"keep me")
+    assert_one_line_error(synth(model, out), "exists", "--overwrite")
+    assert out.read_bytes() == b"keep me"
+
+
+# -- dry run ----------------------------------------------------------------------------------
+def test_dry_run_of_a_gigapixel_slide(model, tmp_path):
+    chosen = DEFAULT_MODEL_DIR if is_model_path(DEFAULT_MODEL_DIR) else model
+    out = tmp_path / "big.ome.tif"
+    start = time.perf_counter()
+    result = run_cli("synthesize", "--model", chosen, "--width", 100_000, "--height", 100_000, "--out", out,
+                     "--device", "cpu", "--dry-run")
+    elapsed = time.perf_counter() - start
+    assert_ok(result)
+    assert elapsed < 30, elapsed
+    text = result.output
+    assert "100000 × 100000 px" in text
+    assert "chunk grid: 98 × 98 = 9,604 chunks of 1024 px" in text
+    for fragment in ("halo overhead", "disk for the canvas", "GiB", "host memory", "time (estimate"):
+        assert fragment in text, fragment
+    assert entries(tmp_path) == set()  # no canvas, no work dir, no output
+
+
+# -- work dirs, export, formats ----------------------------------------------------------------
+def test_run_without_keep_canvas_leaves_no_work_dir(model, tmp_path):
+    out = tmp_path / "s.ome.tif"
+    result = synth(model, out)
+    assert_ok(result)
+    assert result.output == f"wrote {out}\n"  # --no-progress: no bars
+    assert entries(tmp_path) == {"s.ome.tif"}
+    image = tifffile.imread(out, level=0)
+    assert image.shape == (H, W, 3) and image.std() > 5
+
+
+@pytest.fixture(scope="module")
+def kept(model, tmp_path_factory) -> tuple[Path, Path]:
+    """A finished synthesis with --keep-canvas in a given --work-dir, seed 5."""
+    root = tmp_path_factory.mktemp("kept")
+    out, work = root / "s.ome.tif", root / "work"
+    assert_ok(synth(model, out, "--seed", 5, "--work-dir", work, "--keep-canvas"))
+    return out, work
+
+
+def test_keep_canvas_then_export_gives_the_same_pixels(kept, tmp_path):
+    out, work = kept
+    assert {"rgb", "x0", "x1"} <= entries(work / "canvas.zarr")
+    assert json.loads((work / "manifest.json").read_text())["finished"] is True
+    rgb = zarr.open_array(work / "canvas.zarr" / "rgb", mode="r")[:]
+    synthesized = tifffile.imread(out, level=0)
+    assert np.array_equal(rgb, synthesized)
+
+    again = tmp_path / "again.ome.tif"
+    result = run_cli("export", work, "--out", again, "--compression", "deflate", "--tile", 32)
+    assert_ok(result)
+    assert np.array_equal(tifffile.imread(again, level=0), synthesized)
+
+
+def test_work_dir_of_another_job_is_refused(kept, model, tmp_path):
+    _, work = kept
+    manifest = (work / "manifest.json").read_text()
+    out = tmp_path / "other.ome.tif"
+    assert_one_line_error(synth(model, out, "--seed", 6, "--work-dir", work), "different job", "seed", "--work-dir")
+    assert not out.exists()
+    assert (work / "manifest.json").read_text() == manifest
+
+
+def test_ome_zarr_end_to_end(kept, model, tmp_path):
+    tiff, _ = kept
+    out = tmp_path / "s.ome.zarr"
+    result = synth(model, out, "--seed", 5, "--format", "ome-zarr")
+    assert_ok(result)
+    assert result.output == f"wrote {out}\n"  # --no-progress: no bars
+    assert entries(tmp_path) == {"s.ome.zarr"}
+    group = zarr.open_group(str(out), mode="r")
+    (multiscale,) = group.attrs["multiscales"]
+    assert multiscale["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 1.0, 1.0]  # 1 µm/px model
+    level0 = np.asarray(group[multiscale["datasets"][0]["path"]][:])
+    assert level0.shape == (3, H, W)
+    assert np.array_equal(np.moveaxis(level0, 0, -1), tifffile.imread(tiff, level=0))
