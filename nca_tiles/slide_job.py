@@ -55,6 +55,13 @@ def check_request(req: SlideRequest, halo: int) -> None:
         raise NcaTilesError("--workers must be ≥ 1")
     if req.format not in ("ome-tiff", "ome-zarr"):
         raise NcaTilesError(f"unknown --format {req.format!r}: ome-tiff or ome-zarr")
+    # Checked before any work: the writer would refuse these only after the whole canvas is done.
+    if req.format == "ome-tiff" and req.out.is_dir():
+        raise NcaTilesError(f"--out {req.out} is a directory: give a file name such as slide.ome.tif")
+    work_dir = (req.work_dir or default_work_dir(req.out)).resolve()
+    out = req.out.resolve()
+    if work_dir == out or out.is_relative_to(work_dir) or work_dir.is_relative_to(out):
+        raise NcaTilesError(f"--work-dir {req.work_dir} and --out {req.out} overlap: keep them apart")
 
 
 def generator_metadata(pipeline: Pipeline, req: SlideRequest, job) -> dict:

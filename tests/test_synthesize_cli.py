@@ -169,3 +169,19 @@ def test_ome_zarr_end_to_end(kept, model, tmp_path):
     level0 = np.asarray(group[multiscale["datasets"][0]["path"]][:])
     assert level0.shape == (3, H, W)
     assert np.array_equal(np.moveaxis(level0, 0, -1), tifffile.imread(tiff, level=0))
+
+
+def test_output_clashes_are_refused_before_any_work(tmp_path):
+    from nca_tiles.errors import NcaTilesError
+    from nca_tiles.slide_job import SlideRequest, check_request
+
+    (tmp_path / "dir.ome.tif").mkdir()
+    clashes = [
+        SlideRequest(width=64, height=64, out=tmp_path / "dir.ome.tif"),
+        SlideRequest(width=64, height=64, out=tmp_path / "a.ome.tif", work_dir=tmp_path / "a.ome.tif"),
+        SlideRequest(width=64, height=64, out=tmp_path / "w" / "a.ome.tif", work_dir=tmp_path / "w"),
+    ]
+    for req in clashes:
+        with pytest.raises(NcaTilesError):
+            check_request(req, halo=3)
+    check_request(SlideRequest(width=64, height=64, out=tmp_path / "ok.ome.tif"), halo=3)
