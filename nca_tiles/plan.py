@@ -46,17 +46,19 @@ def canvas_bytes(width: int, height: int) -> int:
     return width * height * 3 * (4 * FLOAT_BUFFERS + 1)
 
 
-def activation_bytes_per_pixel(pipeline: Pipeline) -> int:
-    """Live float32 tensors per window pixel during one NCA step: state, perception, the 2c input
-    of the hidden layer, three hidden-size tensors (pre-norm, normed, activated), the update."""
+def activation_bytes(pipeline: Pipeline, window_pixels: int) -> int:
+    """Live float32 tensors of one NCA step on one window: over the window the state, its
+    perception and the next state; over one band of rows (model.band_pixels) the 2c input of the
+    hidden layer, three hidden-size tensors and the update."""
     cfg = pipeline.model.config
-    return 4 * (cfg.image_channels + 5 * cfg.channels + 3 * cfg.hidden)
+    band = min(window_pixels, pipeline.model.band_pixels(pipeline.device))
+    return 4 * (window_pixels * (3 * cfg.channels + 2) + band * (3 * cfg.channels + 3 * cfg.hidden))
 
 
 def make_plan(pipeline: Pipeline, job: Job, batch: int, calibrate: bool = True) -> Plan:
     chunks = chunk_grid(job.height, job.width, job.chunk, pipeline.halo)
     window = max(c.window_pixels for c in chunks)
-    act = activation_bytes_per_pixel(pipeline) * window * batch
+    act = activation_bytes(pipeline, window) * batch
     io = 3 * batch * window * 3 * 4  # one group being read, one computed, one written
     return Plan(
         chunks_y=-(-job.height // job.chunk),
@@ -71,7 +73,7 @@ def make_plan(pipeline: Pipeline, job: Job, batch: int, calibrate: bool = True) 
     )
 
 
-def calibrate_speed(pipeline: Pipeline, chunk: int, side: int = 128) -> float:
+def calibrate_speed(pipeline: Pipeline, chunk: int, side: int = 256) -> float:
     """Seconds per megapixel of window per denoising step, timed on one small window."""
     side = min(side, chunk + 2 * pipeline.halo)
     x = torch.zeros(1, 3, side, side)
