@@ -1,0 +1,600 @@
+"""Cost of tiled synthesis, measured in one run on this machine: speed per megapixel and
+denoising step (tiled vs whole canvas vs in memory), halo overhead (measured vs predicted), peak
+memory vs canvas size, and the model's achieved FLOP/s against a plain matmul.
+
+    python benchmarks/bench_synthesis.py --quick                  # ~1–2 min on 2 CPU cores
+    python benchmarks/bench_synthesis.py                          # ~10 min on 2 CPU cores
+    python benchmarks/bench_synthesis.py --device cuda --preset paper --json synth.json
+
+Sections (``--sections 1,2,3,4``):
+
+1. Wall time per (canvas megapixel × denoising step) of ``synthesize_slide`` — the real path,
+   through the zarr canvas, x_T sweep and export included, nothing subtracted — for a few chunk
+   sizes and for one chunk covering the canvas; and of ``generate_region`` (whole canvas in
+   memory, no I/O) to show the I/O overhead.
+2. Halo overhead: predicted Σ window pixels ÷ canvas pixels (``plan.make_plan``) and the interior
+   formula ((C + 2s)/C)², against measured compute time: ``predict_noise`` over every window of
+   one sweep ÷ over the whole canvas.
+3. Peak memory at growing canvas sizes with the same chunk, each in a fresh child process: RSS
+   before the synthesis, ``ru_maxrss`` (and VmHWM) after it, GPU peak on CUDA.
+4. Achieved FLOP/s of the model (2 × MAC per pixel per NCA step × s × pixels ÷ time) against a
+   plain 2048² matmul on the same device.
+
+The model: ``--model PATH``, else the bundled model if there is one, else random weights of
+``--preset`` (default ``small``): speed does not depend on the weights' values.
+"""
+
+from __future__ import annotations
+
+# Only the standard library at module level: section 3 starts its child processes before this
+# process imports torch (see run_rss_children), and bench_presets.py imports helpers from here.
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+MIB = 2**20
+QUICK = {"canvas": 512, "chunks": "128,256", "steps": 1, "rss_sizes": "256,512,1024", "rss_chunk": 128}
+FULL = {"canvas": 1024, "chunks": "256,512", "steps": 2, "rss_sizes": "1024,2048,4096", "rss_chunk": 512}
+
+
+def log(message: str) -> None:
+    """Progress on stderr, so stdout holds only the tables."""
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- machine and timing helpers (also used by bench_presets.py) ----------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device) -> dict:
+    """What the numbers were measured on: they mean little without it."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "cpu": cpu_model(),
+        "cores": cores,
+        "torch_threads": torch.get_num_threads(),
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def header_lines(info: dict) -> list[str]:
+    gpu = f" ({info['gpu']})" if "gpu" in info else ""
+    load = f", load average {info['load_average'][0]}" if info.get("load_average") else ""
+    return [
+        f"date: {info['date']}, host {info['host']}",
+        f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} with {info['torch_threads']} threads"
+        f"{load}, python {info['python']}",
+        f"device: {info['device']}{gpu}",
+    ]
+
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device) -> tuple[float, Any]:
+    """Wall seconds of fn(), with the GPU's queued work finished before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return time.perf_counter() - start, out
+
+
+def reset_gpu_peak(device) -> None:
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def gpu_peak_mib(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    import torch
+
+    return round(torch.cuda.max_memory_allocated(device) / MIB, 1)
+
+
+def random_model(preset_name: str, seed: int = 0) -> tuple[dict, dict]:
+    """(meta, state dict) of an untrained model of a preset, like tests/helpers.save_test_model:
+    its last layer made non-zero so that ε̂ is not identically 0 (the cost is the same)."""
+    import torch
+
+    from nca_tiles.model import DiffNCA, preset
+    from nca_tiles.schedule import ScheduleConfig
+
+    config = preset(preset_name)
+    torch.manual_seed(seed)
+    model = DiffNCA(config)
+    for p in model.to_update.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    meta = {
+        "model": config.to_dict(),
+        "schedule": ScheduleConfig().to_dict(),
+        "data": {"mpp": 1.0, "patch_size": 64, "patch_store": "benchmark"},
+        "training": {"preset": preset_name, "step": 0},
+    }
+    return meta, model.state_dict()
+
+
+def load_pipeline(model: str | None, preset_name: str | None, device: str, precision: str):
+    """(pipeline, description): --model, else the bundled model, else random weights of a preset."""
+    from nca_tiles.checkpoint import DEFAULT_MODEL_DIR, is_model_path
+    from nca_tiles.sampling import build_pipeline, load_model
+
+    bundled = model is None and preset_name is None and is_model_path(DEFAULT_MODEL_DIR)
+    if bundled:
+        model = str(DEFAULT_MODEL_DIR)
+    if model is not None:
+        pipeline = load_model(model, device, precision)
+        source = f"{model}" + (" (bundled)" if bundled else "")
+    else:
+        preset_name = preset_name or "small"
+        meta, state = random_model(preset_name)
+        pipeline = build_pipeline(meta, state, device, precision)
+        source = f"random weights, preset {preset_name}"
+    cfg = pipeline.model.config
+    description = (
+        f"{source}: {pipeline.model.num_parameters():,} parameters, c={cfg.channels} h={cfg.hidden} "
+        f"s={cfg.nca_steps} (halo {pipeline.halo} px), {cfg.macs_per_pixel_step() * cfg.nca_steps:,} MAC "
+        f"per pixel per denoising step, hash {pipeline.hash}, {pipeline.precision}"
+    )
+    return pipeline, description
+
+
+def format_cell(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.3f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def format_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A plain-text table: numbers right-aligned, everything else left-aligned."""
+    cells = [list(headers)] + [[format_cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    numeric = [all(isinstance(row[i], (int, float)) or row[i] is None for row in rows) for i in range(len(headers))]
+    lines = []
+    for n, row in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) if numeric[i] else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# -- memory of this process ----------------------------------------------------------------------
+def rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def ru_maxrss_bytes() -> int:
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, kilobytes on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def vm_hwm_bytes() -> int | None:
+    """Peak RSS of this process's own address space (Linux VmHWM): a cross-check of ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# -- one synthesis through the real path -----------------------------------------------------------
+def synthesize(pipeline, size: int, chunk: int, steps: int, batch: int, seed: int, fmt: str, root: Path) -> float:
+    """Seconds of one ``synthesize_slide`` of a size × size canvas (work dir and output in root)."""
+    from nca_tiles.slide_job import SlideRequest, synthesize_slide
+
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        out = Path(tmp) / ("slide.ome.tif" if fmt == "ome-tiff" else "slide.ome.zarr")
+        req = SlideRequest(width=size, height=size, out=out, seed=seed, chunk=chunk, steps=steps, batch=batch,
+                           format=fmt)
+        seconds, _ = timed(lambda: synthesize_slide(pipeline, req, progress=False), pipeline.device)
+    return seconds
+
+
+def import_synthesis_modules(fmt: str) -> None:
+    """Import what a synthesis imports lazily, so that neither its time nor its memory counts."""
+    import tqdm  # noqa: F401
+    import zarr  # noqa: F401
+
+    if fmt == "ome-tiff":
+        import tifffile  # noqa: F401
+
+        import nca_tiles.ometiff  # noqa: F401
+    else:
+        import nca_tiles.omezarr  # noqa: F401
+
+
+def warm_up(pipeline, fmt: str, root: Path) -> None:
+    """A tiny synthesis and an in-memory run first: imports, allocator, kernels, autocast."""
+    from nca_tiles.sampling import generate_region
+
+    import_synthesis_modules(fmt)
+    side = max(64, 2 * pipeline.halo)
+    synthesize(pipeline, side, side, 1, 1, 0, fmt, root)
+    generate_region(pipeline, side, side, steps=1)
+    synchronize(pipeline.device)
+
+
+# -- section 1: tiled vs whole canvas, through zarr ------------------------------------------------
+def section_speed(pipeline, canvas: int, chunks: list[int], steps: int, batch: int, seed: int, fmt: str,
+                  root: Path) -> dict:
+    from nca_tiles.sampling import generate_region
+
+    work = canvas * canvas / 1e6 * steps  # canvas MP × denoising steps
+    rows = []
+    for chunk in chunks + [canvas]:
+        label = f"synthesize_slide, chunk {chunk}"
+        if chunk == canvas:
+            label = f"synthesize_slide, whole canvas (chunk {canvas})"
+        log(f"[1] {label}, {canvas}², {steps} step(s)")
+        reset_gpu_peak(pipeline.device)
+        seconds = synthesize(pipeline, canvas, chunk, steps, batch, seed, fmt, root)
+        rows.append({"run": label, "chunk": chunk, "seconds": seconds, "s_per_mp_step": seconds / work,
+                     "gpu_peak_mib": gpu_peak_mib(pipeline.device)})
+    log(f"[1] generate_region, {canvas}² in memory, {steps} step(s)")
+    reset_gpu_peak(pipeline.device)
+    seconds, _ = timed(lambda: generate_region(pipeline, canvas, canvas, seed=seed, steps=steps), pipeline.device)
+    rows.append({"run": "generate_region (in memory, no I/O)", "chunk": None, "seconds": seconds,
+                 "s_per_mp_step": seconds / work, "gpu_peak_mib": gpu_peak_mib(pipeline.device)})
+    whole = rows[len(chunks)]["s_per_mp_step"]
+    for row in rows:
+        row["vs_whole"] = row["s_per_mp_step"] / whole
+    return {"canvas": canvas, "steps": steps, "batch": batch, "format": fmt, "rows": rows,
+            "io_overhead": whole / rows[-1]["s_per_mp_step"]}
+
+
+def print_speed(result: dict, device) -> None:
+    print(f"\n## 1. Time per megapixel per denoising step ({result['canvas']}² canvas, {result['steps']} denoising "
+          f"step(s), batch {result['batch']}, {result['format']})")
+    print("wall time of the whole call ÷ (canvas MP × denoising steps): x_T sweep, zarr I/O and export included")
+    gpu = device.type == "cuda"
+    headers = ["run", "wall s", "s / (MP·step)", "÷ whole canvas"] + (["GPU peak MiB"] if gpu else [])
+    rows = [[r["run"], r["seconds"], r["s_per_mp_step"], r["vs_whole"]] + ([r["gpu_peak_mib"]] if gpu else [])
+            for r in result["rows"]]
+    print(format_table(headers, rows))
+    print(f"I/O overhead (synthesize_slide whole canvas ÷ generate_region): {result['io_overhead']:.3f}×")
+
+
+# -- section 2: halo overhead, compute only ----------------------------------------------------------
+def sweep_compute_seconds(pipeline, canvas_tensor, chunk: int, batch: int, seed: int,
+                          repeats: int) -> tuple[float, int, int]:
+    """Seconds of predict_noise over every window of one sweep, with windows cut from an
+    in-memory canvas (no zarr), the median of ``repeats``: (seconds, windows, Σ window pixels)."""
+    import torch
+
+    from nca_tiles.sampling import predict_noise
+    from nca_tiles.synthesis import batches, chunk_grid
+
+    _, _, height, width = canvas_tensor.shape
+    chunks = chunk_grid(height, width, chunk, pipeline.halo)
+    t = pipeline.schedule.timesteps - 1  # the first denoising step's t (the cost does not depend on it)
+
+    def sweep() -> None:
+        for group in batches(chunks, batch):
+            windows = torch.cat([canvas_tensor[:, :, c.wy0 : c.wy1, c.wx0 : c.wx1] for c in group])
+            predict_noise(pipeline, windows, t, [(c.wy0, c.wx0) for c in group], [seed] * len(group))
+
+    seconds = statistics.median(timed(sweep, pipeline.device)[0] for _ in range(repeats))
+    return seconds, len(chunks), sum(c.window_pixels for c in chunks)
+
+
+def random_canvas(pipeline, size: int, seed: int):
+    import torch
+
+    generator = torch.Generator(device=pipeline.device).manual_seed(seed)
+    return torch.randn(1, 3, size, size, generator=generator, device=pipeline.device)
+
+
+def section_halo(pipeline, canvas: int, chunks: list[int], batch: int, seed: int, repeats: int,
+                 cache: dict) -> dict:
+    from nca_tiles.plan import make_plan
+    from nca_tiles.synthesis import make_job
+
+    x = random_canvas(pipeline, canvas, seed)
+    whole_seconds = whole_compute_seconds(pipeline, canvas, seed, repeats, cache)
+    s = pipeline.halo
+    rows = []
+    for chunk in chunks:
+        log(f"[2] predict_noise over the windows of a {canvas}² sweep, chunk {chunk}")
+        seconds, windows, window_pixels = sweep_compute_seconds(pipeline, x, chunk, batch, seed, repeats)
+        job = make_job(pipeline, seed, canvas, canvas, chunk, "ddim", 1)
+        predicted = make_plan(pipeline, job, batch, calibrate=False).halo_overhead
+        measured = seconds / whole_seconds
+        rows.append({"chunk": chunk, "windows": windows, "window_pixels": window_pixels, "seconds": seconds,
+                     "predicted": predicted, "interior": ((chunk + 2 * s) / chunk) ** 2, "measured": measured,
+                     "measured_vs_predicted": measured / predicted})
+    cache["tiled"] = rows
+    return {"canvas": canvas, "halo": s, "batch": batch, "repeats": repeats, "whole_seconds": whole_seconds,
+            "rows": rows}
+
+
+def whole_compute_seconds(pipeline, canvas: int, seed: int, repeats: int, cache: dict) -> float:
+    """predict_noise on the whole canvas as one window: shared by sections 2 and 4."""
+    if "whole_seconds" not in cache:
+        log(f"[2] predict_noise on the whole {canvas}² canvas")
+        x = random_canvas(pipeline, canvas, seed)
+        seconds, _, _ = sweep_compute_seconds(pipeline, x, canvas, 1, seed, repeats)
+        cache.update(whole_seconds=seconds, whole_pixels=canvas * canvas)
+    return cache["whole_seconds"]
+
+
+def print_halo(result: dict) -> None:
+    print(f"\n## 2. Halo overhead, compute only ({result['canvas']}² canvas, halo s = {result['halo']} px, "
+          f"batch {result['batch']}, median of {result['repeats']} run(s))")
+    print(f"predict_noise on the whole canvas: {result['whole_seconds']:.3f} s; predicted = Σ window pixels ÷ canvas "
+          "pixels (plan.make_plan), interior = ((C + 2s)/C)², measured = tiled sweep s ÷ whole-canvas s")
+    headers = ["chunk C", "windows", "sweep s", "predicted", "interior", "measured", "measured ÷ predicted"]
+    rows = [[r["chunk"], r["windows"], r["seconds"], r["predicted"], r["interior"], r["measured"],
+             r["measured_vs_predicted"]] for r in result["rows"]]
+    print(format_table(headers, rows))
+    print("measured ÷ predicted ≠ 1: windows of that size run faster (< 1) or slower (> 1) per pixel than the "
+          "whole canvas")
+
+
+# -- section 3: peak memory vs canvas size, one child process each --------------------------------
+def rss_child(args: argparse.Namespace) -> dict:
+    """In a fresh process: one synthesis of an rss_child² canvas; its memory before and peak after."""
+    from nca_tiles.plan import make_plan
+    from nca_tiles.synthesis import make_job
+
+    pipeline, _ = load_pipeline(args.model, args.preset, args.device, args.precision)
+    import_synthesis_modules(args.format)
+    size, chunk = args.rss_child, args.rss_chunk
+    job = make_job(pipeline, args.seed, size, size, chunk, "ddim", 1)
+    plan = make_plan(pipeline, job, args.batch, calibrate=False)
+    reset_gpu_peak(pipeline.device)
+    before = rss_bytes()
+    root = Path(args.dir) if args.dir else None
+    # One denoising step: every sweep does the same work, so more steps cannot raise the peak.
+    seconds = synthesize(pipeline, size, chunk, 1, args.batch, args.seed, args.format, root)
+    peak, hwm = ru_maxrss_bytes(), vm_hwm_bytes()
+    return {
+        "size": size,
+        "chunk": chunk,
+        "seconds": seconds,
+        "rss_before_mib": round(before / MIB, 1),
+        "ru_maxrss_mib": round(peak / MIB, 1),
+        "vm_hwm_mib": None if hwm is None else round(hwm / MIB, 1),
+        "growth_mib": round((peak - before) / MIB, 1),
+        "plan_host_mib": round(plan.host_bytes / MIB, 1),
+        "plan_device_mib": round(plan.device_bytes / MIB, 1),
+        "gpu_peak_mib": gpu_peak_mib(pipeline.device),
+    }
+
+
+def run_rss_children(args: argparse.Namespace, sizes: list[int]) -> dict:
+    """One child per size. This runs before the parent imports torch: a child started by
+    vfork+exec (what subprocess does) inherits the parent's peak RSS in ru_maxrss, so the parent
+    must still be small here for ru_maxrss to be the child's own."""
+    rows = []
+    for size in sizes:
+        log(f"[3] synthesize_slide {size}², chunk {args.rss_chunk}, 1 step, in a child process")
+        command = [sys.executable, __file__, "--rss-child", str(size), "--rss-chunk", str(args.rss_chunk),
+                   "--device", args.device, "--precision", args.precision, "--batch", str(args.batch),
+                   "--seed", str(args.seed), "--format", args.format]
+        command += ["--model", args.model] if args.model else []
+        command += ["--preset", args.preset] if args.preset else []
+        command += ["--dir", str(args.dir)] if args.dir else []
+        child = subprocess.run(command, capture_output=True, text=True, check=False)
+        if child.returncode != 0:
+            sys.stderr.write(child.stderr)
+            raise SystemExit(f"the child process for {size}² failed (exit {child.returncode})")
+        rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    return {"chunk": args.rss_chunk, "steps": 1, "rows": rows,
+            "growth_range_mib": rows[-1]["ru_maxrss_mib"] - rows[0]["ru_maxrss_mib"],
+            "pixels_ratio": (sizes[-1] / sizes[0]) ** 2}
+
+
+def print_rss(result: dict, device) -> None:
+    print(f"\n## 3. Peak memory vs canvas size (chunk {result['chunk']}, {result['steps']} denoising step, "
+          "a fresh process each)")
+    print("RSS before = after imports and model load; peak = ru_maxrss after the run (VmHWM: the same, from "
+          "/proc); plan = make_plan's estimate;\n"
+          "x_t buffer = one float32 canvas, what holding the canvas in memory would cost")
+    headers = ["canvas", "wall s", "RSS before MiB", "peak MiB", "growth MiB", "VmHWM MiB", "plan host MiB",
+               "x_t buffer MiB"]
+    gpu = device.type == "cuda"
+    headers += ["GPU peak MiB", "plan device MiB"] if gpu else []
+    rows = [[f"{r['size']}²", r["seconds"], r["rss_before_mib"], r["ru_maxrss_mib"], r["growth_mib"], r["vm_hwm_mib"],
+             r["plan_host_mib"], round(r["size"] ** 2 * 3 * 4 / MIB, 1)]
+            + ([r["gpu_peak_mib"], r["plan_device_mib"]] if gpu else [])
+            for r in result["rows"]]
+    print(format_table(headers, rows))
+    print(f"peak from the smallest to the largest canvas: {result['growth_range_mib']:+.1f} MiB for "
+          f"{result['pixels_ratio']:.0f}× the pixels")
+
+
+# -- section 4: achieved FLOP/s vs a matmul ------------------------------------------------------------
+def matmul_flops(device, dtype, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a plain n × n matmul: the median of ``repeats`` timings, after a warm-up."""
+    import torch
+
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    inner = 20 if device.type == "cuda" else 1  # one GPU matmul is too short to time alone
+
+    def run() -> None:
+        for _ in range(inner):
+            torch.mm(a, b)
+
+    run()
+    times = [timed(run, device)[0] for _ in range(repeats)]
+    return 2 * n**3 * inner / statistics.median(times)
+
+
+def section_flops(pipeline, canvas: int, seed: int, repeats: int, cache: dict) -> dict:
+    import torch
+
+    cfg = pipeline.model.config
+    flop_per_pixel = 2 * cfg.macs_per_pixel_step() * cfg.nca_steps  # per denoising step
+    whole_seconds = whole_compute_seconds(pipeline, canvas, seed, repeats, cache)
+    rows = [{"run": f"model, whole {canvas}² canvas ({pipeline.precision})",
+             "flops": flop_per_pixel * cache["whole_pixels"] / whole_seconds}]
+    for r in cache.get("tiled", []):  # window pixels: the halo is computed too
+        rows.append({"run": f"model, {canvas}² in chunks of {r['chunk']} ({pipeline.precision})",
+                     "flops": flop_per_pixel * r["window_pixels"] / r["seconds"]})
+    log("[4] 2048² matmul, fp32")
+    matmul = matmul_flops(pipeline.device, torch.float32)
+    rows.append({"run": "matmul 2048², fp32", "flops": matmul})
+    if pipeline.precision == "bf16" and pipeline.device.type == "cuda":
+        log("[4] 2048² matmul, bf16")
+        rows.append({"run": "matmul 2048², bf16", "flops": matmul_flops(pipeline.device, torch.bfloat16)})
+    for row in rows:
+        row["vs_fp32_matmul"] = row["flops"] / matmul
+    return {"flop_per_pixel_step": flop_per_pixel, "rows": rows}
+
+
+def print_flops(result: dict) -> None:
+    print(f"\n## 4. Achieved FLOP/s ({result['flop_per_pixel_step']:,} FLOP per pixel per denoising step "
+          "= 2 × MAC of the convolutions × s)")
+    rows = [[r["run"], r["flops"] / 1e9, r["vs_fp32_matmul"]] for r in result["rows"]]
+    print(format_table(["run", "GFLOP/s", "÷ fp32 matmul"], rows))
+
+
+# -- main ------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="run directory, model directory or checkpoint (default: the bundled "
+                                        "model if there is one, else random weights of --preset)")
+    parser.add_argument("--preset", help="random weights of this preset (default small; not with --model)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="auto: bf16 autocast on CUDA, fp32 on CPU (the pipeline's default)")
+    parser.add_argument("--steps", type=int, help=f"denoising steps in section 1 (default {FULL['steps']}, "
+                                                  f"quick {QUICK['steps']})")
+    parser.add_argument("--canvas", type=int, help=f"canvas side in sections 1, 2, 4 (default {FULL['canvas']}, "
+                                                   f"quick {QUICK['canvas']})")
+    parser.add_argument("--chunks", help=f"chunk sides to compare (default {FULL['chunks']}, quick {QUICK['chunks']})")
+    parser.add_argument("--rss-sizes", help=f"canvas sides of section 3 (default {FULL['rss_sizes']}, "
+                                             f"quick {QUICK['rss_sizes']})")
+    parser.add_argument("--rss-chunk", type=int, help=f"chunk side of section 3 (default {FULL['rss_chunk']}, "
+                                                      f"quick {QUICK['rss_chunk']})")
+    parser.add_argument("--batch", type=int, default=1, help="windows per model call (as synthesize --batch)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="sections 2 and 4 time each sweep this many times and take the median")
+    parser.add_argument("--format", default="ome-tiff", choices=("ome-tiff", "ome-zarr"), help="export format")
+    parser.add_argument("--sections", default="1,2,3,4", help="which sections to run, e.g. 1,2")
+    parser.add_argument("--quick", action="store_true", help="small sizes: ~1–2 min on 2 CPU cores")
+    parser.add_argument("--dir", type=Path, help="where to put temporary canvases (default: the system temp dir)")
+    parser.add_argument("--json", type=Path, help="also save the numbers to this JSON file")
+    parser.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.model and args.preset:
+        parser.error("give --model or --preset, not both")
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.sections = {int(s) for s in args.sections.split(",") if s.strip()}
+    return args
+
+
+def ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.rss_child:
+        print(json.dumps(rss_child(args)))
+        return 0
+
+    results: dict[str, Any] = {"args": {k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v)
+                                        for k, v in vars(args).items() if k != "rss_child"}}
+    if args.device in ("auto", "cuda"):  # resolved without torch: the children must all use one device
+        cuda = _cuda_available_in_child()
+        if args.device == "cuda" and not cuda:
+            raise SystemExit("--device cuda: no CUDA device is available (use --device cpu or auto)")
+        args.device = "cuda" if cuda else "cpu"
+    if 3 in args.sections:
+        results["peak_memory"] = run_rss_children(args, ints(args.rss_sizes))
+
+    pipeline, model_description = load_pipeline(args.model, args.preset, args.device, args.precision)
+    results["machine"] = machine_info(pipeline.device)
+    results["model"] = model_description
+    canvas = args.canvas
+    chunks = [c for c in ints(args.chunks) if 2 * pipeline.halo <= c < canvas]
+    for c in set(ints(args.chunks)) - set(chunks):
+        log(f"skipping chunk {c}: not between twice the halo ({2 * pipeline.halo}) and the canvas ({canvas})")
+    cache: dict = {}
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        if args.sections & {1, 2, 4}:
+            log("warm-up")
+            warm_up(pipeline, args.format, Path(tmp))
+        if 1 in args.sections:
+            results["speed"] = section_speed(pipeline, canvas, chunks, args.steps, args.batch, args.seed,
+                                             args.format, Path(tmp))
+    if 2 in args.sections:
+        results["halo"] = section_halo(pipeline, canvas, chunks, args.batch, args.seed, args.repeats, cache)
+    if 4 in args.sections:
+        results["flops"] = section_flops(pipeline, canvas, args.seed, args.repeats, cache)
+
+    print("# nca-tiles synthesis benchmark")
+    print("\n".join(header_lines(results["machine"])))
+    print(f"model: {model_description}")
+    if "speed" in results:
+        print_speed(results["speed"], pipeline.device)
+    if "halo" in results:
+        print_halo(results["halo"])
+    if "peak_memory" in results:
+        print_rss(results["peak_memory"], pipeline.device)
+    if "flops" in results:
+        print_flops(results["flops"])
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        log(f"wrote {args.json}")
+    return 0
+
+
+def _cuda_available_in_child() -> bool:
+    """torch.cuda.is_available() asked in a throw-away process, keeping torch out of this one
+    until section 3's children have run."""
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                           capture_output=True, text=True, check=False)
+    return probe.stdout.strip() == "True"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
