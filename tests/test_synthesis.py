@@ -85,9 +85,15 @@ def test_seed_changes_pixels(model_dir, tmp_path):
 
 
 def test_dask_cluster_equals_in_process(model_dir, tmp_path):
+    from dask.distributed import LocalCluster
+
     in_process = synthesize(model_dir, tmp_path / "local.ome.tif", chunk=64)
     distributed = synthesize(model_dir, tmp_path / "dask.ome.tif", chunk=64, workers=2)
     assert_same_image(distributed, in_process)
+    # An existing cluster, reached by its scheduler's address (--scheduler tcp://…).
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        remote = synthesize(model_dir, tmp_path / "remote.ome.tif", chunk=64, scheduler=cluster.scheduler_address)
+    assert_same_image(remote, in_process)
 
 
 def cli(*args: str) -> list[str]:
