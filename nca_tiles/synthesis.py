@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from nca_tiles.canvas import RGB, Job, Manifest, WorkDir, buffer_name
+from nca_tiles.errors import NcaTilesError
 from nca_tiles.sampling import Pipeline, initial_noise, predict_noise, reverse_step, to_uint8
 
 
@@ -180,7 +181,10 @@ def _worker_pipeline(model_path: str | None, device: str, precision: str, thread
 def _dask_task(model_path: str | None, device: str, precision: str, threads: int | None,
                work_path: str, job_dict: dict, sweep: int, group: list[Chunk]) -> int:
     pipeline = _worker_pipeline(model_path, device, precision, threads)
-    return run_group(pipeline, WorkDir(Path(work_path)), Job.from_dict(job_dict), sweep, group)
+    job = Job.from_dict(job_dict)
+    if pipeline.hash != job.model_hash:  # e.g. another file at the same path on a remote worker
+        raise NcaTilesError(f"worker loaded model {pipeline.hash} from {model_path}, the job needs {job.model_hash}")
+    return run_group(pipeline, WorkDir(Path(work_path)), job, sweep, group)
 
 
 class DaskExecutor:
@@ -192,7 +196,7 @@ class DaskExecutor:
     """
 
     def __init__(self, model_path: Path | None, device: str, precision: str, batch: int = 1,
-                 workers: int | None = None, scheduler: str | None = None, expected_hash: str | None = None):
+                 workers: int | None = None, scheduler: str | None = None):
         from dask.distributed import Client, LocalCluster
 
         self.model_path = None if model_path is None else str(Path(model_path).resolve())
