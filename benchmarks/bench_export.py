@@ -68,15 +68,23 @@ def reset_peak_rss() -> None:
         pass
 
 
-def peak_rss_bytes() -> int:
-    """Peak RSS of this process: VmHWM on Linux (ru_maxrss would include the parent's peak, as
-    Linux carries it over fork and exec), else ru_maxrss."""
+def vm_hwm_bytes() -> int | None:
+    """Peak RSS of this process's own address space (Linux VmHWM), or None where there is none."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """Peak RSS of this process: VmHWM on Linux (ru_maxrss would include the parent's peak, as
+    Linux carries it over fork and exec), else ru_maxrss."""
+    hwm = vm_hwm_bytes()
+    if hwm is not None:
+        return hwm
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, kilobytes on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 

@@ -43,6 +43,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench_export import vm_hwm_bytes  # benchmarks/ is on sys.path when a script here runs
+
 MIB = 2**20
 QUICK = {"canvas": 512, "chunks": "128,256", "steps": 1, "rss_sizes": "256,512,1024", "rss_chunk": 128}
 FULL = {"canvas": 1024, "chunks": "256,512", "steps": 2, "rss_sizes": "1024,2048,4096", "rss_chunk": 512}
@@ -209,15 +211,6 @@ def ru_maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def vm_hwm_bytes() -> int | None:
-    """Peak RSS of this process's own address space (Linux VmHWM): a cross-check of ru_maxrss."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 # -- one synthesis through the real path -----------------------------------------------------------
