@@ -38,7 +38,7 @@ def train(patches, out, preset, steps, batch_size, lr, device, precision, resume
     from nca_tiles.errors import NcaTilesError
     from nca_tiles.model import preset as get_preset
     from nca_tiles.patches import open_patch_store
-    from nca_tiles.sampling import resolve_device
+    from nca_tiles.sampling import resolve_device, resolve_precision
     from nca_tiles.schedule import ScheduleConfig
     from nca_tiles.training import Trainer, TrainConfig
 
@@ -49,8 +49,7 @@ def train(patches, out, preset, steps, batch_size, lr, device, precision, resume
         raise NcaTilesError("--sample-every must be ≥ 0")
     model_config = get_preset(preset)
     torch_device = resolve_device(device)
-    if precision == "auto":
-        precision = "bf16" if torch_device.type == "cuda" else "fp32"
+    precision = resolve_precision(torch_device, precision)
     if precision == "bf16" and torch_device.type == "cpu":
         raise NcaTilesError("bf16 on a CPU is hundreds of times slower than fp32: use --precision fp32")
     replace = out.exists() and any(out.iterdir()) and not resume

@@ -43,9 +43,21 @@ class Pipeline:
         return self.model.config.halo
 
     def autocast(self):
-        if self.precision == "bf16" and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.device, self.precision)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CUDA when asked for; otherwise plain fp32."""
+    if precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """"auto" is bf16 on CUDA and fp32 on a CPU, where bf16 is very slow (design.md §4)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
 
 
 def resolve_device(device: str) -> torch.device:
@@ -67,8 +79,7 @@ def build_pipeline(meta: dict, state_dict: dict, device: str | torch.device = "c
     except RuntimeError as exc:
         raise NcaTilesError(f"weights do not fit the model config: {str(exc).splitlines()[0]}") from None
     model.eval().requires_grad_(False).to(device)
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"  # bf16 on CPU is very slow (design.md §4)
+    precision = resolve_precision(device, precision)
     return Pipeline(
         model=model,
         schedule=NoiseSchedule(ScheduleConfig.from_dict(meta["schedule"])),

@@ -33,6 +33,7 @@ from nca_tiles.checkpoint import (
 )
 from nca_tiles.errors import NcaTilesError
 from nca_tiles.model import DiffNCA, ModelConfig, TorchFireMask
+from nca_tiles.sampling import autocast
 from nca_tiles.schedule import NoiseSchedule, ScheduleConfig
 
 METRICS_NAME = "metrics.jsonl"
@@ -121,34 +122,32 @@ class Trainer:
         self.lr_scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=train_config.lr_gamma)
         self.step = 0
         self.forward = torch.compile(self.model) if compile else self.model
-        self.train_images = self._load_split("train")
+        self.train_images, self.val_images = self._load_splits("train", "val")
         if len(self.train_images) == 0:
             raise NcaTilesError(f"{store.path} has no patches in its train split: extract from more tissue")
-        self.val_images = self._load_split("val")
         self._stop_requested = False
         self.saved_step: int | None = None  # step of the checkpoint on disk, if any
 
     # -- data ---------------------------------------------------------------------------------
-    def _load_split(self, split: str) -> np.ndarray:
-        idx = np.sort(self.store.indices(split))
+    def _load_splits(self, *splits: str) -> list[np.ndarray]:
+        """The patches of each split, from one read of the store (small stores: one read is
+        faster than many)."""
         p = self.store.patch_size
-        if len(idx) * p * p * 3 > MAX_IN_MEMORY_BYTES:
-            raise NcaTilesError(f"{split} split is larger than {MAX_IN_MEMORY_BYTES >> 30} GiB: use --max-per-slide when extracting")
-        if len(idx) == 0:
-            return np.zeros((0, p, p, 3), np.uint8)
-        images = self.store.images[:]  # small stores: one read is faster than many
-        return images[idx]
+        indices = [np.sort(self.store.indices(split)) for split in splits]
+        for split, idx in zip(splits, indices):
+            if len(idx) * p * p * 3 > MAX_IN_MEMORY_BYTES:
+                raise NcaTilesError(f"{split} split is larger than {MAX_IN_MEMORY_BYTES >> 30} GiB: use --max-per-slide when extracting")
+        if not any(len(idx) for idx in indices):
+            return [np.zeros((0, p, p, 3), np.uint8) for _ in splits]
+        images = self.store.images[:]
+        return [images[idx] for idx in indices]
 
     def _batch(self, generator: torch.Generator) -> torch.Tensor:
         idx = torch.randint(len(self.train_images), (self.cfg.batch_size,), generator=generator).numpy()
         return dihedral(to_model_space(self.train_images[idx]), generator)
 
     def _autocast(self):
-        if self.precision == "bf16" and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        import contextlib
-
-        return contextlib.nullcontext()
+        return autocast(self.device, self.precision)
 
     # -- state ----------------------------------------------------------------------------------
     def meta(self) -> dict:
