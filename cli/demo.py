@@ -27,10 +27,11 @@ def demo(out, model, width, height, chunk, steps, seed, device, overwrite) -> No
 
     import tifffile
 
-    from nca_tiles.demo import SAMPLE_SLIDE, DemoPaths, comparison_figure, densest_tissue_region, save_png
+    from nca_tiles.demo import PANEL, SAMPLE_SLIDE, DemoPaths, comparison_figure, densest_tissue_region
     from nca_tiles.errors import NcaTilesError
     from nca_tiles.patches import extract_patches
     from nca_tiles.preview import write_preview
+    from nca_tiles.sample_grid import save_png
     from nca_tiles.sampling import load_model
     from nca_tiles.slide_job import SlideRequest, synthesize_slide
 
@@ -54,7 +55,7 @@ def demo(out, model, width, height, chunk, steps, seed, device, overwrite) -> No
 
     click.echo("3/4 drawing real vs synthetic tissue and a zoom across a chunk border ...")
     synthetic_full = tifffile.imread(paths.slide, level=0)
-    side = min(512, width, height)
+    side = min(PANEL, width, height)
     real = densest_tissue_region(SAMPLE_SLIDE, pipeline.mpp, side)
     y0, x0 = (height - side) // 2, (width - side) // 2
     figure = comparison_figure(real, synthetic_full[y0 : y0 + side, x0 : x0 + side], synthetic_full, chunk)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from nca_tiles.checkpoint import atomic_write_bytes
 
 SAMPLE_SLIDE = Path(__file__).parent / "data" / "sample" / "cmu_small_region.svs"
 PANEL = 512  # side of the real and synthetic panels, in pixels at the model's µm/px
@@ -89,10 +86,3 @@ def comparison_figure(real: np.ndarray, synthetic: np.ndarray, synthetic_full: n
     draw.line([(zx - margin, my), (zx - 2, my)], fill="red", width=2)
     return np.asarray(canvas)
 
-
-def save_png(image: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())

@@ -22,8 +22,6 @@ def tile_grid(images: np.ndarray, columns: int, gap: int = 2) -> np.ndarray:
 
 
 def save_sample_grid(pipeline, path: Path, seed: int = 0, steps: int = 50, size: int = 64) -> np.ndarray:
-    from PIL import Image
-
     from nca_tiles.sampling import generate_patches, generate_region
 
     patches = tile_grid(generate_patches(pipeline, 16, size=size, seed=seed, steps=steps), columns=4)
@@ -32,7 +30,14 @@ def save_sample_grid(pipeline, path: Path, seed: int = 0, steps: int = 50, size:
     canvas = np.full((h, patches.shape[1] + 8 + large.shape[1], 3), 255, np.uint8)
     canvas[: patches.shape[0], : patches.shape[1]] = patches
     canvas[: large.shape[0], patches.shape[1] + 8 :] = large
-    buffer = io.BytesIO()
-    Image.fromarray(canvas).save(buffer, format="PNG")
-    atomic_write_bytes(Path(path), buffer.getvalue())
+    save_png(canvas, Path(path))
     return canvas
+
+
+def save_png(image: np.ndarray, path: Path) -> None:
+    """Write a uint8 (H, W, 3) image as PNG, atomically."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
