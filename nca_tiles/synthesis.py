@@ -78,6 +78,11 @@ def read_windows(src, group: list[Chunk]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
+def initial_chunks(job: Job, group: list[Chunk]) -> list[torch.Tensor]:
+    """Sweep 0: x_T of each chunk of a group, (3, h, w) each, keyed by global coordinates."""
+    return [initial_noise(job.seed, c.y0, c.x0, c.y1 - c.y0, c.x1 - c.x0) for c in group]
+
+
 def denoise_group(pipeline: Pipeline, job: Job, sweep: int, group: list[Chunk], windows: torch.Tensor) -> list[torch.Tensor]:
     """Denoising step ``sweep − 1`` on a group of windows: the chunks of x_{t_prev}, (3, h, w) each."""
     t = job.timesteps[sweep - 1]
@@ -113,7 +118,7 @@ def run_group(pipeline: Pipeline, work: WorkDir, job: Job, sweep: int, group: li
     """
     dst = sweep_target(work, job, sweep)
     if sweep == 0:
-        out = [initial_noise(job.seed, c.y0, c.x0, c.y1 - c.y0, c.x1 - c.x0) for c in group]
+        out = initial_chunks(job, group)
     else:
         windows = read_windows(work.array(buffer_name(sweep - 1), mode="r"), group)
         out = denoise_group(pipeline, job, sweep, group, windows)
@@ -139,7 +144,7 @@ class InProcessExecutor:
         as_rgb = is_last_sweep(job, sweep)
         if sweep == 0:
             for group in groups:
-                out = [initial_noise(job.seed, c.y0, c.x0, c.y1 - c.y0, c.x1 - c.x0) for c in group]
+                out = initial_chunks(job, group)
                 write_chunks(dst, group, out, as_rgb)
                 progress(sum(c.pixels for c in group))
             return
