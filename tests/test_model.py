@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.model import PRESETS, CounterFireMask, DiffNCA, ModelConfig, describe_preset, preset
+from nca_tiles.model import PRESETS, CounterFireMask, DiffNCA, ModelConfig, describe_preset, preset, reflect_pad_rows
+from tests.peak_memory import needs_proc, run_measuring
 
 CONFIG = ModelConfig(channels=12, hidden=24, nca_steps=5, embedding_hidden=16, encoding_dim=8)
 S = CONFIG.nca_steps
@@ -144,3 +145,37 @@ def test_banded_inference_equals_unbanded():
     with torch.enable_grad():
         whole = model(x, torch.full((2,), 123), fire).detach()
     torch.testing.assert_close(banded, whole, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("height", [2, 3, 7])
+def test_reflect_padded_bands_are_rows_of_the_padded_image(height):
+    state = torch.randn(2, 4, height, 5, dtype=torch.float64)
+    padded = torch.nn.functional.pad(state, (1, 1, 1, 1), mode="reflect")
+    for rows in range(1, height + 1):
+        for r0 in range(0, height, rows):
+            r1 = min(height, r0 + rows)
+            assert torch.equal(reflect_pad_rows(state, r0, r1), padded[:, :, r0 : r1 + 2]), (rows, r0)
+
+
+INFERENCE_PEAK = """
+import sys, torch
+from nca_tiles.model import CounterFireMask, DiffNCA, ModelConfig
+model = DiffNCA(ModelConfig(channels=32, hidden=16, nca_steps=2, embedding_hidden=32, encoding_dim=16)).eval()
+def run(side):
+    with torch.no_grad():
+        return model(torch.randn(1, 3, side, side), torch.tensor([100]), CounterFireMask(0.5, [0], [100], [(0, 0)]))
+run(64)  # libraries loaded, thread pools up
+before = peak_kib()
+eps = run(int(sys.argv[1]))
+print(before, peak_kib())
+"""
+
+
+@needs_proc
+def test_inference_holds_two_states_whatever_the_number_of_nca_steps():
+    # Banded inference with two state buffers that swap: a window costs two states plus one band's
+    # work. (Whole-tensor temporaries, as in training, cost about five states.)
+    side = 512
+    before, peak = run_measuring(INFERENCE_PEAK, side)
+    state_kib = 32 * side * side * 4 // 1024
+    assert peak - before < 2.6 * state_kib, f"{(peak - before) / state_kib:.2f} states"
