@@ -178,9 +178,11 @@ class PixelNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(dim=1, keepdim=True)
-        var = x.var(dim=1, keepdim=True, unbiased=False)
-        x = (x - mean) * torch.rsqrt(var + self.eps)
+        centered = x - x.mean(dim=1, keepdim=True)
+        # Two-pass variance: the same as x.var(unbiased=False), whose CPU kernel over the channel
+        # dimension took half of all inference time.
+        var = centered.square().mean(dim=1, keepdim=True)
+        x = centered * torch.rsqrt(var + self.eps)
         return x * self.weight[None, :, None, None] + self.bias[None, :, None, None]
 
 
