@@ -21,7 +21,7 @@ import torch
 
 from nca_tiles.canvas import RGB, Job, Manifest, WorkDir, buffer_name
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.memory import pin_mmap_threshold
+from nca_tiles.memory import pin_mmap_threshold, release_free_heap
 from nca_tiles.sampling import Pipeline, initial_noise, predict_noise, reverse_step, to_uint8
 
 
@@ -123,6 +123,8 @@ def run_group(pipeline: Pipeline, work: WorkDir, job: Job, sweep: int, group: li
         windows = read_windows(work.array(buffer_name(sweep - 1), mode="r"), group)
         out = denoise_group(pipeline, job, sweep, group, windows)
     write_chunks(dst, group, out, as_rgb=is_last_sweep(job, sweep))
+    del out
+    release_free_heap()  # see nca_tiles.memory
     return sum(c.pixels for c in group)
 
 
@@ -144,8 +146,8 @@ class InProcessExecutor:
         as_rgb = is_last_sweep(job, sweep)
         if sweep == 0:
             for group in groups:
-                out = initial_chunks(job, group)
-                write_chunks(dst, group, out, as_rgb)
+                write_chunks(dst, group, initial_chunks(job, group), as_rgb)
+                release_free_heap()
                 progress(sum(c.pixels for c in group))
             return
         src = work.array(buffer_name(sweep - 1), mode="r")
@@ -161,6 +163,8 @@ class InProcessExecutor:
                 if pending_write is not None:
                     pending_write.result()  # bounded: one group being written at a time
                 pending_write = writer.submit(write_chunks, dst, group, out, as_rgb)
+                del out
+                release_free_heap()  # see nca_tiles.memory
                 progress(sum(c.pixels for c in group))
             if pending_write is not None:
                 pending_write.result()
