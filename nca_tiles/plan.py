@@ -47,12 +47,13 @@ def canvas_bytes(width: int, height: int) -> int:
 
 
 def activation_bytes(pipeline: Pipeline, window_pixels: int) -> int:
-    """Live float32 tensors of one NCA step on one window: over the window the state, its
-    perception and the next state; over one band of rows (model.band_pixels) the 2c input of the
-    hidden layer, three hidden-size tensors and the update."""
+    """Live float32 tensors of one window's model call at inference: over the window the two state
+    buffers that swap every NCA step and ε̂; over one band of rows (model.band_pixels) the padded
+    and perceived state, the 2c input of the hidden layer, three hidden-size tensors, the update
+    and its mask."""
     cfg = pipeline.model.config
     band = min(window_pixels, pipeline.model.band_pixels(pipeline.device))
-    return 4 * (window_pixels * (3 * cfg.channels + 2) + band * (3 * cfg.channels + 3 * cfg.hidden))
+    return 4 * (window_pixels * (2 * cfg.channels + cfg.image_channels) + band * (6 * cfg.channels + 3 * cfg.hidden))
 
 
 def make_plan(pipeline: Pipeline, job: Job, batch: int, calibrate: bool = True) -> Plan:
@@ -60,6 +61,7 @@ def make_plan(pipeline: Pipeline, job: Job, batch: int, calibrate: bool = True) 
     window = max(c.window_pixels for c in chunks)
     act = activation_bytes(pipeline, window) * batch
     io = 3 * batch * window * 3 * 4  # one group being read, one computed, one written
+    step = 6 * batch * job.chunk**2 * 3 * 4  # the schedule's step and its noise: ~6 chunk-sized tensors
     return Plan(
         chunks_y=-(-job.height // job.chunk),
         chunks_x=-(-job.width // job.chunk),
@@ -67,8 +69,8 @@ def make_plan(pipeline: Pipeline, job: Job, batch: int, calibrate: bool = True) 
         canvas_pixels=job.width * job.height,
         sweeps=job.sweeps,
         canvas_bytes=canvas_bytes(job.width, job.height),
-        host_bytes=io + (act if pipeline.device.type == "cpu" else 0),
-        device_bytes=act if pipeline.device.type != "cpu" else 0,
+        host_bytes=io + step + (act if pipeline.device.type == "cpu" else 0),
+        device_bytes=act + step if pipeline.device.type != "cpu" else 0,
         seconds_per_megapixel_step=calibrate_speed(pipeline, job.chunk) if calibrate else None,
     )
 
@@ -130,7 +132,7 @@ def describe_plan(plan: Plan, pipeline: Pipeline, job: Job, batch: int, work_dir
         f"halo overhead: {plan.halo_overhead:.3f}× pixels computed per pixel kept "
         f"(interior chunks: {((job.chunk + 2 * pipeline.halo) / job.chunk) ** 2:.3f}×)",
         f"disk for the canvas: {format_bytes(plan.canvas_bytes)} in {work_dir}",
-        f"host memory (estimate): {format_bytes(plan.host_bytes)}",
+        f"host memory (estimate, on top of the loaded model and libraries): {format_bytes(plan.host_bytes)}",
         f"device memory (estimate): {format_bytes(plan.device_bytes)}" if plan.device_bytes else "device memory: none (CPU)",
     ]
     if plan.estimated_seconds is not None:
