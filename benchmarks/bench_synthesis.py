@@ -544,6 +544,9 @@ def main(argv: list[str] | None = None) -> int:
     if 3 in args.sections:
         results["peak_memory"] = run_rss_children(args, ints(args.rss_sizes))
 
+    from nca_tiles.memory import configure_allocator
+
+    configure_allocator()  # as synthesize_slide does, so every section runs under the same malloc settings
     pipeline, model_description = load_pipeline(args.model, args.preset, args.device, args.precision)
     results["machine"] = machine_info(pipeline.device)
     results["model"] = model_description

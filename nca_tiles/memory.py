@@ -7,11 +7,16 @@ processed, i.e. with the canvas size, though every chunk needs the same memory:
   window-sized buffers come from the heap instead of mmap. Pinning the threshold turns the dynamic
   adjustment off: blocks above it are mmapped and go back to the system when freed. The pinned
   value sits above the per-band temporaries of banded inference (~3 MB on a CPU), which stay on
-  the heap and are reused (mmapping them costs 2.3× the time).
+  the heap and are reused.
 - Buffers of a few MB allocated and freed in varied sizes by several threads (zarr's reader and
   writer, the model, the noise) leave free holes inside the heap, which keep their pages. Handing
-  free pages back after every group of chunks (``malloc_trim``) keeps the heap's resident part at
-  what is in use.
+  free pages back after every group of chunks (``release_free_heap``) keeps the heap's resident
+  part at what is in use.
+
+Pinning the mmap threshold also stops glibc from raising its trim threshold with it, and at the
+default 128 KiB every band's freed temporaries were handed back to the system and faulted in
+again by the next band: 2–3× slower inference. The trim threshold is therefore set far above
+any band's work; ``release_free_heap`` does the trimming, between groups.
 
 Measured with benchmarks/bench_synthesis.py --sections 3: see the README.
 """
@@ -23,8 +28,10 @@ import ctypes.util
 import functools
 import sys
 
-M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+M_TRIM_THRESHOLD = -1  # from glibc's malloc.h
+M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 8 << 20
+TRIM_THRESHOLD_BYTES = 1 << 30
 
 
 @functools.cache
@@ -39,10 +46,12 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
-def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Fix glibc's mmap threshold (no-op elsewhere). Returns whether it was set."""
+def configure_allocator(mmap_threshold: int = MMAP_THRESHOLD_BYTES, trim_threshold: int = TRIM_THRESHOLD_BYTES) -> bool:
+    """Pin glibc's mmap threshold and leave trimming to ``release_free_heap`` (no-op elsewhere).
+    Returns whether both were set."""
     libc = _glibc()
-    return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    return (libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold))
+            and bool(libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)))
 
 
 def release_free_heap() -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 from nca_tiles import __version__
 from nca_tiles.canvas import RGB, WorkDir
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.memory import pin_mmap_threshold
+from nca_tiles.memory import configure_allocator
 from nca_tiles.plan import canvas_bytes, check_free_disk
 from nca_tiles.sampling import Pipeline
 from nca_tiles.synthesis import DaskExecutor, InProcessExecutor, chunk_grid, make_job, run_sweeps
@@ -86,7 +86,7 @@ def synthesize_slide(pipeline: Pipeline, req: SlideRequest, model_path: Path | N
     from tqdm import tqdm
 
     check_request(req, pipeline.halo)
-    pin_mmap_threshold()
+    configure_allocator()
     job = make_job(pipeline, req.seed, req.width, req.height, req.chunk, req.sampler, req.steps, req.eta)
     work = WorkDir(req.work_dir or default_work_dir(req.out))
     if work.read_manifest() is None:

@@ -21,7 +21,7 @@ import torch
 
 from nca_tiles.canvas import RGB, Job, Manifest, WorkDir, buffer_name
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.memory import pin_mmap_threshold, release_free_heap
+from nca_tiles.memory import configure_allocator, release_free_heap
 from nca_tiles.sampling import Pipeline, initial_noise, predict_noise, reverse_step, to_uint8
 
 
@@ -182,7 +182,7 @@ def _worker_pipeline(model_path: str | None, device: str, precision: str, thread
 
     key = (model_path, device, precision)
     if key not in _WORKER_PIPELINES:
-        pin_mmap_threshold()  # once per worker process: see nca_tiles.memory
+        configure_allocator()  # once per worker process: see nca_tiles.memory
         if threads:
             torch.set_num_threads(threads)
         _WORKER_PIPELINES[key] = load_model(model_path, device, precision)

@@ -13,8 +13,8 @@ glibc_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 FRAGMENTED_HEAP = """
 import sys
 import numpy as np
-from nca_tiles.memory import pin_mmap_threshold, release_free_heap
-assert pin_mmap_threshold()
+from nca_tiles.memory import configure_allocator, release_free_heap
+assert configure_allocator()
 def rss_kib():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
