@@ -211,8 +211,6 @@ def ru_maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-
-
 # -- one synthesis through the real path -----------------------------------------------------------
 def synthesize(pipeline, size: int, chunk: int, steps: int, batch: int, seed: int, fmt: str, root: Path) -> float:
     """Seconds of one ``synthesize_slide`` of a size × size canvas (work dir and output in root)."""

@@ -15,14 +15,16 @@ import pytest
 needs_proc = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmHWM needs Linux /proc")
 
 PRELUDE = '''
-def peak_kib():
+def status_kib(field):
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+def peak_kib():
+    return status_kib("VmHWM")
 '''
 
 
 def run_measuring(script: str, *args: object) -> list[int]:
-    """Run ``script`` (which may call ``peak_kib()`` and prints integers) in a child; its integers."""
+    """Run ``script`` (which may call ``peak_kib()`` or ``status_kib(field)`` and prints integers) in a child; its integers."""
     result = subprocess.run([sys.executable, "-c", PRELUDE + script, *map(str, args)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

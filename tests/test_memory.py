@@ -15,10 +15,7 @@ import sys
 import numpy as np
 from nca_tiles.memory import configure_allocator, release_free_heap
 assert configure_allocator()
-def rss_kib():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-before = rss_kib()
+before = status_kib("VmRSS")
 # 3 MB buffers (below the pinned mmap threshold: heap), each followed by a small one that stays:
 # freeing the big ones leaves holes that the heap cannot shrink past.
 big, small = [], []
@@ -26,11 +23,11 @@ for _ in range(40):
     big.append(np.ones(3 << 20, dtype=np.uint8))
     small.append(np.ones(64 << 10, dtype=np.uint8))
 big.clear()
-held = rss_kib()
+held = status_kib("VmRSS")
 release = sys.argv[1] == "release"
 if release:
     assert release_free_heap()
-print(before, held, rss_kib())
+print(before, held, status_kib("VmRSS"))
 """
 
 

@@ -136,7 +136,7 @@ def test_presets_and_bad_configs():
 
 
 def test_banded_inference_equals_unbanded():
-    # Inference runs the per-pixel part in bands of rows; training (autograd on) in one piece.
+    # Inference runs the cell rule in bands of rows; training (autograd on) in one piece.
     model = trained_like()
     x = torch.randn(2, 3, 70, 300, dtype=torch.float64)  # 300 px wide: bands of 27 rows on a CPU
     assert DiffNCA.band_pixels(x.device) // 300 < 70
