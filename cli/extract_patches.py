@@ -23,6 +23,9 @@ from nca_tiles_cli.options import out_path_option, overwrite_option, seed_option
 @click.option("--source-mpp", type=float, default=None, help="µm/px of slides whose metadata has none.")
 @overwrite_option()
 @click.option("--allow-upsample", is_flag=True, help="Allow an --mpp finer than a slide's own resolution.")
+@click.option("--split-by", default="auto", show_default=True,
+              help="Train/val/test split: slide (whole slides), region (regions of every slide, so every tissue "
+                   "is trained on), or auto (by slide with 3 or more slides).")
 def extract_patches(
     slides: tuple[Path, ...],
     out: Path,
@@ -35,6 +38,7 @@ def extract_patches(
     source_mpp: float | None,
     overwrite: bool,
     allow_upsample: bool,
+    split_by: str,
 ) -> None:
     """Extract tissue patches from SLIDES (files, or folders searched recursively) into --out.
 
@@ -57,5 +61,6 @@ def extract_patches(
         source_mpp=source_mpp,
         overwrite=overwrite,
         allow_upsample=allow_upsample,
+        split_by=split_by,
     )
     click.echo(result.summary())

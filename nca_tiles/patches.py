@@ -50,6 +50,7 @@ MAX_PATCH_SIZE = 1024
 CHUNK_PATCHES = 256
 MAX_CHUNK_BYTES = 4 << 20  # big patches get fewer per chunk: a chunk is what one read decodes
 MIN_SLIDES_FOR_SLIDE_SPLIT = 3
+SPLIT_POLICIES = ("auto", "slide", "region")
 VAL_FRACTION = TEST_FRACTION = 0.1
 # Region split: aim for this many tissue regions per slide, so val and test get 2-3 regions each
 # while regions stay as large as possible (fewer patches lost at borders, less spatial leakage).
@@ -249,6 +250,7 @@ def extract_patches(
     source_mpp: float | None = None,
     overwrite: bool = False,
     allow_upsample: bool = False,
+    split_by: str = "auto",
     progress: bool = True,
 ) -> ExtractionResult:
     """Extract tissue patches of ``patch_size`` px at ``target_mpp`` µm/px from ``slides`` (files
@@ -258,11 +260,17 @@ def extract_patches(
     else that is wrong raises ``NcaTilesError`` before anything is written. The store is built
     beside ``out`` under a temporary name and renamed when complete, so ``out`` is never
     half-written. ``progress`` shows a bar per slide on a terminal.
+
+    ``split_by``: "slide" (whole slides per split: honest held-out data, but every tissue only in
+    one split), "region" (square regions of every slide in every split: each tissue is trained
+    on), or "auto" (by slide with 3 or more usable slides, else by region).
     """
     from nca_tiles.slide import find_slides
 
     stride = patch_size if stride is None else stride
     _check_settings(patch_size, target_mpp, stride, min_tissue, max_per_slide, source_mpp)
+    if split_by not in SPLIT_POLICIES:
+        raise NcaTilesError(f"unknown --split-by {split_by!r}: use one of {', '.join(SPLIT_POLICIES)}")
     settings = _Settings(patch_size, target_mpp, stride, min_tissue, max_per_slide, seed, source_mpp, progress)
     out = Path(out)
     _check_output(out, overwrite)
@@ -275,17 +283,26 @@ def extract_patches(
             raise NcaTilesError(_nothing_usable_message(files, skipped))
         # Decided before tissue is known, so that each slide is read once, straight into the
         # store; if too few slides turn out usable to split by slide, the store is redone.
-        split_by = "slide" if len(candidates) >= MIN_SLIDES_FOR_SLIDE_SPLIT else "region"
+        split_by_now = split_by
+        if split_by == "auto":
+            split_by_now = "slide" if len(candidates) >= MIN_SLIDES_FOR_SLIDE_SPLIT else "region"
         partial = out.parent / f".{out.name}.partial-{os.getpid()}"
         try:
-            attrs, unusable = _write_store(partial, candidates, split_by, settings)
+            attrs, unusable = _write_store(partial, candidates, split_by_now, settings)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
         skipped.extend(unusable)
         written = {entry["path"] for entry in attrs["slides"]}
         used = [(order, path) for order, path in candidates if str(path) in written]
-        if len(used) == 0 or (split_by == "slide" and len(used) < MIN_SLIDES_FOR_SLIDE_SPLIT):
+        too_few_to_split_by_slide = split_by_now == "slide" and len(used) < MIN_SLIDES_FOR_SLIDE_SPLIT
+        if len(used) == 0 or too_few_to_split_by_slide:
+            if split_by == "slide" and used:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise NcaTilesError(
+                    f"--split-by slide needs at least {MIN_SLIDES_FOR_SLIDE_SPLIT} usable slides, found {len(used)}: "
+                    "add slides or use --split-by region"
+                )
             shutil.rmtree(partial, ignore_errors=True)
             candidates = used
             continue
@@ -297,7 +314,7 @@ def extract_patches(
         out=out,
         n_patches=len(store),
         split_counts={name: len(store.indices(name)) for name in SPLIT_NAMES},
-        split_by=split_by,
+        split_by=split_by_now,
         slides=attrs["slides"],
         skipped=skipped,
         n_files=len(files),

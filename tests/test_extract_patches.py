@@ -175,6 +175,21 @@ def test_three_slides_split_by_slide(tmp_path, slides_dir):
     assert store.slides[0]["mpp"] == pytest.approx(0.499)  # the OME-TIFF's own PhysicalSize
 
 
+def test_three_slides_split_by_region_when_asked(tmp_path, slides_dir):
+    """Training on several tissues needs every slide in the training split."""
+    result = extract([slides_dir], tmp_path / "p.zarr", target_mpp=2.0, source_mpp=0.998, split_by="region")
+    store = open_patch_store(result.out)
+    assert result.split_by == "region" and store.attrs["split_by"] == "region"
+    for i in range(3):
+        assert (store.split[store.slide_index == i] == 0).any()
+
+
+def test_split_by_slide_refuses_too_few_slides(tmp_path, slides_dir):
+    with pytest.raises(NcaTilesError, match="at least 3 usable slides"):
+        extract([slides_dir / "sample.svs"], tmp_path / "p.zarr", target_mpp=2.0, split_by="slide")
+    assert not leftovers(tmp_path)
+
+
 def test_pyramid_level_at_the_target_is_copied(tmp_path, slides_dir, sample_slide):
     """The OME-TIFF's 4x level is at 1.996 µm/px: for --mpp 2 its pixels are taken as they are
     (256 level-0 px per 64 px patch, a 0.2 % scale change) rather than resampled with blur."""
@@ -297,6 +312,7 @@ def bad_inputs(tmp_path_factory, sample_slide) -> dict[str, tuple[list[str], str
         "min tissue above 1": ([sample, "--min-tissue", "1.5"], "--min-tissue"),
         "no tissue": ([str(folder / "glass.png"), "--source-mpp", "0.5"], "no tissue"),
         "existing output": ([sample, "--out", str(existing)], "exists"),
+        "unknown split": ([sample, "--split-by", "patient"], "--split-by"),
     }
 
 
@@ -312,6 +328,7 @@ BAD_CASES = [
     "min tissue above 1",
     "no tissue",
     "existing output",
+    "unknown split",
 ]
 
 
@@ -324,6 +341,7 @@ def _as_library_call(args: list[str]) -> tuple[list[str], dict]:
         "--min-tissue": ("min_tissue", float),
         "--source-mpp": ("source_mpp", float),
         "--out": ("out", Path),
+        "--split-by": ("split_by", str),
     }
     slides, settings, rest = [], {}, list(args)
     while rest:
