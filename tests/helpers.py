@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 
 from nca_tiles.checkpoint import save_model_dir
@@ -26,3 +31,24 @@ def save_test_model(directory: Path, config: ModelConfig = PRESETS["tiny"], time
     }
     save_model_dir(directory, meta, model.state_dict())
     return directory
+
+
+@contextmanager
+def read_only_dir(path: Path) -> Iterator[Path]:
+    """A folder nobody can write to, root included: a read-only tmpfs mounted there (root), or
+    mode 0555 (other users). Skips the test where neither is possible."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        try:
+            yield path
+        finally:
+            path.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
