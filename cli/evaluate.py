@@ -140,7 +140,7 @@ def _evaluate_model(
     synthetic = generate_patches(pipeline, n_used, size=size, seed=seed, steps=steps, sampler=sampler)
 
     click.echo("computing metrics...", err=True)
-    results = evaluate_patches(real_train, real_heldout, synthetic, seed=seed)
+    results = evaluate_patches(real_train, real_heldout, synthetic, seed=seed, mpp=store.mpp)
     results.update(model=None if model is None else str(model), patches=str(patches), split=split, steps=steps, sampler=sampler)
     click.echo(format_table(results))
     _write_json(json_path, results)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from nca_tiles import metrics
+from nca_tiles import metrics, nuclei, spectrum
 from nca_tiles.errors import NcaTilesError
 
 COMPARISONS: dict[str, str] = {
@@ -34,6 +34,11 @@ METRICS: dict[str, str] = {
     "w1_eosin": "W1 eosin OD",
     "w1_dab": "W1 DAB OD",
     "c2st_auc": "C2ST AUC (0.5 = same)",
+    "nuclei_density_per_mm2": "W1 nuclei per mm²",
+    "nuclei_area_um2": "W1 nucleus area µm²",
+    "nuclei_eccentricity": "W1 nucleus eccentricity",
+    "nuclei_nearest_um": "W1 nearest nucleus µm",
+    "spectrum": "power spectrum |Δ log10|",
 }
 
 
@@ -53,6 +58,10 @@ def _compare(
     kid_subsets: int,
     n_pixels: int,
     c2st_steps: int,
+    nuclei_stats: nuclei.NucleiStats,
+    reference_nuclei: nuclei.NucleiStats,
+    spectrum_: np.ndarray,
+    reference_spectrum: np.ndarray,
 ) -> dict[str, float]:
     kid_mean, kid_std = metrics.kernel_inception_distance(
         features, reference_features, n_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed
@@ -64,6 +73,8 @@ def _compare(
         "kid_random_std": kid_std,
         **{f"w1_{stain}": value for stain, value in stains.items()},
         "c2st_auc": metrics.c2st_auc(reference, patches, seed=seed, steps=c2st_steps),
+        **{f"nuclei_{name}": value for name, value in nuclei.nuclei_distances(nuclei_stats, reference_nuclei).items()},
+        "spectrum": spectrum.spectrum_distance(spectrum_, reference_spectrum),
     }
 
 
@@ -76,11 +87,13 @@ def evaluate_patches(
     kid_subsets: int = 100,
     n_pixels: int = 200_000,
     c2st_steps: int = 300,
+    mpp: float = 1.0,
 ) -> dict[str, Any]:
     """Every metric for the floor, synthetic and ceiling comparisons (see the module docstring).
 
     The three sets are cut to a common n (seeded random subsets). KID uses ``kid_subsets`` subsets
-    of min(1000, n // 2) so its standard deviation is informative. Returns a JSON-serialisable dict:
+    of min(1000, n // 2) so its standard deviation is informative. ``mpp`` (µm/px of the patches)
+    puts nuclei statistics in µm; their threshold comes from the held-out real patches. Returns a JSON-serialisable dict:
     ``{"note", "seed", "n", "patch_size", "comparisons": {name: description},
     "results": {name: {metric: value}}}``.
     """
@@ -101,6 +114,9 @@ def evaluate_patches(
     # Noise coloured like the training patches: the model saw those colours, not the held-out ones.
     sets["noise"] = metrics.colour_matched_noise(sets["train"], n, seed=seed)
     features = {name: metrics.random_features(patches, seed=seed) for name, patches in sets.items()}
+    threshold = nuclei.nuclei_threshold(sets["heldout"], mpp)
+    stats = {name: nuclei.nuclei_stats(patches, threshold, mpp) for name, patches in sets.items()}
+    spectra = {name: spectrum.power_spectrum(patches) for name, patches in sets.items()}
 
     options = {
         "seed": seed,
@@ -110,13 +126,17 @@ def evaluate_patches(
         "c2st_steps": c2st_steps,
     }
     results = {
-        comparison: _compare(sets[name], features[name], sets["heldout"], features["heldout"], **options)
+        comparison: _compare(sets[name], features[name], sets["heldout"], features["heldout"], **options,
+                             nuclei_stats=stats[name], reference_nuclei=stats["heldout"],
+                             spectrum_=spectra[name], reference_spectrum=spectra["heldout"])
         for comparison, name in (("floor", "train"), ("synthetic", "synthetic"), ("ceiling", "noise"))
     }
     return {
         "note": metrics.NOT_INCEPTION_NOTE,
         "seed": int(seed),
         "n": int(n),
+        "mpp": float(mpp),
+        "nuclei_threshold_haematoxylin_od": threshold,
         "patch_size": [int(s) for s in synthetic.shape[1:3]],
         "comparisons": dict(COMPARISONS),
         "results": results,
