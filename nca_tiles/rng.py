@@ -26,6 +26,7 @@ class Stream(enum.IntEnum):
     INITIAL_NOISE = 1  # x_T
     STEP_NOISE = 2  # the ancestral-sampling noise of each denoising step
     FIRE_MASK = 3  # the NCA's stochastic cell update
+    LEVEL_NOISE = 4  # re-noising an upsampled coarse level (scale-space sampling)
 
 
 def _lowbias32(h: torch.Tensor) -> torch.Tensor:
