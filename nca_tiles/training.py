@@ -11,9 +11,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,23 +24,32 @@ import torch
 import torch.nn.functional as F
 
 from nca_tiles import __version__, rng
+from nca_tiles.bounds import check_int, check_positive_finite, check_seed
 from nca_tiles.checkpoint import (
     CHECKPOINT_NAME,
     FORMAT_VERSION,
     MODEL_DIR_NAME,
     atomic_torch_save,
+    atomic_write_bytes,
     check_format_version,
     save_model_dir,
     torch_load,
 )
 from nca_tiles.errors import NcaTilesError
+from nca_tiles.locking import exclusive_lock
 from nca_tiles.model import DiffNCA, ModelConfig, TorchFireMask
+from nca_tiles.model import preset as get_preset
+from nca_tiles.patches import open_patch_store
+from nca_tiles.preflight import check_writable
 from nca_tiles.sampling import autocast
 from nca_tiles.schedule import NoiseSchedule, ScheduleConfig
 
 METRICS_NAME = "metrics.jsonl"
 SAMPLES_DIR = "samples"
 MAX_IN_MEMORY_BYTES = 4 << 30  # larger patch stores would need a streaming loader
+# 50× the paper's 200 000 steps; also keeps samples/step_NNNNNNN.png names in step order.
+MAX_STEPS = 10_000_000
+MAX_BATCH_SIZE = 4096  # 256× the paper's 16: beyond it a typo, not a plan
 INIT_SEED_KEY = 0x1417  # derives the seed of the initial weights from --seed
 
 
@@ -59,12 +70,13 @@ class TrainConfig:
     sample_steps: int = 50
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise NcaTilesError("--steps must be ≥ 1")
-        if self.batch_size < 1:
-            raise NcaTilesError("--batch-size must be ≥ 1")
-        if not self.lr > 0:
-            raise NcaTilesError("--lr must be > 0")
+        check_int("--steps", self.steps, 1, MAX_STEPS)
+        check_int("--batch-size", self.batch_size, 1, MAX_BATCH_SIZE)
+        check_positive_finite("--lr", self.lr)
+        check_seed("--seed", self.seed)
+        check_int("--val-every", self.val_every, 1, MAX_STEPS)
+        check_int("--checkpoint-every", self.checkpoint_every, 1, MAX_STEPS)
+        check_int("--sample-every", self.sample_every, 0, MAX_STEPS, " (0: never)")
 
 
 def to_model_space(images: np.ndarray) -> torch.Tensor:
@@ -204,6 +216,22 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.step = self.saved_step = int(state["step"])
+        self._drop_metrics_after(self.step)
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """Forget the metrics of steps past the checkpoint: the resumed run logs them again (after a
+        kill -9 they would appear twice). A kill mid-write can also leave a torn last line."""
+        path = self.out / METRICS_NAME
+        if not path.exists():
+            return
+        text = path.read_text()
+        kept = []
+        for line in text.splitlines():
+            logged = _logged_step(line)
+            if logged is not None and logged <= step:
+                kept.append(line + "\n")
+        if "".join(kept) != text:
+            atomic_write_bytes(path, "".join(kept).encode())  # a crash here keeps the old file whole
 
     # -- loop -----------------------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -247,9 +275,12 @@ class Trainer:
         from nca_tiles.sampling import build_pipeline
 
         pipeline = build_pipeline(self.meta(), self.ema.state_dict(), self.device, self.precision)
-        path = self.out / SAMPLES_DIR / f"step_{self.step:07d}.png"
+        path = self._sample_path()
         save_sample_grid(pipeline, path, seed=self.cfg.seed, steps=self.cfg.sample_steps)
         return path
+
+    def _sample_path(self) -> Path:
+        return self.out / SAMPLES_DIR / f"step_{self.step:07d}.png"
 
     def _log(self, record: dict) -> None:
         with open(self.out / METRICS_NAME, "a") as f:
@@ -284,9 +315,51 @@ class Trainer:
                     self.write_samples()
             bar.close()
             self.save()
+            if self.cfg.sample_every and self.step >= self.cfg.steps and not self._sample_path().exists():
+                self.write_samples()  # a run shorter than --sample-every would end without one
         finally:
             if in_main_thread:
                 signal.signal(signal.SIGINT, previous)
         if self._stop_requested:
             raise KeyboardInterrupt
         return last
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of a metrics line; None for a torn or foreign line."""
+    try:
+        record = json.loads(line)
+        return int(record["step"])
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def run_training(patches: Path, out: Path, preset: str, config: TrainConfig, device: torch.device,
+                 precision: str = "fp32", *, compile: bool = False, resume: bool = False,
+                 overwrite: bool = False, progress: bool = True,
+                 on_resume: Callable[[int], None] | None = None) -> tuple[Trainer, dict]:
+    """A whole training run: new, resumed (``resume``) or started afresh over an old one
+    (``overwrite``). The run directory is locked from the first look at it to the last write, so a
+    second process (another --resume, or an --overwrite that would delete it) is refused at once."""
+    out = Path(out)
+    model_config = get_preset(preset)
+    if out.exists() and not out.is_dir():
+        raise NcaTilesError(f"--out {out} is a file: give a folder for the run")
+    check_writable(out, "run directory")  # its parent: where it and its lock go
+    if out.is_dir():
+        check_writable(out / CHECKPOINT_NAME, "checkpoint")
+    with exclusive_lock(out, "run directory", "choose another --out"):
+        replace = out.exists() and any(out.iterdir()) and not resume
+        if replace and not overwrite:
+            raise NcaTilesError(f"{out} is not empty: pass --resume to continue it or --overwrite to start afresh")
+        store = open_patch_store(patches)
+        trainer = Trainer(store, out, model_config, ScheduleConfig(), config, device, precision,
+                          compile=compile, preset_name=preset)
+        if replace:
+            shutil.rmtree(out)  # only now that the new run is known to start
+        if resume:
+            trainer.resume()
+            if on_resume is not None:
+                on_resume(trainer.step)
+        last = trainer.run(progress=progress)
+    return trainer, last

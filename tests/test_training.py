@@ -24,6 +24,7 @@ from nca_tiles.patches import extract_patches, open_patch_store
 from nca_tiles.sampling import load_model
 from nca_tiles.schedule import ScheduleConfig
 from tests.cli_support import assert_ok, assert_one_line_error, run_cli
+from tests.helpers import read_only_dir
 
 BASE = ["--preset", "tiny", "--batch-size", 4, "--device", "cpu", "--no-progress"]
 FAST = [*BASE, "--sample-every", 0]
@@ -86,6 +87,33 @@ def one_step(store, tmp_path_factory) -> Path:
 
 def copy_run(run: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def train_command(store: Path, out: Path, *args) -> list[str]:
+    """``nca-tiles train`` as a real process of its own."""
+    return [sys.executable, "-m", "nca_tiles_cli.main", "train", "--patches", str(store), "--out", str(out),
+            *map(str, FAST), *map(str, args)]
+
+
+def start_endless_run(store: Path, out: Path, *args) -> subprocess.Popen:
+    return subprocess.Popen(train_command(store, out, "--steps", 100000, "--val-every", 100000, *args),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def logged_steps(run: Path) -> list[int]:
+    """Steps of the complete lines of a live run's metrics (a line may be half written)."""
+    try:
+        text = (run / "metrics.jsonl").read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line)["step"] for line in text.splitlines(keepends=True) if line.endswith("\n")]
+
+
+def wait_until(proc: subprocess.Popen, condition, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not condition():
+        time.sleep(0.01)
+    assert proc.poll() is None and condition(), proc.communicate()
 
 
 # -- resume ------------------------------------------------------------------------------------
@@ -167,6 +195,12 @@ def test_sample_png(store, tmp_path):
     assert pixels[:64, :64].std() > 0  # a sample, not a blank
 
 
+def test_a_run_shorter_than_sample_every_ends_with_a_sample(store, tmp_path):
+    out = tmp_path / "run"
+    assert_ok(run_cli("train", "--patches", store, "--out", out, *BASE, "--steps", 2))  # --sample-every 2000
+    assert [p.name for p in (out / "samples").iterdir()] == ["step_0000002.png"]
+
+
 # -- Ctrl-C -----------------------------------------------------------------------------------
 def test_ctrl_c_saves_and_resume_continues(store, tmp_path):
     out = tmp_path / "run"
@@ -196,6 +230,53 @@ def test_ctrl_c_saves_and_resume_continues(store, tmp_path):
     assert f"resuming at step {reached}" in result.output
     assert load_checkpoint(out)["step"] == reached + 2
     assert [m["step"] for m in metrics(out)] == list(range(1, reached + 3))
+
+
+# -- kill -9 and a second process -------------------------------------------------------------
+def test_resume_after_kill_9_logs_every_step_once(store, tmp_path):
+    out = tmp_path / "run"
+    proc = start_endless_run(store, out, "--checkpoint-every", 4)
+    try:
+        # Stop between two checkpoints, so steps past the last one were logged.
+        wait_until(proc, lambda: (steps := logged_steps(out)) and steps[-1] >= 5 and steps[-1] % 4 != 0)
+    finally:
+        proc.kill()
+        proc.communicate()
+    saved, logged = load_checkpoint(out)["step"], logged_steps(out)
+    assert logged == list(range(1, logged[-1] + 1)) and logged[-1] > saved, (saved, logged)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": %d, "loss": 0.' % (logged[-1] + 1))  # a line torn by the kill
+    stale_lock = (tmp_path / ".run.lock").exists()
+
+    result = train(store, out, "--steps", logged[-1] + 2, "--resume")
+    assert_ok(result)
+    assert f"resuming at step {saved}" in result.output
+    assert [m["step"] for m in metrics(out)] == list(range(1, logged[-1] + 3))
+    assert stale_lock  # the killed process left its lock file, and it did not block the resume
+
+
+def test_two_processes_never_share_a_run_dir(store, tmp_path):
+    out = tmp_path / "run"
+    first = start_endless_run(store, out, "--checkpoint-every", 1)
+    try:
+        wait_until(first, lambda: (out / "checkpoint.pt").exists())
+        for how in ("--resume", "--overwrite"):
+            second = subprocess.run(train_command(store, out, "--steps", 3, how), capture_output=True, text=True,
+                                    timeout=120)
+            lines = second.stderr.strip().splitlines()
+            assert second.returncode == 1 and len(lines) == 1, (how, second.stdout, second.stderr)
+            assert lines[0].startswith("Error: run directory") and "in use by process" in lines[0]
+            assert f"process {first.pid} " in lines[0] and "--out" in lines[0]
+            assert "trained" not in second.stdout
+        assert first.poll() is None and (out / "checkpoint.pt").exists()  # the first run goes on, untouched
+    finally:
+        first.send_signal(signal.SIGINT)
+        stdout, stderr = first.communicate(timeout=60)
+    assert first.returncode == 130, (stdout, stderr)
+    assert not (tmp_path / ".run.lock").exists()
+    reached = load_checkpoint(out)["step"]
+    assert_ok(train(store, out, "--steps", reached + 1, "--resume"))  # free again once the first ended
+    assert [m["step"] for m in metrics(out)] == list(range(1, reached + 2))
 
 
 # -- refused input ----------------------------------------------------------------------------
@@ -315,8 +396,50 @@ def test_bf16_on_cpu_is_refused(store, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_bad_numbers(store, tmp_path):
-    for args, fragment in ((["--steps", 0], "--steps"), (["--steps", 1, "--batch-size", 0], "--batch-size"),
-                           (["--steps", 1, "--lr", -1], "--lr"), (["--steps", 1, "--val-every", 0], "--val-every")):
-        assert_one_line_error(train(store, tmp_path / "run", *args), fragment)
-    assert not (tmp_path / "run").exists()
+@pytest.mark.parametrize("args, fragments", [
+    (["--steps", 0], ["--steps", "between 1 and 10,000,000"]),
+    (["--steps", 10**20], ["--steps", "between 1 and 10,000,000", str(10**20)]),
+    (["--batch-size", 0], ["--batch-size", "between 1 and"]),
+    (["--batch-size", 10**6], ["--batch-size", "between 1 and 4,096"]),
+    (["--lr", -1], ["--lr", "positive finite"]),
+    (["--lr", 0], ["--lr", "positive finite"]),
+    (["--lr", "inf"], ["--lr", "positive finite"]),
+    (["--lr", "nan"], ["--lr", "positive finite"]),
+    (["--val-every", 0], ["--val-every", "between 1 and"]),
+    (["--checkpoint-every", 0], ["--checkpoint-every", "between 1 and"]),
+    (["--checkpoint-every", 10**9], ["--checkpoint-every", "10,000,000"]),
+    (["--sample-every", -1], ["--sample-every", "between 0 and", "0: never"]),
+    (["--seed", -1], ["--seed", "between 0 and 4,294,967,295"]),
+    (["--seed", 2**32], ["--seed", "between 0 and 4,294,967,295"]),  # would repeat seed 1 (rng.py folds to 32 bits)
+])
+def test_bad_numbers(store, tmp_path, args, fragments):
+    # A missing patch store: the numbers must be refused before anything is read or written.
+    result = train(tmp_path / "missing.zarr", tmp_path / "run", "--steps", 1, *args)
+    assert_one_line_error(result, *fragments)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_preset_and_the_presets_in_help(store, tmp_path):
+    from nca_tiles_cli.train import PRESETS as LISTED
+    from nca_tiles_cli.train import train as command
+
+    assert LISTED == tuple(PRESETS)
+    result = run_cli("train", "--help")
+    assert_ok(result)
+    assert "--preset [paper|small|tiny]" in result.output and "TEXT" not in result.output
+    assert all(param.help for param in command.params), [p.name for p in command.params if not p.help]
+    result = run_cli("train", "--patches", store, "--out", tmp_path / "run", "--preset", "huge", "--steps", 1)
+    assert_one_line_error(result, "unknown preset 'huge'", "paper, small, tiny")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_in_a_read_only_folder(store, tmp_path):
+    with read_only_dir(tmp_path / "ro") as ro:
+        result = train(store, ro / "run", "--steps", 1)
+        assert_one_line_error(result, "run directory", str(ro / "run"), "not writable")
+
+
+def test_out_is_a_file(store, tmp_path):
+    (tmp_path / "run").write_text("mine")
+    assert_one_line_error(train(store, tmp_path / "run", "--steps", 1), "is a file")
+    assert (tmp_path / "run").read_text() == "mine"
