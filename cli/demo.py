@@ -12,10 +12,11 @@ from nca_tiles_cli.options import device_option, overwrite_option, seed_option
 @click.command(short_help="Run the whole pipeline on the bundled sample slide.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo"), show_default=True, help="Output folder.")
 @click.option("--model", type=click.Path(path_type=Path), default=None, help="Model to use (default: the bundled one).")
-@click.option("--width", type=int, default=1280, show_default=True, help="Synthetic slide width.")
-@click.option("--height", type=int, default=1280, show_default=True, help="Synthetic slide height.")
-@click.option("--chunk", type=int, default=512, show_default=True)
-@click.option("--steps", type=int, default=20, show_default=True, help="DDIM denoising steps.")
+@click.option("--width", type=int, default=1280, show_default=True, help="Synthetic slide width in px (at most 8192).")
+@click.option("--height", type=int, default=1280, show_default=True, help="Synthetic slide height in px (at most 8192).")
+@click.option("--chunk", type=int, default=512, show_default=True,
+              help="Chunk side in px: the slide is synthesized chunk by chunk, seamlessly (at least 2 × the model's halo).")
+@click.option("--steps", type=int, default=20, show_default=True, help="DDIM denoising steps (at most the model's timesteps: 300 for the bundled model).")
 @seed_option()
 @device_option()
 @overwrite_option()
@@ -27,7 +28,7 @@ def demo(out, model, width, height, chunk, steps, seed, device, overwrite) -> No
 
     import tifffile
 
-    from nca_tiles.demo import PANEL, SAMPLE_SLIDE, DemoPaths, comparison_figure, densest_tissue_region
+    from nca_tiles.demo import PANEL, SAMPLE_SLIDE, DemoPaths, check_options, comparison_figure, densest_tissue_region
     from nca_tiles.errors import NcaTilesError
     from nca_tiles.patches import extract_patches
     from nca_tiles.preview import write_preview
@@ -35,6 +36,8 @@ def demo(out, model, width, height, chunk, steps, seed, device, overwrite) -> No
     from nca_tiles.sampling import load_model
     from nca_tiles.slide_job import SlideRequest, synthesize_slide
 
+    pipeline = load_model(model, device)
+    check_options(width, height, chunk, steps, seed, pipeline.halo, pipeline.schedule.timesteps)
     paths = DemoPaths(out)
     if paths.figure.exists():
         if not overwrite:
@@ -43,7 +46,6 @@ def demo(out, model, width, height, chunk, steps, seed, device, overwrite) -> No
     out.mkdir(parents=True, exist_ok=True)
 
     click.echo(f"1/4 extracting tissue patches from the sample slide ({SAMPLE_SLIDE.name}) ...")
-    pipeline = load_model(model, device)
     if not paths.patches.exists():
         result = extract_patches([SAMPLE_SLIDE], paths.patches, target_mpp=pipeline.mpp, progress=False)
         click.echo(f"    {result.n_patches} patches of 64 px at {pipeline.mpp} µm/px -> {paths.patches}")

@@ -7,10 +7,16 @@ from pathlib import Path
 
 import numpy as np
 
+from nca_tiles.bounds import check_int, check_seed
+
 SAMPLE_SLIDE = Path(__file__).parent / "data" / "sample" / "cmu_small_region.svs"
 PANEL = 512  # side of the real and synthetic panels, in pixels at the model's µm/px
 ZOOM_CROP = 96  # side of the crop around a chunk corner, shown enlarged
 ZOOM = 3
+# The demo reads its whole slide into memory for the figure (8192² px: 192 MiB) and takes minutes
+# per megapixel on a CPU; larger slides are for `nca-tiles synthesize`.
+MAX_SIDE = 8192
+MIN_SIDE = 2
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,15 @@ class DemoPaths:
     @property
     def thumbnail(self) -> Path:
         return self.root / "synthetic_thumbnail.png"
+
+
+def check_options(width: int, height: int, chunk: int, steps: int, seed: int, halo: int, timesteps: int) -> None:
+    """Refuse numbers the demo cannot use, before it writes anything."""
+    for option, side in (("--width", width), ("--height", height)):
+        check_int(option, side, MIN_SIDE, MAX_SIDE, " (larger slides: nca-tiles synthesize)" if side > MAX_SIDE else "")
+    check_int("--chunk", chunk, 2 * halo, MAX_SIDE, f" (at least twice the model's halo of {halo} px)")
+    check_int("--steps", steps, 1, timesteps, " (DDIM steps: at most the model's timesteps)")
+    check_seed("--seed", seed)
 
 
 def densest_tissue_region(slide_path: Path, mpp: float, side: int) -> np.ndarray:
