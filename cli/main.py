@@ -7,7 +7,9 @@ bodies.
 
 from __future__ import annotations
 
+import errno
 import importlib
+import sys
 
 import click
 
@@ -25,6 +27,51 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "evaluate": ("evaluate", "evaluate", "Quality metrics of a model against real patches, or a slide's seam score."),
     "demo": ("demo", "demo", "Run the whole pipeline on the bundled sample slide."),
 }
+
+
+# What an interrupted command leaves behind, and how to go on.
+INTERRUPTED = {
+    "train": "the last checkpoint is saved; run the same command with --resume to continue",
+    "synthesize": "finished sweeps are kept; run the same command again to resume",
+    "demo": "finished steps are kept; run the same command again to resume",
+}
+INTERRUPTED_DEFAULT = "no output was written; run the command again"
+
+# What to do about an operating-system error, by errno.
+OS_ERROR_HINTS = {
+    errno.EACCES: "check the permissions, or choose another location",
+    errno.EPERM: "check the permissions, or choose another location",
+    errno.EROFS: "choose an output location on a writable disk",
+    errno.ENOSPC: "free some space, or choose an output location on another disk; then run again",
+    errno.EDQUOT: "free some space, or choose an output location on another disk; then run again",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "check the path: a part of it is a file, not a folder",
+    errno.EISDIR: "check the path: it is a folder, not a file",
+    errno.EIO: "check the disk, then run again",
+    errno.EMFILE: "raise the open-file limit (ulimit -n), then run again",
+}
+OS_ERROR_DEFAULT = "check the paths and the disk, then run the command again"
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an error the operating system raised (permissions, full or read-only disk...)."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    where = " -> ".join(str(name) for name in (exc.filename, exc.filename2) if name is not None)
+    message = f"{what}: {where}" if where else what
+    return " ".join(f"{message}: {OS_ERROR_HINTS.get(exc.errno, OS_ERROR_DEFAULT)}".split())
+
+
+def end_progress_lines() -> bool:
+    """Close the progress bars an aborted command left drawn: each ends its line, so a message
+    printed next starts on a line of its own. True if there was one."""
+    tqdm = sys.modules.get("tqdm")
+    bars = list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()))
+    for bar in bars:
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a broken bar must not hide the message
+            pass
+    return bool(bars)
 
 
 class LazyGroup(click.Group):
@@ -50,9 +97,18 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except NcaTilesError as exc:
+            end_progress_lines()
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            # Bad environment, not a bug: permissions, a full or read-only disk, a vanished file.
+            end_progress_lines()
+            raise click.ClickException(os_error_message(exc)) from None
         except KeyboardInterrupt:
-            click.echo("Interrupted: progress is saved; run the same command again to resume (train: add --resume).", err=True)
+            # On a terminal the cursor is after a progress bar or the echoed ^C: start a new line.
+            if not end_progress_lines() and click.get_text_stream("stderr").isatty():
+                click.echo("", err=True)
+            hint = INTERRUPTED.get(ctx.invoked_subcommand or "", INTERRUPTED_DEFAULT)
+            click.echo(f"Interrupted: {hint}.", err=True)
             ctx.exit(130)
 
 

@@ -1,7 +1,17 @@
+import errno
+import fcntl
+import os
+import pty
+import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 
+import click
+import pytest
+from cli_support import assert_one_line_error
 from click.testing import CliRunner
 
 from nca_tiles import __version__
@@ -33,3 +43,142 @@ def test_help_does_not_import_heavy_modules():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out, out
     assert time.perf_counter() - start < 5
+
+
+# --- the safety net: the operating system's errors are one line, bugs stay visible -------------
+
+
+def _run_raising(monkeypatch, exc: BaseException):
+    @click.command()
+    def boom():
+        raise exc
+
+    monkeypatch.setattr(cli, "get_command", lambda ctx, name: boom)
+    return CliRunner().invoke(cli, ["boom"])
+
+
+@pytest.mark.parametrize(
+    "exc, fragments",
+    [
+        (PermissionError(errno.EACCES, "Permission denied", "/data/out.zarr"),
+         ["Permission denied: /data/out.zarr", "check the permissions"]),
+        (OSError(errno.ENOSPC, "No space left on device"), ["No space left on device", "free some space"]),
+        (OSError(errno.EROFS, "Read-only file system", "/mnt/x"), ["Read-only file system: /mnt/x", "writable disk"]),
+        (OSError(errno.EIO, "Input/output error", "/slides/a.svs"), ["Input/output error: /slides/a.svs", "check the disk"]),
+        (FileNotFoundError(errno.ENOENT, "No such file or directory", "a\nb"), ["No such file or directory: a b"]),
+    ],
+    ids=["permission", "disk-full", "read-only", "io", "newline-in-name"],
+)
+def test_os_errors_are_one_line_with_what_to_do(monkeypatch, exc, fragments):
+    result = _run_raising(monkeypatch, exc)
+    assert result.exit_code == 1
+    assert_one_line_error(result, *fragments)
+
+
+def test_bugs_keep_their_traceback(monkeypatch):
+    result = _run_raising(monkeypatch, ZeroDivisionError("a bug"))
+    assert isinstance(result.exception, ZeroDivisionError)  # not turned into a user error
+
+
+def test_a_full_disk_is_one_line(tmp_path, sample_slide):
+    """A real ENOSPC: a 64 KiB tmpfs, too small for the patch store (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    full = tmp_path / "full"
+    full.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        result = CliRunner().invoke(cli, ["extract-patches", str(sample_slide), "--out", str(full / "p.zarr"), "--mpp", "2"])
+        assert result.exit_code == 1
+        assert_one_line_error(result, "No space left on device", "free some space")
+        assert os.listdir(full) == []  # the partial store is gone
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
+
+
+# --- Ctrl-C --------------------------------------------------------------------------------------
+
+
+def test_interrupted_message_starts_its_own_line_after_a_progress_bar(monkeypatch):
+    from tqdm import tqdm
+
+    @click.command()
+    def slow():
+        bar = tqdm(total=10, disable=False)  # left drawn, as a loop interrupted midway leaves it
+        bar.update(3)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "get_command", lambda ctx, name: slow)
+    result = CliRunner().invoke(cli, ["slow"])
+    assert result.exit_code == 130
+    lines = result.stderr.replace("\r", "\n").splitlines()
+    assert lines[-1] == "Interrupted: no output was written; run the command again.", result.stderr
+    assert "3/10" in result.stderr  # the bar is still there, above the message
+
+
+def test_error_after_a_progress_bar_starts_its_own_line(monkeypatch):
+    from tqdm import tqdm
+
+    from nca_tiles.errors import NcaTilesError
+
+    @click.command()
+    def failing():
+        bar = tqdm(total=10, disable=False)
+        bar.update(3)
+        raise NcaTilesError("slide.svs is truncated")
+
+    monkeypatch.setattr(cli, "get_command", lambda ctx, name: failing)
+    result = CliRunner().invoke(cli, ["failing"])
+    assert result.exit_code == 1
+    assert result.stderr.replace("\r", "\n").splitlines()[-1] == "Error: slide.svs is truncated", result.stderr
+
+
+SLOW_COMMAND = """
+import sys, time
+import click
+from tqdm import tqdm
+from nca_tiles_cli.main import cli
+
+@click.command()
+def slow():
+    bar = tqdm(total=100, disable=None)  # drawn on a terminal only, as the commands' bars
+    bar.update(3)
+    time.sleep(60)
+
+cli.get_command = lambda ctx, name: slow
+cli(["slow"])
+"""
+
+
+def test_ctrl_c_on_a_terminal():
+    """A real SIGINT to a process on a pseudo-terminal: the message is on a line of its own."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal's width
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_COMMAND], stdin=slave, stdout=slave, stderr=slave,
+                            close_fds=True)
+    os.close(slave)
+    output = b""
+    try:
+        deadline = time.time() + 60
+        while b"0/100" not in output and time.time() < deadline:  # the bar is drawn
+            output += os.read(master, 4096)
+        time.sleep(0.2)  # in the command's work, as a person's Ctrl-C
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the other side is closed
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        proc.kill()
+        os.close(master)
+    text = output.decode()
+    assert "Interrupted: " in text, text
+    line = next(line for line in text.replace("\r", "\n").split("\n") if "Interrupted" in line)
+    assert line.startswith("Interrupted: "), text
+    assert "3/100" in text  # the bar's last state stays on screen, above the message
