@@ -348,7 +348,8 @@ def run_training(patches: Path, out: Path, preset: str, config: TrainConfig, dev
     check_writable(out, "run directory")  # its parent: where it and its lock go
     if out.is_dir():
         check_writable(out / CHECKPOINT_NAME, "checkpoint")
-    with exclusive_lock(out, "run directory", "choose another --out"):
+    # Resolved: a relative path, `..` or a symlink to the same run must take the same lock.
+    with exclusive_lock(out.resolve(), "run directory", "choose another --out"):
         replace = out.exists() and any(out.iterdir()) and not resume
         if replace and not overwrite:
             raise NcaTilesError(f"{out} is not empty: pass --resume to continue it or --overwrite to start afresh")

@@ -260,11 +260,12 @@ def test_two_processes_never_share_a_run_dir(store, tmp_path):
     first = start_endless_run(store, out, "--checkpoint-every", 1)
     try:
         wait_until(first, lambda: (out / "checkpoint.pt").exists())
-        for how in ("--resume", "--overwrite"):
-            second = subprocess.run(train_command(store, out, "--steps", 3, how), capture_output=True, text=True,
+        (tmp_path / "link").symlink_to(out)
+        for where, how in ((out, "--resume"), (out, "--overwrite"), (tmp_path / "link", "--resume")):
+            second = subprocess.run(train_command(store, where, "--steps", 3, how), capture_output=True, text=True,
                                     timeout=120)
             lines = second.stderr.strip().splitlines()
-            assert second.returncode == 1 and len(lines) == 1, (how, second.stdout, second.stderr)
+            assert second.returncode == 1 and len(lines) == 1, (where, how, second.stdout, second.stderr)
             assert lines[0].startswith("Error: run directory") and "in use by process" in lines[0]
             assert f"process {first.pid} " in lines[0] and "--out" in lines[0]
             assert "trained" not in second.stdout
