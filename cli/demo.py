@@ -24,6 +24,8 @@ def demo(out, model, width, height, chunk, steps, seed, device, overwrite) -> No
     """Extract patches from the bundled H&E sample slide, synthesize a slide with the bundled
     model, write it as a pyramidal OME-TIFF, and draw real beside synthetic tissue plus a zoom
     across a chunk border. Needs no network. Rerun to resume an interrupted demo."""
+    from nca_tiles.preflight import check_writable
+    check_writable(out, "--out")  # before minutes of work
     import shutil
 
     import tifffile

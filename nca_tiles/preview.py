@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from nca_tiles.errors import NcaTilesError
+from nca_tiles.preflight import check_writable
 from nca_tiles.slideinfo import open_ome_zarr, slide_kind
 
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP"}
@@ -137,6 +138,7 @@ def write_preview(path: str | os.PathLike[str], out: str | os.PathLike[str], *, 
     image_format = IMAGE_SUFFIXES.get(out.suffix.lower())
     if image_format is None:
         raise NcaTilesError(f"cannot tell the image format of {out.name}: use a .png (or .jpg) file name")
+    check_writable(out, "--out")  # before reading the slide, which may take a while
     image = make_thumbnail(path, size)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")

@@ -13,6 +13,7 @@ import click
 import pytest
 from cli_support import assert_one_line_error
 from click.testing import CliRunner
+from helpers import read_only_dir
 
 from nca_tiles import __version__
 from nca_tiles_cli.main import COMMANDS, cli
@@ -182,3 +183,12 @@ def test_ctrl_c_on_a_terminal():
     line = next(line for line in text.replace("\r", "\n").split("\n") if "Interrupted" in line)
     assert line.startswith("Interrupted: "), text
     assert "3/100" in text  # the bar's last state stays on screen, above the message
+
+
+def test_demo_refuses_a_read_only_out_before_any_work(tmp_path):
+    with read_only_dir(tmp_path / "ro") as ro:
+        start = time.perf_counter()
+        result = CliRunner().invoke(cli, ["demo", "--out", str(ro / "demo")])
+        assert_one_line_error(result, f"cannot write --out {ro / 'demo'}", "choose another location")
+        assert time.perf_counter() - start < 30  # refused, not after minutes of synthesis
+        assert list(ro.iterdir()) == []

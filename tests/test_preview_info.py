@@ -7,8 +7,10 @@ import json
 import numpy as np
 import pytest
 import tifffile
+from cli_support import assert_one_line_error
 from click.testing import CliRunner
 from export_support import MPP, corrupt_last_chunk, smooth_image, write_canvas
+from helpers import read_only_dir
 from PIL import Image
 
 from nca_tiles.errors import NcaTilesError
@@ -87,6 +89,21 @@ def test_write_preview_is_atomic_and_checks_its_arguments(slides, tmp_path):
         write_preview(slides["tiff"], tmp_path / "thumb.xyz")
     with pytest.raises(NcaTilesError, match="positive"):
         make_thumbnail(slides["tiff"], 0)
+
+
+def test_read_only_out_is_refused_before_the_slide_is_read(slides, tmp_path, monkeypatch):
+    import nca_tiles.preview
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the slide was read before --out was checked")
+
+    with read_only_dir(tmp_path / "ro") as ro:
+        result = run("preview", slides["tiff"], "--out", ro / "thumb.png", "--size", "64")
+        assert_one_line_error(result, f"cannot write --out {ro / 'thumb.png'}", "choose another location")
+        monkeypatch.setattr(nca_tiles.preview, "make_thumbnail", no_work)
+        with pytest.raises(NcaTilesError, match="cannot write --out .*not writable"):
+            write_preview(slides["tiff"], ro / "sub" / "thumb.png")
+        assert list(ro.iterdir()) == []
 
 
 def test_describe_our_ome_tiff(slides):
