@@ -259,13 +259,14 @@ def extract_patches(
     Unreadable slides and slides without tissue are skipped (listed in the result); everything
     else that is wrong raises ``NcaTilesError`` before anything is written. The store is built
     beside ``out`` under a temporary name and renamed when complete, so ``out`` is never
-    half-written. ``progress`` shows a bar per slide on a terminal.
+    half-written; a lock beside it (``.NAME.lock``) refuses a second extraction to the same
+    ``out`` while this one runs. ``progress`` shows a bar per slide on a terminal.
 
     ``split_by``: "slide" (whole slides per split: honest held-out data, but every tissue only in
     one split), "region" (square regions of every slide in every split: each tissue is trained
     on), or "auto" (by slide with 3 or more usable slides, else by region).
     """
-    from nca_tiles.slide import find_slides
+    from nca_tiles.locking import exclusive_lock
 
     stride = patch_size if stride is None else stride
     _check_settings(patch_size, target_mpp, stride, min_tissue, max_per_slide, source_mpp)
@@ -273,10 +274,21 @@ def extract_patches(
         raise NcaTilesError(f"unknown --split-by {split_by!r}: use one of {', '.join(SPLIT_POLICIES)}")
     settings = _Settings(patch_size, target_mpp, stride, min_tissue, max_per_slide, seed, source_mpp, progress)
     out = Path(out)
-    _check_output(out, overwrite)
+    _check_location(out)
+    # Held to the end: a second extraction to the same --out would replace the store under this one.
+    with exclusive_lock(out, "--out", "choose another --out"):
+        _check_output(out, overwrite)
+        return _extract(slides, out, split_by, allow_upsample, settings)
+
+
+def _extract(
+    slides: Sequence[str | os.PathLike[str]], out: Path, split_by: str, allow_upsample: bool, settings: _Settings
+) -> ExtractionResult:
+    from nca_tiles.slide import find_slides
+
     files = find_slides(slides)
     skipped: list[SkippedSlide] = []
-    candidates = _check_resolutions(files, target_mpp, source_mpp, allow_upsample, skipped)
+    candidates = _check_resolutions(files, settings.target_mpp, settings.source_mpp, allow_upsample, skipped)
 
     while True:
         if not candidates:
@@ -343,10 +355,17 @@ def _check_settings(
         raise NcaTilesError(f"--max-per-slide must be at least 1, got {max_per_slide}")
 
 
+def _check_location(out: Path) -> None:
+    """The folder of ``out`` exists and this process can write there (tried for real)."""
+    from nca_tiles.preflight import check_writable
+
+    if not out.parent.is_dir():
+        raise NcaTilesError(f"the folder of --out {out} does not exist: create it first")
+    check_writable(out, "--out")
+
+
 def _check_output(out: Path, overwrite: bool) -> None:
     if not out.exists():
-        if not out.parent.is_dir():
-            raise NcaTilesError(f"the folder of --out {out} does not exist: create it first")
         return
     if not overwrite:
         raise NcaTilesError(f"{out} exists: pass --overwrite to replace it, or choose another --out")

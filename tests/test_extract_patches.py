@@ -6,7 +6,10 @@ Extractions run at coarse resolutions (--mpp 2) or with --max-per-slide to stay 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +24,9 @@ from _slides import (
     write_ome_pyramid,
     write_png,
 )
+from cli_support import assert_one_line_error
 from click.testing import CliRunner
+from helpers import read_only_dir
 
 from nca_tiles import __version__
 from nca_tiles.errors import NcaTilesError
@@ -444,3 +449,71 @@ def test_newer_format_is_refused(tmp_path, one_slide_store):
     (newer / "zarr.json").write_text(json.dumps(meta))
     with pytest.raises(NcaTilesError, match="format 2"):
         open_patch_store(newer)
+
+
+# --- where the store goes: writable, and one extraction at a time -------------------------------
+
+
+def test_read_only_out_is_refused_before_any_work(tmp_path, sample_slide, monkeypatch):
+    import nca_tiles.slide
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("slides were searched before --out was checked")
+
+    monkeypatch.setattr(nca_tiles.slide, "find_slides", no_work)
+    with read_only_dir(tmp_path / "ro") as ro:
+        with pytest.raises(NcaTilesError, match=r"cannot write --out .*p\.zarr.*not writable"):
+            extract([sample_slide], ro / "p.zarr", target_mpp=2.0)
+        result = CliRunner().invoke(cli, ["extract-patches", str(sample_slide), "--out", str(ro / "p.zarr")])
+        assert_one_line_error(result, "cannot write --out", "choose another location")
+        assert list(ro.iterdir()) == []
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from nca_tiles.locking import exclusive_lock
+with exclusive_lock(Path(sys.argv[1]), "--out", "choose another --out"):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_out_in_use_by_another_process_is_refused(tmp_path, sample_slide):
+    out = tmp_path / "p.zarr"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = CliRunner().invoke(cli, ["extract-patches", str(sample_slide), "--out", str(out), "--mpp", "2"])
+        assert_one_line_error(result, f"--out {out} is in use by process {holder.pid} on host", "choose another --out")
+        assert not out.exists() and not leftovers(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_second_extraction_to_the_same_out_is_refused_while_the_first_runs(tmp_path, sample_slide, monkeypatch):
+    """A second real ``nca-tiles extract-patches`` started while this one writes the store: it is
+    refused at once, and the first finishes with a store that reads back whole."""
+    import nca_tiles.patches as patches
+
+    out = tmp_path / "p.zarr"
+    second: list[subprocess.CompletedProcess] = []
+    write_store = patches._write_store
+
+    def write_store_and_race(*args, **kwargs):
+        command = [sys.executable, "-m", "nca_tiles_cli.main", "extract-patches", str(sample_slide), "--out", str(out),
+                   "--mpp", "4", "--overwrite"]
+        second.append(subprocess.run(command, capture_output=True, text=True, timeout=120))
+        return write_store(*args, **kwargs)
+
+    monkeypatch.setattr(patches, "_write_store", write_store_and_race)
+    result = extract([sample_slide], out, target_mpp=2.0, max_per_slide=20)
+    (race,) = second
+    assert race.returncode == 1, race.stderr
+    lines = race.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in race.stderr, race.stderr
+    assert f"--out {out} is in use by process {os.getpid()} on host" in lines[0]
+    store = open_patch_store(out)
+    assert len(store) == result.n_patches == 20 and store.mpp == 2.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.zarr"]  # the lock went with the extraction
