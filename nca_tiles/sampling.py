@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from nca_tiles import rng
-from nca_tiles.checkpoint import load_model_files, model_hash, resolve_model_path
+from nca_tiles.checkpoint import load_model_files, load_weights, model_hash, resolve_model_path, validate_model_meta
 from nca_tiles.errors import NcaTilesError
 from nca_tiles.model import CounterFireMask, DiffNCA, ModelConfig
 from nca_tiles.schedule import NoiseSchedule, ScheduleConfig
@@ -70,14 +70,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def build_pipeline(meta: dict, state_dict: dict, device: str | torch.device = "cpu", precision: str = "auto") -> Pipeline:
+def build_pipeline(meta: dict, state_dict: dict, device: str | torch.device = "cpu", precision: str = "auto",
+                   source: str | Path = "the model") -> Pipeline:
+    """A pipeline from a model's metadata and weights; ``source`` names where they came from in errors."""
     device = resolve_device(device) if isinstance(device, str) else device
+    validate_model_meta(meta, source)  # cheap, and callers may build meta themselves
     config = ModelConfig.from_dict(meta["model"])
     model = DiffNCA(config)
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as exc:
-        raise NcaTilesError(f"weights do not fit the model config: {str(exc).splitlines()[0]}") from None
+    load_weights(model, state_dict, source)
     model.eval().requires_grad_(False).to(device)
     precision = resolve_precision(device, precision)
     return Pipeline(
@@ -93,8 +93,9 @@ def build_pipeline(meta: dict, state_dict: dict, device: str | torch.device = "c
 
 def load_model(path: Path | str | None = None, device: str = "auto", precision: str = "auto") -> Pipeline:
     """Load a model for sampling: a run directory, model directory or checkpoint file; None = bundled."""
-    meta, state = load_model_files(resolve_model_path(None if path is None else Path(path)))
-    return build_pipeline(meta, state, device, precision)
+    files = resolve_model_path(None if path is None else Path(path))
+    meta, state = load_model_files(files)
+    return build_pipeline(meta, state, device, precision, source=files.checkpoint or files.weights)
 
 
 def initial_noise(seed: int, y0: int, x0: int, height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
