@@ -8,7 +8,8 @@ and the generator recorded in the OME-XML.
 
 Tiles are streamed from the zarr levels to tifffile through generators, so memory stays at a
 few chunks whatever the size of the slide. The file is written under a temporary name in the
-output folder and renamed at the very end: an interrupted export never leaves ``out`` behind.
+output folder and renamed at the very end: an interrupted export never leaves ``out`` behind, and
+the next export of ``out`` removes what a killed one left (nca_tiles.outputs).
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ import math
 import os
 import shutil
 import tempfile
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,10 @@ import numpy as np
 
 from nca_tiles import __version__
 from nca_tiles.errors import NcaTilesError
+from nca_tiles.outputs import os_error_message, output_lock, remove_stale_temporaries, scratch_prefix, temporary_path
+from nca_tiles.preflight import check_writable
 from nca_tiles.pyramid import (
+    MAX_TILE,
     Canvas,
     check_mpp,
     create_scratch_level,
@@ -67,8 +70,8 @@ def check_tiff_options(tile: int, compression: str, quality: int) -> None:
     """Raise NcaTilesError for options the writer (or Bio-Formats) cannot honour."""
     if compression not in COMPRESSIONS:
         raise NcaTilesError(f"unknown compression {compression!r}: use one of {', '.join(COMPRESSIONS)}")
-    if not isinstance(tile, int) or isinstance(tile, bool) or tile < 16 or tile % 16:
-        raise NcaTilesError(f"tile must be a positive multiple of 16 (e.g. 256, 512), got {tile!r}")
+    if not isinstance(tile, int) or isinstance(tile, bool) or tile < 16 or tile % 16 or tile > MAX_TILE:
+        raise NcaTilesError(f"tile must be a positive multiple of 16 up to {MAX_TILE} (e.g. 256, 512), got {tile!r}")
     if not isinstance(quality, int) or isinstance(quality, bool) or not 1 <= quality <= 100:
         raise NcaTilesError(f"JPEG quality must be an integer from 1 to 100, got {quality!r}")
     if compression in NEEDS_IMAGECODECS and importlib.util.find_spec("imagecodecs") is None:
@@ -137,6 +140,7 @@ def write_ome_tiff(
     progress: bool = True,
     bigtiff: bool | None = None,
     workers: int | None = None,
+    on_complete: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``canvas`` ((H, W, 3) uint8: zarr array, path to one, work directory or NumPy
     array) to ``out`` as a tiled pyramidal OME-TIFF and return ``out``.
@@ -147,12 +151,13 @@ def write_ome_tiff(
     ``COMPRESSIONS``. quality: JPEG quality 1-100. scratch_dir: where the lower levels are
     kept while they are written (default: a hidden folder next to ``out``; they take about a
     third of the canvas' stored size). bigtiff: None decides from the size. workers: tile
-    encoding threads (default: tifffile's, half the cores).
+    encoding threads (default: tifffile's, half the cores). on_complete: called with the
+    complete temporary file just before it is renamed to ``out`` (e.g. to record its identity).
 
-    An existing ``out`` is replaced, only once the new file is complete.
+    An existing ``out`` is replaced, only once the new file is complete. Another process writing
+    ``out`` at the same time is refused.
     """
     import tifffile
-    from tqdm import tqdm
 
     check_tiff_options(tile, compression, quality)
     mpp = check_mpp(mpp)
@@ -162,6 +167,9 @@ def write_ome_tiff(
         raise NcaTilesError(f"{out} is a directory: give an output file name such as slide.ome.tif")
     if opened.path is not None and paths_overlap(out, opened.path):
         raise NcaTilesError(f"{out} would overwrite the canvas itself: choose another output")
+    check_writable(out, "--out")
+    if scratch_dir is not None:
+        check_writable(Path(scratch_dir) / "scratch", "the export's scratch folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     name = name or default_image_name(out)
     metadata = ome_metadata(name=name, mpp=mpp, generator=opened.generator if generator is None else generator)
@@ -186,9 +194,25 @@ def write_ome_tiff(
     elif compression in PREDICTOR_COMPRESSIONS:
         options["predictor"] = 2
 
-    tmp_out = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with output_lock(out):
+        remove_stale_temporaries(out, *([scratch_dir] if scratch_dir is not None else []))
+        try:
+            _write_levels(opened, out, shapes, tile, mpp, metadata, options, bigtiff, scratch_dir, progress,
+                          on_complete)
+        except OSError as exc:
+            raise os_error_message(exc, out) from exc
+    return out
+
+
+def _write_levels(opened: Canvas, out: Path, shapes: list[tuple[int, int]], tile: int, mpp: float,
+                  metadata: dict[str, Any], options: dict[str, Any], bigtiff: bool, scratch_dir: Any,
+                  progress: bool, on_complete: Callable[[Path], None] | None) -> None:
+    import tifffile
+    from tqdm import tqdm
+
+    tmp_out = temporary_path(out, "new")
     with ExitStack() as stack:
-        scratch = Path(tempfile.mkdtemp(prefix=".nca-tiles-pyramid-", dir=scratch_dir or out.parent))
+        scratch = Path(tempfile.mkdtemp(prefix=scratch_prefix(out), suffix=".tmp", dir=scratch_dir or out.parent))
         stack.callback(shutil.rmtree, scratch, ignore_errors=True)
         total = sum(math.ceil(h / tile) * math.ceil(w / tile) for h, w in shapes)
         bar = stack.enter_context(tqdm(total=total, desc=f"export {out.name}", unit="tile", disable=not progress))
@@ -215,8 +239,12 @@ def write_ome_tiff(
                     )
                     if index + 1 < len(shapes):
                         level, read_width = below, tile
+            if on_complete is not None:
+                on_complete(tmp_out)
             os.replace(tmp_out, out)
         except BaseException:
-            tmp_out.unlink(missing_ok=True)
+            try:
+                tmp_out.unlink(missing_ok=True)
+            except OSError:
+                pass  # e.g. the folder went read-only: keep the first error; a rerun removes it
             raise
-    return out

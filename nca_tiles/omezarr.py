@@ -8,7 +8,8 @@ ome-zarr-py and zarr-python 3 throughout.
 
 Levels are 2x area averages (nca_tiles.pyramid), each computed chunk by chunk from the level
 above in the output itself, so no scratch copy is needed and memory stays at a few chunks. The
-store is written as a hidden sibling directory and renamed to ``out`` when complete.
+store is written as a hidden sibling directory and renamed to ``out`` when complete; the next
+export of ``out`` removes what a killed one left (nca_tiles.outputs).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,10 @@ import numpy as np
 
 from nca_tiles import __version__
 from nca_tiles.errors import NcaTilesError
+from nca_tiles.outputs import os_error_message, output_lock, remove_stale_temporaries, temporary_path
+from nca_tiles.preflight import check_writable
 from nca_tiles.pyramid import (
+    MAX_TILE,
     check_mpp,
     copy_level,
     count_blocks,
@@ -125,25 +129,25 @@ def write_ome_zarr(
     chunk: int = 512,
     progress: bool = True,
     workers: int | None = None,
+    on_complete: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``canvas`` ((H, W, 3) uint8: zarr array, path to one, work directory or NumPy
     array) to the directory ``out`` as an OME-NGFF 0.4 multiscale image and return ``out``.
 
     mpp: µm per pixel at full resolution. generator: JSON-able provenance, stored under the
     group attribute ``nca_tiles``. name: the image name (default: from ``out``). chunk: chunk
-    side; levels go down until one fits in a chunk. An existing ``out`` is replaced, only once
-    the new store is complete.
+    side; levels go down until one fits in a chunk. on_complete: called with the complete
+    temporary store just before it is renamed to ``out``. An existing ``out`` is replaced, only
+    once the new store is complete; another process writing ``out`` at the same time is refused.
     """
-    import zarr
-    from tqdm import tqdm
-
-    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 16 or chunk % 16:
-        raise NcaTilesError(f"chunk must be a positive multiple of 16 (e.g. 256, 512), got {chunk!r}")
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 16 or chunk % 16 or chunk > MAX_TILE:
+        raise NcaTilesError(f"chunk must be a positive multiple of 16 up to {MAX_TILE} (e.g. 256, 512), got {chunk!r}")
     mpp = check_mpp(mpp)
     opened = open_canvas(canvas)
     out = Path(out)
     if opened.path is not None and paths_overlap(out, opened.path):
         raise NcaTilesError(f"{out} would overwrite the canvas itself: choose another output")
+    check_writable(out, "--out")
     out.parent.mkdir(parents=True, exist_ok=True)
     name = name or default_image_name(out)
     generator = opened.generator if generator is None else generator
@@ -151,10 +155,26 @@ def write_ome_zarr(
     # Copy level 0 in blocks that are whole chunks of both the canvas and the output.
     copy_block = math.ceil(opened.chunk / chunk) * chunk
 
-    tmp_out = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
     total = count_blocks(opened.height, opened.width, copy_block) + sum(
         count_blocks(h, w, chunk) for h, w in shapes[1:]
     )
+    with output_lock(out):
+        remove_stale_temporaries(out)
+        try:
+            _write_store(opened, out, shapes, chunk, copy_block, total, mpp, name, generator, progress, workers,
+                         on_complete)
+        except OSError as exc:
+            raise os_error_message(exc, out) from exc
+    return out
+
+
+def _write_store(opened: Any, out: Path, shapes: list[tuple[int, int]], chunk: int, copy_block: int, total: int,
+                 mpp: float, name: str, generator: dict[str, Any] | None, progress: bool, workers: int | None,
+                 on_complete: Callable[[Path], None] | None) -> None:
+    import zarr
+    from tqdm import tqdm
+
+    tmp_out = temporary_path(out, "new")
     try:
         with tqdm(total=total, desc=f"export {out.name}", unit="chunk", disable=not progress) as bar:
             group = zarr.open_group(str(tmp_out), mode="w", zarr_format=2)
@@ -174,11 +194,12 @@ def write_ome_zarr(
             for above, level in zip(levels, levels[1:]):
                 downsample_level(above, level, chunk=chunk, workers=workers, on_chunk=lambda: bar.update(1))
             group.attrs.update(multiscales_metadata(shapes, mpp=mpp, name=name, generator=generator))
+        if on_complete is not None:
+            on_complete(tmp_out)
         _move_into_place(tmp_out, out)
     except BaseException:
         shutil.rmtree(tmp_out, ignore_errors=True)
         raise
-    return out
 
 
 def _move_into_place(new: Path, out: Path) -> None:
@@ -186,7 +207,7 @@ def _move_into_place(new: Path, out: Path) -> None:
     if not (out.exists() or out.is_symlink()):
         os.rename(new, out)
         return
-    old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old.tmp")
+    old = temporary_path(out, "old")
     os.rename(out, old)
     try:
         os.rename(new, out)

@@ -30,6 +30,9 @@ CANVAS_ARRAY = "rgb"  # array name inside WORK_DIR/canvas.zarr
 CANVAS_STORE = "canvas.zarr"
 DEFAULT_CHUNK = 1024  # block side for a canvas that has no chunking (NumPy input)
 SMALL_BLOCK = 512  # read sharded canvases in blocks of about this side
+# Largest tile (OME-TIFF) or chunk (OME-Zarr) side: beyond it a tile costs hundreds of MB per
+# encoder thread, and viewers read 256-1024.
+MAX_TILE = 8192
 
 
 class RegionArray(Protocol):
