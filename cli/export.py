@@ -6,42 +6,12 @@ from pathlib import Path
 
 import click
 
-from nca_tiles.errors import NcaTilesError
-from nca_tiles_cli.options import check_output, out_path_option, overwrite_option
+from nca_tiles_cli.options import out_path_option, overwrite_option
 
 FORMATS = ("ome-tiff", "ome-zarr")
-# Kept here (not imported from nca_tiles.ometiff) so that --help imports nothing heavy;
-# the library validates the value again.
-COMPRESSION_NAMES = "jpeg, deflate, lzw, zstd, packbits, none"
-
-
-def check_synthesis_finished(source: Path) -> None:
-    """Refuse a work directory whose manifest says the last denoising sweep has not run: its
-    canvas is still noise or half-denoised. (A synthesis whose own export failed has all its
-    sweeps done but is not marked finished: that canvas is complete and may be exported.)"""
-    import json
-
-    manifest = source / "manifest.json"
-    if not (source.is_dir() and manifest.is_file()):
-        return
-    try:
-        state = json.loads(manifest.read_text())
-        if state.get("finished", True):
-            return
-        sweeps = 1 + len(state["job"]["timesteps"])  # sweep 0 draws x_T, one more per step
-        done = int(state["sweeps_done"])
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):
-        return  # not ours to judge: opening the canvas reports real problems
-    if done < sweeps:
-        raise NcaTilesError(
-            f"synthesis in {source} has not finished ({done} of {sweeps} sweeps): "
-            "rerun the same nca-tiles synthesize command to finish it"
-        )
-
-
-def infer_format(out: Path) -> str:
-    """ome-zarr for a ``.zarr`` output, else ome-tiff."""
-    return "ome-zarr" if out.name.lower().rstrip("/").endswith(".zarr") else "ome-tiff"
+# Kept here (not imported from nca_tiles.ometiff) so that --help imports nothing heavy; shared
+# with synthesize, and tested to equal the library's list. The library validates the value.
+COMPRESSION_NAMES = ("jpeg", "deflate", "lzw", "zstd", "packbits", "none")
 
 
 @click.command(short_help="Export a kept canvas as pyramidal OME-TIFF or OME-Zarr.")
@@ -61,7 +31,7 @@ def infer_format(out: Path) -> str:
     show_default=True,
     help="Tile (OME-TIFF) or chunk (OME-Zarr) side: a multiple of 16.",
 )
-@click.option("--compression", default=None, help=f"OME-TIFF compression: {COMPRESSION_NAMES}. [default: jpeg]")
+@click.option("--compression", default=None, help=f"OME-TIFF compression: {', '.join(COMPRESSION_NAMES)}. [default: jpeg]")
 @click.option("--quality", type=int, default=None, help="JPEG quality, 1-100. [default: 90]")
 @click.option("--mpp", type=float, default=None, help="µm per pixel. Default: the canvas' 'mpp' attribute.")
 @click.option("--name", default=None, help="Image name in the metadata. Default: from --out.")
@@ -84,36 +54,8 @@ def export(
     The output is written under a temporary name and renamed when complete, so an interrupted
     export leaves no --out behind.
     """
-    check_output(out, overwrite)
-    fmt = fmt or infer_format(out)
-    if fmt == "ome-zarr" and (compression is not None or quality is not None):
-        raise NcaTilesError("--compression and --quality apply to OME-TIFF only: drop them for --format ome-zarr")
+    from nca_tiles.export_job import export_canvas
 
-    check_synthesis_finished(source)
-
-    from nca_tiles.pyramid import open_canvas
-
-    canvas = open_canvas(source)
-    if mpp is None:
-        if canvas.mpp is None:
-            raise NcaTilesError(f"the canvas at {source} records no pixel size: pass --mpp (µm per pixel)")
-        mpp = canvas.mpp
-
-    if fmt == "ome-tiff":
-        from nca_tiles.ometiff import write_ome_tiff
-
-        write_ome_tiff(
-            canvas,
-            out,
-            mpp=mpp,
-            generator=canvas.generator,
-            name=name,
-            tile=tile,
-            compression=compression if compression is not None else "jpeg",
-            quality=quality if quality is not None else 90,
-        )
-    else:
-        from nca_tiles.omezarr import write_ome_zarr
-
-        write_ome_zarr(canvas, out, mpp=mpp, generator=canvas.generator, name=name, chunk=tile)
-    click.echo(f"wrote {out} ({fmt}, {canvas.width} x {canvas.height} px, {mpp:g} µm/px)")
+    done = export_canvas(source, out, fmt=fmt, tile=tile, compression=compression, quality=quality, mpp=mpp,
+                         name=name, overwrite=overwrite)
+    click.echo(f"wrote {out} ({done.format}, {done.width} x {done.height} px, {done.mpp:g} µm/px)")

@@ -88,12 +88,18 @@ def chunk_side(array: Any) -> int:
 
 def open_canvas(source: Any) -> Canvas:
     """Open a canvas from a work directory, a ``canvas.zarr`` group, a zarr array path, a zarr
-    array or a NumPy array, and check it is (H, W, 3) uint8."""
+    array or a NumPy array, and check it is (H, W, 3) uint8. A path into a synthesis work
+    directory whose job has not finished is refused."""
     if isinstance(source, Canvas):
         return source
     path: Path | None = None
     attrs: dict[str, Any] = {}
     if isinstance(source, (str, os.PathLike)):
+        from nca_tiles.canvas import find_work_dir
+
+        work = find_work_dir(Path(source))
+        if work is not None:
+            work.check_finished()  # an unfinished canvas is noise, or black where not yet written
         array, path = _open_zarr_canvas(Path(source))
         attrs = dict(array.attrs)
     elif isinstance(source, np.ndarray):

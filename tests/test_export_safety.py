@@ -16,8 +16,13 @@ import pytest
 
 from tests.cli_support import assert_ok, assert_one_line_error, run_cli
 from tests.export_support import corrupt_last_chunk, noisy_image, write_canvas
-from tests.helpers import read_only_dir
-from tests.job_support import command, entries, small_file_system, wait_for
+from tests.helpers import read_only_dir, save_test_model
+from tests.job_support import canvas_paths, command, entries, small_file_system, sweeps_done, synth_args, wait_for
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return save_test_model(tmp_path_factory.mktemp("model"))
 
 
 def test_export_to_a_read_only_folder_is_refused(tmp_path):
@@ -106,3 +111,20 @@ def test_kill_9_during_export_then_rerun_removes_the_dead_writers_temporaries(tm
     assert not out.exists() and any(n.startswith(".s.ome.tif.nca-tiles-") for n in left), left
     assert_ok(run_cli("export", canvas, "--out", out, "--compression", "none", "--tile", 256))
     assert entries(out_dir) == {"s.ome.tif"}
+
+
+def test_export_refuses_the_canvas_of_a_killed_job_by_any_path(model, tmp_path):
+    work = tmp_path / "work"
+    proc = subprocess.Popen(command(*synth_args(model, tmp_path / "s.ome.tif", "--work-dir", work, steps=40)))
+    try:
+        wait_for(lambda: sweeps_done(work) >= 2 or proc.poll() is not None, what="two sweeps")
+        assert proc.poll() is None, "the run finished before it could be killed"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert 2 <= sweeps_done(work) < 41
+    exported = tmp_path / "e.ome.tif"
+    for source in canvas_paths(work):  # noise, or black where never written
+        assert_one_line_error(run_cli("export", source, "--out", exported), "has not finished",
+                              "rerun the same nca-tiles synthesize command")
+    assert not exported.exists()
