@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from nca_tiles_cli.options import check_output, device_option, overwrite_option, seed_option
+from nca_tiles_cli.export import COMPRESSION_NAMES
+from nca_tiles_cli.options import device_option, overwrite_option, seed_option
 
 
 @click.command(short_help="Synthesize a whole-slide image of any size, chunk by chunk.")
@@ -32,9 +33,11 @@ from nca_tiles_cli.options import check_output, device_option, overwrite_option,
 @click.option("--scheduler", default=None, help="Run on an existing dask cluster (tcp://host:port).")
 @click.option("--format", "format_", type=click.Choice(["ome-tiff", "ome-zarr"]), default="ome-tiff", show_default=True)
 @click.option("--tile", type=int, default=512, show_default=True, help="OME-TIFF tile side.")
-@click.option("--compression", default="jpeg", show_default=True, help="OME-TIFF compression: jpeg, deflate, lzw, zstd, none.")
+@click.option("--compression", default="jpeg", show_default=True, help=f"OME-TIFF compression: {', '.join(COMPRESSION_NAMES)}.")
 @click.option("--quality", type=int, default=90, show_default=True, help="JPEG quality.")
-@click.option("--dry-run", is_flag=True, help="Print the plan (grid, halo overhead, disk, memory, time) and stop.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the plan (grid, halo overhead, disk per file system, memory, time) and the pre-flight "
+                   "checks, and stop; exits non-zero if the job would be refused.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def synthesize(model, width, height, out, chunk, seed, sampler, steps, eta, device, precision, batch, work_dir,
                keep_canvas, overwrite, workers, scheduler, format_, tile, compression, quality, dry_run,
@@ -48,26 +51,25 @@ def synthesize(model, width, height, out, chunk, seed, sampler, steps, eta, devi
     from nca_tiles.errors import NcaTilesError
     from nca_tiles.plan import describe_plan, make_plan
     from nca_tiles.sampling import load_model
-    from nca_tiles.slide_job import SlideRequest, check_request, default_work_dir, synthesize_slide
+    from nca_tiles.slide_job import SlideRequest, check_request, default_work_dir, dry_run_report, synthesize_slide
     from nca_tiles.synthesis import make_job
 
-    if workers is not None and scheduler is not None:
-        raise NcaTilesError("give --workers or --scheduler, not both")
-    if not dry_run:
-        check_output(out, overwrite)
     pipeline = load_model(model, device, precision)
     req = SlideRequest(width=width, height=height, out=out, seed=seed, chunk=chunk, sampler=sampler, steps=steps,
                        eta=eta, batch=batch, work_dir=work_dir, keep_canvas=keep_canvas, format=format_, tile=tile,
-                       compression=compression, quality=quality, workers=workers, scheduler=scheduler)
-    check_request(req, pipeline.halo)
-    if format_ == "ome-tiff":
-        from nca_tiles.ometiff import check_tiff_options
-
-        check_tiff_options(tile, compression, quality)
+                       compression=compression, quality=quality, workers=workers, scheduler=scheduler,
+                       overwrite=overwrite)
+    check_request(req, pipeline.halo, pipeline.schedule.timesteps)
     if dry_run:
         job = make_job(pipeline, seed, width, height, chunk, sampler, steps, eta)
         plan = make_plan(pipeline, job, batch)
         click.echo(describe_plan(plan, pipeline, job, batch, work_dir or default_work_dir(out)))
+        lines, problems = dry_run_report(pipeline, req)
+        refusals = [f"would refuse the job: {problem}" for problem in problems] or ["the job would run"]
+        click.echo("\n".join(["pre-flight:", *(f"  {line}" for line in lines + refusals)]))
+        if problems:
+            more = f" (and {len(problems) - 1} more reason(s) above)" if len(problems) > 1 else ""
+            raise NcaTilesError(f"the job would be refused: {problems[0]}{more}")
         return
     synthesize_slide(pipeline, req, model_path=model, device=device, progress=not no_progress)
     click.echo(f"wrote {out}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,12 +9,9 @@ from pathlib import Path
 import torch
 
 from nca_tiles.canvas import Job
-from nca_tiles.errors import NcaTilesError
+from nca_tiles.diskspace import canvas_bytes, format_bytes
 from nca_tiles.sampling import Pipeline, predict_noise
 from nca_tiles.synthesis import chunk_grid
-
-FLOAT_BUFFERS = 2
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -41,11 +37,6 @@ class Plan:
         return self.seconds_per_megapixel_step * self.window_pixels_per_sweep / 1e6 * (self.sweeps - 1)
 
 
-def canvas_bytes(width: int, height: int) -> int:
-    """Disk for the canvas: two float32 buffers and the uint8 image (upper bound, uncompressed)."""
-    return width * height * 3 * (4 * FLOAT_BUFFERS + 1)
-
-
 def activation_bytes(pipeline: Pipeline, window_pixels: int) -> int:
     """Live float32 tensors of one window's model call at inference: over the window the two state
     buffers that swap every NCA step and ε̂; over one band of rows (model.band_pixels) the padded
@@ -68,7 +59,7 @@ def make_plan(pipeline: Pipeline, job: Job, batch: int, calibrate: bool = True) 
         window_pixels_per_sweep=sum(c.window_pixels for c in chunks),
         canvas_pixels=job.width * job.height,
         sweeps=job.sweeps,
-        canvas_bytes=canvas_bytes(job.width, job.height),
+        canvas_bytes=canvas_bytes(job.width, job.height, job.chunk),
         host_bytes=io + step + (act if pipeline.device.type == "cpu" else 0),
         device_bytes=act + step if pipeline.device.type != "cpu" else 0,
         seconds_per_megapixel_step=calibrate_speed(pipeline, job.chunk) if calibrate else None,
@@ -89,30 +80,6 @@ def calibrate_speed(pipeline: Pipeline, chunk: int, side: int = 256) -> float:
     return (time.perf_counter() - start) / (side * side / 1e6)
 
 
-def existing_ancestor(path: Path) -> Path:
-    path = path.resolve()
-    while not path.exists():
-        path = path.parent
-    return path
-
-
-def check_free_disk(work_dir: Path, needed: int) -> None:
-    free = shutil.disk_usage(existing_ancestor(work_dir)).free
-    if needed > free:
-        raise NcaTilesError(
-            f"not enough free disk for the canvas: needs {format_bytes(needed)}, {format_bytes(free)} free "
-            f"under {existing_ancestor(work_dir)} (choose another --work-dir or a smaller slide)"
-        )
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError
-
-
 def format_seconds(s: float) -> str:
     if s < 120:
         return f"{s:.0f} s"
@@ -131,7 +98,8 @@ def describe_plan(plan: Plan, pipeline: Pipeline, job: Job, batch: int, work_dir
         f"batch {batch}",
         f"halo overhead: {plan.halo_overhead:.3f}× pixels computed per pixel kept "
         f"(interior chunks: {((job.chunk + 2 * pipeline.halo) / job.chunk) ** 2:.3f}×)",
-        f"disk for the canvas: {format_bytes(plan.canvas_bytes)} in {work_dir}",
+        f"disk for the canvas: {format_bytes(plan.canvas_bytes)} in {work_dir} (as zarr stores it: edge inner chunks "
+        "whole, shard indexes)",
         f"host memory (estimate, on top of the loaded model and libraries): {format_bytes(plan.host_bytes)}",
         f"device memory (estimate): {format_bytes(plan.device_bytes)}" if plan.device_bytes else "device memory: none (CPU)",
     ]

@@ -16,6 +16,7 @@ import numpy as np
 
 from nca_tiles.errors import NcaTilesError
 from nca_tiles.preflight import check_writable
+from nca_tiles.slide import check_intact, damage_reason, damaged, open_tiff, quiet_tifffile
 from nca_tiles.slideinfo import open_ome_zarr, slide_kind
 
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP"}
@@ -77,17 +78,21 @@ def _read_yxc(array: Any, axes: list[str], step: int) -> np.ndarray:
 
 
 def _tiff_pixels(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    import tifffile
     import zarr
 
-    with tifffile.TiffFile(path) as tif:
+    with open_tiff(path) as tif:  # refuses a truncated or corrupt file before reading pixels
         series = tif.series[0]
         levels = series.levels
         sizes = [(_axis(level, "Y"), _axis(level, "X")) for level in levels]
         index = pick_level(sizes, size)
         step = _stride(*sizes[index], size)
+        axes = list(levels[index].axes)
+        if step == 1 and set(axes) <= {"Y", "X", "S", "C"}:
+            # Read whole anyway: tifffile's own read fails cleanly on a corrupt tile, where zarr's
+            # asynchronous reads leave sibling tasks that print tracebacks at exit.
+            return _read_yxc(levels[index].asarray(), axes, 1), sizes[0]
         array = zarr.open(series.aszarr(level=index), mode="r")
-        return _read_yxc(array, list(levels[index].axes), step), sizes[0]
+        return _read_yxc(array, axes, step), sizes[0]
 
 
 def _axis(level: Any, axis: str) -> int:
@@ -115,16 +120,18 @@ def make_thumbnail(path: str | os.PathLike[str], size: int = 1024) -> Any:
     path = Path(path)
     kind = slide_kind(path)
     try:
-        if kind == "openslide":
-            import openslide
+        with quiet_tifffile():  # its warnings about damaged files would be stray lines
+            if kind == "openslide":
+                import openslide
 
-            with openslide.OpenSlide(str(path)) as slide:
-                return slide.get_thumbnail((size, size)).convert("RGB")
-        pixels, (height, width) = _tiff_pixels(path, size) if kind == "tiff" else _ome_zarr_pixels(path, size)
+                check_intact(path)  # OpenSlide opens a truncated file and fails only at the missing tiles
+                with openslide.OpenSlide(str(path)) as slide:
+                    return slide.get_thumbnail((size, size)).convert("RGB")
+            pixels, (height, width) = _tiff_pixels(path, size) if kind == "tiff" else _ome_zarr_pixels(path, size)
     except NcaTilesError:
         raise
     except Exception as exc:  # corrupt, truncated, or an undecodable codec
-        raise NcaTilesError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+        raise NcaTilesError(damaged(path, f"cannot read its pixels{damage_reason(exc)}")) from None
     # The target keeps level 0's aspect ratio (lower levels round odd sizes up).
     scale = min(1.0, size / max(height, width))
     target = (max(1, round(width * scale)), max(1, round(height * scale)))

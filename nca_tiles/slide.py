@@ -16,11 +16,14 @@ Coordinates: ``read_region(level, x, y, w, h)`` takes pixels *of that level*; ev
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import re
 import xml.etree.ElementTree as ElementTree
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +127,7 @@ class Slide(ABC):
         except NcaTilesError:
             raise
         except Exception as exc:  # decoders raise anything on corrupt data; one message for all
-            raise SlideReadError(f"{self.path}: cannot decode pixels ({_reason(exc)})") from exc
+            raise SlideReadError(damaged(self.path, f"cannot decode its pixels ({_reason(exc)})")) from exc
         out[y0 - y : y1 - y, x0 - x : x1 - x] = inside
         return out
 
@@ -160,7 +163,8 @@ class OpenSlideSlide(Slide):
             props = dict(self._osr.properties)
         except openslide.OpenSlideError as exc:
             raise SlideReadError(
-                f"{path}: OpenSlide cannot open it ({_reason(exc)}); corrupt or truncated?"
+                f"{path}: OpenSlide cannot open it ({_reason(exc)}): the file is truncated, corrupt or of a kind "
+                "OpenSlide does not read; copy it again from its source, or convert it to OME-TIFF"
             ) from exc
         self.format_name = f"OpenSlide {props.get('openslide.vendor', '?')}"
         self.metadata_mpp = _openslide_mpp(props)
@@ -186,9 +190,9 @@ class TiffSlide(Slide):
         self.path = path
         self._tif = tif
         try:
-            with _quiet_tifffile():
+            with quiet_tifffile():
                 if not tif.pages or not tif.series:
-                    raise SlideReadError(f"{path}: no image in the TIFF; corrupt or truncated?")
+                    raise SlideReadError(damaged(path, "no image in it"))
                 series = tif.series[0]
                 _check_complete(path, (page for level in series.levels for page in level.pages))
             self.format_name = "OME-TIFF" if tif.is_ome else "TIFF"
@@ -213,12 +217,16 @@ class TiffSlide(Slide):
             raise
         except Exception as exc:  # noqa: BLE001 - corrupt files make tifffile/zarr raise anything
             tif.close()
-            raise SlideReadError(f"{path}: tifffile cannot read it ({_reason(exc)})") from exc
+            raise SlideReadError(damaged(path, f"tifffile cannot read it ({_reason(exc)})")) from exc
 
     def _level_size(self, shape: tuple[int, ...]) -> tuple[int, int]:
         return shape[self._axes.index("X")], shape[self._axes.index("Y")]
 
     def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        with quiet_tifffile():  # a damaged tile raises (reported by read_region); no stray log lines
+            return self._read_quietly(level, x, y, w, h)
+
+    def _read_quietly(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         channel_axis = self._channel_axis
         index: list[Any] = []
         for axis in self._axes:
@@ -273,8 +281,6 @@ def open_slide(path: str | os.PathLike[str], source_mpp: float | None = None) ->
     raises an ``NcaTilesError`` asking for ``--source-mpp`` if neither exists).
     Unreadable, corrupt or truncated files raise ``SlideReadError`` with the reason.
     """
-    import tifffile
-
     path = Path(path)
     if not path.exists():
         raise NcaTilesError(f"{path} does not exist")
@@ -290,27 +296,23 @@ def open_slide(path: str | os.PathLike[str], source_mpp: float | None = None) ->
 
     slide: Slide
     tif = None
-    tiff_error: Exception | None = None
+    openslide_format = _detect_openslide_format(path) is not None or path.suffix.lower() in OPENSLIDE_EXTENSIONS
     if is_tiff:
+        # Also for the formats OpenSlide reads: it reports a truncated TIFF only when it reaches
+        # the missing tiles, mid-extraction, and some damage it reports as "unsupported format".
         try:
-            with _quiet_tifffile():  # it logs warnings about damaged files; we raise the reason
-                tif = tifffile.TiffFile(path)
-        except Exception as exc:  # noqa: BLE001 - OpenSlide may still manage; reported below if not
-            tiff_error = exc
+            tif = open_tiff(path)
+        except TiffOpenError:
+            if not openslide_format:
+                raise
     if tif is not None and tif.is_ome:
         slide = TiffSlide(path, tif)
-    elif _detect_openslide_format(path) is not None or path.suffix.lower() in OPENSLIDE_EXTENSIONS:
+    elif openslide_format:
         if tif is not None:
-            try:  # OpenSlide reports a truncated TIFF only when it reaches the missing tiles
-                with _quiet_tifffile():
-                    _check_complete(path, tif.pages)
-            finally:
-                tif.close()
+            tif.close()
         slide = OpenSlideSlide(path)
     elif tif is not None:
         slide = TiffSlide(path, tif)
-    elif is_tiff:
-        raise SlideReadError(f"{path}: corrupt TIFF ({_reason(tiff_error)})")
     else:
         slide = PillowSlide(path)
     slide.source_mpp = source_mpp
@@ -530,30 +532,119 @@ def _detect_openslide_format(path: Path) -> str | None:
         return None
 
 
+def damaged(path: Path, detail: str) -> str:
+    """The one-line message for a slide file that is truncated or corrupt."""
+    return f"{path}: {detail}: the file is truncated or corrupt; copy it again from its source"
+
+
+class TiffOpenError(SlideReadError):
+    """tifffile cannot even parse the header: damage, or a TIFF dialect OpenSlide may still read."""
+
+
 def _check_complete(path: Path, pages: Iterable[Any]) -> None:
     """Raise if any tile or strip of ``pages`` lies past the end of the file (a truncated copy):
     cheaper to say now than to fail in the middle of an extraction."""
     size = path.stat().st_size
     for page in pages:
-        if page is None:
+        if page is None or not hasattr(page, "dataoffsets"):
             continue
         offsets, counts = np.asarray(page.dataoffsets), np.asarray(page.databytecounts)
         if offsets.size and int((offsets + counts).max()) > size:
-            raise SlideReadError(f"{path}: image data runs past the end of the file; truncated?")
+            raise SlideReadError(damaged(path, "image data runs past the end of the file"))
 
 
-class _quiet_tifffile:
-    """Silence tifffile's warnings for the duration (restoring the logger's level after)."""
+# What tifffile logs, and carries on after, when a file's TIFF structure is broken: directories
+# or tag values pointing past the end of a truncated file, garbage where a directory should be.
+# An odd private tag of an intact scanner file may log an invalid offset too: only one past the
+# end of the file counts.
+_TIFF_OFFSET = re.compile(r"invalid (?:\w+ )*offset\D*(\d+)", re.I)
+_TIFF_GARBLED = re.compile(r"corrupted tag list|contains no pages|circular reference", re.I)
 
-    def __enter__(self) -> None:
-        import logging
 
-        self._logger = logging.getLogger("tifffile")
-        self._level = self._logger.level
-        self._logger.setLevel(logging.ERROR + 1)
+def _tiff_damage_logged(messages: list[str], size: int) -> bool:
+    for message in messages:
+        offset = _TIFF_OFFSET.search(message)
+        if (offset and int(offset.group(1)) >= size) or _TIFF_GARBLED.search(message):
+            return True
+    return False
 
-    def __exit__(self, *exc_info: object) -> None:
-        self._logger.setLevel(self._level)
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextmanager
+def quiet_tifffile() -> Iterator[list[str]]:
+    """Collect what tifffile logs for the duration instead of printing it (without logging set
+    up, Python prints warnings to stderr: stray lines before our one-line error). Yields the list
+    the messages go to; the logger is as before afterwards."""
+    logger = logging.getLogger("tifffile")
+    handler = _Collect()
+    propagate, level = logger.propagate, logger.level
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.WARNING)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+        logger.setLevel(level)
+
+
+def open_tiff(path: Path) -> Any:
+    """A ``tifffile.TiffFile`` of ``path`` whose every directory and image data lie inside the
+    file, or ``SlideReadError`` saying it is truncated or corrupt. Nothing is printed."""
+    import tifffile
+
+    path = Path(path)
+    with quiet_tifffile() as log:
+        try:
+            tif = tifffile.TiffFile(path)
+        except Exception as exc:  # noqa: BLE001 - a damaged header makes tifffile raise anything
+            raise TiffOpenError(damaged(path, f"not a readable TIFF ({_reason(exc)})")) from None
+        try:
+            pages = list(tif.pages)  # reads every directory: a broken chain shows now
+            levels = [page for series in tif.series for level in series.levels for page in level.pages]
+            if _tiff_damage_logged(log, path.stat().st_size):
+                raise SlideReadError(damaged(path, "its TIFF directories point past its end or are garbled"))
+            if not pages:
+                raise SlideReadError(damaged(path, "no image directory in it"))
+            _check_complete(path, [*pages, *levels])
+        except SlideReadError:
+            tif.close()
+            raise
+        except Exception as exc:  # noqa: BLE001 - as above
+            tif.close()
+            raise SlideReadError(damaged(path, f"unreadable TIFF directories ({_reason(exc)})")) from None
+    return tif
+
+
+def check_intact(path: Path) -> None:
+    """For files OpenSlide reads: raise ``SlideReadError`` if a TIFF-based one is truncated or
+    corrupt (OpenSlide opens such a file and fails only on reaching the missing tiles)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        if f.read(4) not in _TIFF_MAGIC:
+            return
+    try:
+        open_tiff(path).close()
+    except TiffOpenError:
+        pass  # a TIFF dialect tifffile does not parse: OpenSlide has the last word
+
+
+def damage_reason(exc: BaseException) -> str:
+    """`` (reason)`` for errors of the readers, which describe the file; nothing for Python's own
+    (an IndexError deep in a reader says nothing to the user)."""
+    module = type(exc).__module__ or ""
+    if module.split(".")[0] in ("tifffile", "openslide", "imagecodecs", "PIL") and str(exc).strip():
+        return f" ({_reason(exc)})"
+    return ""
 
 
 def _over_white(rgba: np.ndarray) -> np.ndarray:

@@ -1,18 +1,43 @@
-"""A whole ``synthesize`` job: work dir, sweeps, export, clean-up — resumable at every sweep."""
+"""A whole ``synthesize`` job: work dir, sweeps, export, clean-up — resumable at every sweep.
+
+What always holds, however the job is chunked, spread over workers, interrupted or raced:
+
+- the slide is a pure function of (model, seed, size, sampler, steps);
+- a rerun of the same request resumes, or finishes what a killed run left (its clean-up too);
+- the output appears only when complete;
+- one job per work dir and per output at a time: the second is refused at once, naming the first;
+- everything that can refuse the job (options, writable locations, free disk, the scheduler) is
+  checked before the work dir is created or anything is computed.
+"""
 
 from __future__ import annotations
 
-import shutil
+import os
+import sys
+import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 from nca_tiles import __version__
-from nca_tiles.canvas import RGB, WorkDir
+from nca_tiles.canvas import RGB, Job, Manifest, WorkDir, check_chunk_layout
+from nca_tiles.diskspace import DiskNeed, FileSystemCheck, canvas_bytes, check_file_systems, check_free_disk, output_needs
 from nca_tiles.errors import NcaTilesError
+from nca_tiles.export_job import output_exists, refuse_existing, write_output
+from nca_tiles.locking import exclusive_lock
 from nca_tiles.memory import configure_allocator
-from nca_tiles.plan import canvas_bytes, check_free_disk
+from nca_tiles.outputs import output_lock
+from nca_tiles.preflight import check_writable
 from nca_tiles.sampling import Pipeline
 from nca_tiles.synthesis import DaskExecutor, InProcessExecutor, chunk_grid, make_job, run_sweeps
+
+# Bounds of the request: beyond them a typo would only fail (or hang) deep inside a run.
+MAX_SIDE = 1_000_000  # px: five times the largest scanned slides; 27 TB of canvas
+MAX_CHUNK = 16_384  # px: one window of the small model is already ~50 GB at this side
+MAX_CHUNKS = 200_000  # per sweep: the chunk list and the tasks of a sweep stay manageable
+MAX_BATCH = 1024
+MAX_WORKERS = 1024
+MAX_SEED = 2**32 - 1  # the counter-based rng folds a seed into 32 bits: larger ones repeat smaller ones
 
 
 @dataclass(frozen=True)
@@ -34,28 +59,58 @@ class SlideRequest:
     quality: int = 90
     workers: int | None = None
     scheduler: str | None = None
+    overwrite: bool = False  # replace an existing --out that this job did not write
 
 
 def default_work_dir(out: Path) -> Path:
     return out.parent / f"{out.name}.work"
 
 
-def check_request(req: SlideRequest, halo: int) -> None:
+def _check_int(option: str, value, low: int, high: int, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise NcaTilesError(f"{option} must be between {low:,} and {high:,}, got {value}{hint}")
+
+
+def check_request(req: SlideRequest, halo: int, timesteps: int | None = None) -> None:
+    """Refuse a request that cannot run, before anything is written. ``timesteps``: the model's T."""
     for name in ("width", "height"):
-        if getattr(req, name) <= 0:
+        value = getattr(req, name)
+        if value <= 0:
             raise NcaTilesError(f"--{name} must be a positive number of pixels")
-    if min(req.width, req.height) < 2:
-        raise NcaTilesError("--width and --height must be at least 2 px")
+        _check_int(f"--{name}", value, 2, MAX_SIDE, " px")
     if req.chunk < 2 * halo:
         raise NcaTilesError(f"--chunk {req.chunk} is smaller than twice the model's halo ({2 * halo} px): use a larger --chunk")
+    _check_int("--chunk", req.chunk, 2 * halo, MAX_CHUNK, " px")
+    check_chunk_layout(req.chunk)
+    chunks = -(-req.width // req.chunk) * -(-req.height // req.chunk)
+    if chunks > MAX_CHUNKS:
+        raise NcaTilesError(f"--chunk {req.chunk} cuts the slide into {chunks:,} chunks, more than {MAX_CHUNKS:,}: "
+                            "use a larger --chunk")
     if req.batch < 1:
         raise NcaTilesError("--batch must be ≥ 1")
+    _check_int("--batch", req.batch, 1, MAX_BATCH)
+    _check_int("--seed", req.seed, 0, MAX_SEED)
+    if timesteps is not None and req.sampler == "ddim" and req.steps is not None:
+        _check_int("--steps", req.steps, 1, timesteps, f" (the model has {timesteps} timesteps)")
     if not 0.0 <= req.eta <= 1.0:  # also refuses NaN
         raise NcaTilesError(f"--eta must be between 0 (deterministic DDIM) and 1, got {req.eta}")
-    if req.workers is not None and req.workers < 1:
-        raise NcaTilesError("--workers must be ≥ 1")
+    if req.workers is not None and req.scheduler is not None:
+        raise NcaTilesError("give --workers or --scheduler, not both")
+    if req.workers is not None:
+        if req.workers < 1:
+            raise NcaTilesError("--workers must be ≥ 1")
+        _check_int("--workers", req.workers, 1, MAX_WORKERS)
     if req.format not in ("ome-tiff", "ome-zarr"):
         raise NcaTilesError(f"unknown --format {req.format!r}: ome-tiff or ome-zarr")
+    if req.format == "ome-tiff":
+        from nca_tiles.ometiff import check_tiff_options
+
+        check_tiff_options(req.tile, req.compression, req.quality)
+    else:
+        from nca_tiles.pyramid import MAX_TILE
+
+        if req.tile < 16 or req.tile % 16 or req.tile > MAX_TILE:
+            raise NcaTilesError(f"--tile must be a multiple of 16 up to {MAX_TILE}, got {req.tile}")
     # Checked before any work: the writer would refuse these only after the whole canvas is done.
     if req.format == "ome-tiff" and req.out.is_dir():
         raise NcaTilesError(f"--out {req.out} is a directory: give a file name such as slide.ome.tif")
@@ -77,63 +132,221 @@ def generator_metadata(pipeline: Pipeline, req: SlideRequest, job) -> dict:
     }
 
 
+# -- the output this job wrote ----------------------------------------------------------------
+def _identity(path: Path) -> list:
+    st = os.stat(path)
+    if os.path.isdir(path):  # a directory's mtime may change when it is renamed
+        return [st.st_dev, st.st_ino]
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def _export_options(req: SlideRequest) -> dict:
+    options = {"path": str(req.out.absolute()), "format": req.format, "tile": req.tile}
+    if req.format == "ome-tiff":
+        options.update(compression=req.compression, quality=req.quality)
+    return options
+
+
+def is_job_output(manifest: Manifest | None, req: SlideRequest) -> bool:
+    """True when ``req.out`` is the file (or store) this job finished writing: the manifest
+    recorded its identity just before it was renamed into place."""
+    if manifest is None or manifest.sweeps_done < manifest.job.sweeps:
+        return False
+    record = manifest.extra.get("output")
+    if not isinstance(record, dict) or record.get("options") != _export_options(req):
+        return False
+    try:
+        return record.get("identity") == _identity(req.out)
+    except OSError:
+        return False
+
+
+# -- pre-flight ---------------------------------------------------------------------------------
+def disk_needs(req: SlideRequest, job: Job, work: WorkDir, manifest: Manifest | None) -> list[DiskNeed]:
+    """What the job still has to write, and where: the rest of the canvas, the output, the
+    export's scratch (in the work dir)."""
+    needs = []
+    if manifest is None or manifest.sweeps_done < job.sweeps:
+        have = work.canvas_disk_usage() if manifest is not None else 0
+        needs.append(DiskNeed("the canvas", work.path, max(0, canvas_bytes(job.width, job.height, job.chunk) - have),
+                              "--work-dir"))
+    needs += output_needs(job.width, job.height, req.out, req.format, req.tile, req.compression, req.quality,
+                          scratch_dir=work.path, scratch_option="--work-dir")
+    return needs
+
+
+def check_locations(req: SlideRequest, work: WorkDir) -> None:
+    check_writable(req.out, "--out")
+    check_writable(work.path, "--work-dir")
+
+
+def dry_run_report(pipeline: Pipeline, req: SlideRequest) -> tuple[list[str], list[str]]:
+    """The pre-flight of ``synthesize_slide`` without running it: lines describing the disk each
+    file system needs, and the reasons the job would be refused (empty: it would run)."""
+    check_request(req, pipeline.halo, pipeline.schedule.timesteps)
+    job = make_job(pipeline, req.seed, req.width, req.height, req.chunk, req.sampler, req.steps, req.eta)
+    work = WorkDir(req.work_dir or default_work_dir(req.out))
+    problems: list[str] = []
+    manifest = None
+
+    def attempt(check) -> None:
+        try:
+            check()
+        except NcaTilesError as exc:
+            problems.append(str(exc))
+
+    attempt(lambda: check_locations(req, work))
+
+    def job_state() -> None:
+        nonlocal manifest
+        manifest = work.read_manifest()
+        work.check_job(manifest, job)
+        if manifest is None:
+            work.check_can_create()
+        if output_exists(req.out) and not req.overwrite and not is_job_output(manifest, req):
+            refuse_existing(req.out)
+
+    attempt(job_state)
+    file_systems: list[FileSystemCheck] = check_file_systems(disk_needs(req, job, work, manifest))
+    problems += [fs.problem for fs in file_systems if fs.problem]
+    return [fs.describe() for fs in file_systems], problems
+
+
+# -- progress -----------------------------------------------------------------------------------
+class SweepProgress:
+    """``sweep 5/21  23%|██▎      | 01:02, ETA 03:25``: the sweep, the share of the whole job, and
+    an ETA from the mean time per pixel of the denoising sweeps run so far (sweep 0 only draws
+    noise: its speed says nothing of the rest), which settles instead of swinging with each group."""
+
+    def __init__(self, job: Job, sweeps_done: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.pixels = job.width * job.height
+        self.sweeps = job.sweeps
+        self.total = job.sweeps * self.pixels
+        self.done = sweeps_done * self.pixels
+        self.bar = tqdm(total=self.total, initial=self.done, disable=not enabled, file=sys.stderr,
+                        bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}{postfix}", dynamic_ncols=True)
+        self.sweep = sweeps_done
+        self.denoised_pixels = 0
+        self.denoising_seconds = 0.0
+        self.last = time.monotonic()
+        self.start_sweep(sweeps_done)
+
+    def start_sweep(self, sweep: int) -> None:
+        self.sweep = min(sweep, self.sweeps - 1)
+        self.bar.set_description_str(f"sweep {self.sweep + 1}/{self.sweeps}", refresh=False)
+        self.bar.set_postfix_str(self.eta(), refresh=True)
+
+    def advance(self, pixels: int) -> None:
+        now = time.monotonic()
+        if self.sweep > 0:
+            self.denoised_pixels += pixels
+            self.denoising_seconds += now - self.last
+        self.last = now
+        self.done += pixels
+        self.bar.set_postfix_str(self.eta(), refresh=False)
+        self.bar.update(pixels)
+
+    def eta(self) -> str:
+        if self.denoised_pixels == 0:
+            return "ETA --:--"  # sweep 0 only draws noise: its speed says nothing of the rest
+        return f"ETA {self.bar.format_interval((self.total - self.done) * self.denoising_seconds / self.denoised_pixels)}"
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def format_duration(seconds: float) -> str:
+    seconds = round(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s" if m else f"{s} s"
+
+
+# -- the job --------------------------------------------------------------------------------------
+def make_executor(pipeline: Pipeline, req: SlideRequest, model_path: Path | None, device: str):
+    if req.workers or req.scheduler:
+        return DaskExecutor(model_path, device, pipeline.precision, req.batch, req.workers, req.scheduler)
+    return InProcessExecutor(pipeline, req.batch)
+
+
 def synthesize_slide(pipeline: Pipeline, req: SlideRequest, model_path: Path | None = None,
                      device: str = "auto", progress: bool = True) -> Path:
     """Synthesize the slide ``req`` describes and write it to ``req.out``; resume if interrupted.
 
     ``model_path`` and ``device`` are what dask workers load the model from (None: bundled model).
+    Holds the work dir and the output for the whole job: a second job on either is refused at
+    once, naming the process that holds it. An existing ``req.out`` is refused unless
+    ``req.overwrite``, or unless it is this job's own finished output (the job was killed during
+    its clean-up: the rerun finishes it).
     """
-    from tqdm import tqdm
-
-    check_request(req, pipeline.halo)
-    configure_allocator()
+    started = time.monotonic()
+    check_request(req, pipeline.halo, pipeline.schedule.timesteps)
     job = make_job(pipeline, req.seed, req.width, req.height, req.chunk, req.sampler, req.steps, req.eta)
     work = WorkDir(req.work_dir or default_work_dir(req.out))
-    if work.read_manifest() is None:
-        check_free_disk(work.path, canvas_bytes(req.width, req.height))
-    generator = generator_metadata(pipeline, req, job)
-    manifest = work.open_or_create(job, {"mpp": pipeline.mpp, "generator": generator})
+    check_locations(req, work)
+    with ExitStack() as stack:
+        stack.enter_context(exclusive_lock(work.path, "work dir", "use another --work-dir"))
+        stack.enter_context(output_lock(req.out))
+        manifest = work.read_manifest()
+        work.check_job(manifest, job)
+        if output_exists(req.out):
+            if is_job_output(manifest, req):
+                finish(work, manifest, req)
+                if progress:
+                    print(f"{req.out} was already written by this job: finished its clean-up", file=sys.stderr)
+                return req.out
+            if not req.overwrite:
+                refuse_existing(req.out)
+        if manifest is None:
+            work.check_can_create()
+        check_free_disk(disk_needs(req, job, work, manifest))
+        configure_allocator()
+        generator = generator_metadata(pipeline, req, job)
 
-    chunks = chunk_grid(job.height, job.width, job.chunk, pipeline.halo)
-    total = job.sweeps * job.width * job.height
-    bar = tqdm(total=total, initial=manifest.sweeps_done * job.width * job.height, unit="px", unit_scale=True,
-               disable=not progress, dynamic_ncols=True, desc=f"sweep {manifest.sweeps_done}/{job.sweeps}")
-    def on_pixels(n: int) -> None:
-        bar.update(n)  # tqdm shows the rate in (M)px/s and the ETA
-
-    def on_sweep(sweep: int) -> None:
-        bar.set_description(f"sweep {sweep + 1}/{job.sweeps}")
-
-    if manifest.sweeps_done < job.sweeps:
-        if req.workers or req.scheduler:
-            executor = DaskExecutor(model_path, device, pipeline.precision, req.batch, req.workers, req.scheduler)
-        else:
-            executor = InProcessExecutor(pipeline, req.batch)
+        executor = None
+        if manifest is None or manifest.sweeps_done < job.sweeps:
+            # Connected before the work dir exists: an unreachable scheduler leaves nothing behind.
+            executor = make_executor(pipeline, req, model_path, device)
         try:
-            manifest = run_sweeps(work, manifest, executor, chunks, on_pixels, on_sweep)
+            manifest = work.open_or_create(job, {"mpp": pipeline.mpp, "generator": generator})
+            if executor is not None and manifest.sweeps_done < job.sweeps:
+                bar = SweepProgress(job, manifest.sweeps_done, progress)
+                try:
+                    chunks = chunk_grid(job.height, job.width, job.chunk, pipeline.halo)
+                    manifest = run_sweeps(work, manifest, executor, chunks, bar.advance,
+                                          lambda sweep: bar.start_sweep(sweep + 1))
+                finally:
+                    bar.close()
         finally:
-            executor.close()
-    bar.close()
+            if executor is not None:
+                executor.close()
 
-    export(work, req, pipeline.mpp, generator, progress)
-    manifest.finished = True
-    work.write_manifest(manifest)
-    if not req.keep_canvas:
-        if req.work_dir is None:
-            shutil.rmtree(work.path, ignore_errors=True)  # our own scratch space: nothing worth keeping
-        else:
-            work.delete_buffers()
+        def record_output(complete: Path) -> None:
+            # Just before the rename: a rerun after a kill right after it knows the output as ours.
+            manifest.extra["output"] = {"options": _export_options(req), "identity": _identity(complete)}
+            work.write_manifest(manifest)
+
+        write_output(work.array(RGB, mode="r"), req.out, fmt=req.format, mpp=pipeline.mpp, generator=generator,
+                     tile=req.tile, compression=req.compression, quality=req.quality, scratch_dir=work.path,
+                     progress=progress, on_complete=record_output)
+        finish(work, manifest, req)
+    if progress:
+        print(f"synthesized {job.width} × {job.height} px ({job.sweeps} sweeps) and wrote {req.out} "
+              f"in {format_duration(time.monotonic() - started)}", file=sys.stderr)
     return req.out
 
 
-def export(work: WorkDir, req: SlideRequest, mpp: float, generator: dict, progress: bool) -> None:
-    rgb = work.array(RGB, mode="r")
-    if req.format == "ome-zarr":
-        from nca_tiles.omezarr import write_ome_zarr
-
-        write_ome_zarr(rgb, req.out, mpp=mpp, generator=generator, progress=progress)
+def finish(work: WorkDir, manifest: Manifest, req: SlideRequest) -> None:
+    """Mark the job finished and remove what is not to be kept (idempotent: a rerun after a kill
+    here does it again)."""
+    if not manifest.finished:
+        manifest.finished = True
+        work.write_manifest(manifest)
+    if req.keep_canvas:
+        return
+    if req.work_dir is None:
+        work.remove()  # our own scratch space: nothing worth keeping
     else:
-        from nca_tiles.ometiff import write_ome_tiff
-
-        write_ome_tiff(rgb, req.out, mpp=mpp, generator=generator, tile=req.tile, compression=req.compression,
-                       quality=req.quality, scratch_dir=work.path, progress=progress)
+        work.delete_buffers()

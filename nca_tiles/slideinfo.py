@@ -15,6 +15,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nca_tiles.errors import NcaTilesError
+from nca_tiles.slide import (
+    OPENSLIDE_EXTENSIONS,
+    check_intact,
+    damage_reason,
+    damaged,
+    open_tiff,
+    quiet_tifffile,
+)
 
 SlideKind = Literal["tiff", "ome-zarr", "openslide"]
 
@@ -112,6 +120,11 @@ def slide_kind(path: str | Path) -> SlideKind:
         return "tiff"
     if vendor is not None:
         return "openslide"
+    if path.suffix.lower() in OPENSLIDE_EXTENSIONS:
+        raise NcaTilesError(
+            f"{path}: OpenSlide cannot open it: the file is truncated, corrupt or of a kind OpenSlide does not "
+            "read; copy it again from its source, or convert it to OME-TIFF"
+        )
     raise NcaTilesError(
         f"cannot read {path} as a slide: expected an OME-TIFF/TIFF, an OME-Zarr directory, "
         "or a format OpenSlide reads (.svs, .ndpi, .mrxs, ...)"
@@ -129,15 +142,16 @@ def describe_slide(path: str | Path) -> str:
     path = Path(path)
     kind = slide_kind(path)
     try:
-        if kind == "tiff":
-            return _describe_tiff(path)
-        if kind == "ome-zarr":
-            return _describe_ome_zarr(path)
-        return _describe_openslide(path)
+        with quiet_tifffile():  # its warnings about damaged files would be stray lines
+            if kind == "tiff":
+                return _describe_tiff(path)
+            if kind == "ome-zarr":
+                return _describe_ome_zarr(path)
+            return _describe_openslide(path)
     except NcaTilesError:
         raise
     except Exception as exc:  # a corrupt or truncated file: say so in one line
-        raise NcaTilesError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+        raise NcaTilesError(damaged(path, f"cannot read it{damage_reason(exc)}")) from None
 
 
 def _size_line(width: int, height: int, um_x: float | None, um_y: float | None) -> str:
@@ -163,13 +177,7 @@ def _levels_lines(sizes: list[tuple[int, int]]) -> list[str]:
 
 
 def _describe_tiff(path: Path) -> str:
-    import tifffile
-
-    try:
-        tif = tifffile.TiffFile(path)
-    except Exception as exc:
-        raise NcaTilesError(f"cannot read {path} as TIFF: {exc}") from None
-    with tif:
+    with open_tiff(path) as tif:  # refuses a truncated or corrupt file
         series = tif.series[0]
         page = series.keyframe
         kind = "OME-TIFF" if tif.is_ome else f"TIFF ({series.kind})" if series.kind else "TIFF"
@@ -294,10 +302,14 @@ def _zarr_codecs(array: Any) -> str:
 def _describe_openslide(path: Path) -> str:
     import openslide
 
+    check_intact(path)  # OpenSlide opens a truncated file and fails only at the missing tiles
     try:
         slide = openslide.OpenSlide(str(path))
     except Exception as exc:
-        raise NcaTilesError(f"OpenSlide cannot read {path}: {exc}") from None
+        raise NcaTilesError(
+            f"{path}: OpenSlide cannot open it{damage_reason(exc)}: the file is truncated, corrupt or of a kind "
+            "OpenSlide does not read; copy it again from its source, or convert it to OME-TIFF"
+        ) from None
     with slide:
         props = slide.properties
         lines = [f"{path}", f"format: {props.get('openslide.vendor', '?')} (read with OpenSlide)"]

@@ -198,6 +198,23 @@ def _dask_task(model_path: str | None, device: str, precision: str, threads: int
     return run_group(pipeline, WorkDir(Path(work_path)), job, sweep, group)
 
 
+CONNECT_TIMEOUT_S = 5  # dask waits 30 s by default, and then raises a traceback
+
+
+def connect(scheduler: str):
+    """A dask client of the scheduler at ``scheduler``, or a one-line error within a few seconds."""
+    from dask.distributed import Client
+
+    try:
+        return Client(scheduler, timeout=CONNECT_TIMEOUT_S)
+    except (OSError, ValueError, TypeError, TimeoutError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise NcaTilesError(
+            f"cannot connect to the dask scheduler --scheduler {scheduler} ({reason}): start it, or give its "
+            f"address as tcp://HOST:PORT"
+        ) from None
+
+
 class DaskExecutor:
     """Runs each sweep as dask.distributed tasks, one per group of chunks.
 
@@ -215,7 +232,7 @@ class DaskExecutor:
         self.cluster = None
         self.threads = None
         if scheduler:
-            self.client = Client(scheduler)
+            self.client = connect(scheduler)
         else:
             import os
 

@@ -10,6 +10,7 @@ import termios
 import time
 
 import click
+import numpy as np
 import pytest
 from cli_support import assert_one_line_error
 from click.testing import CliRunner
@@ -65,7 +66,8 @@ def _run_raising(monkeypatch, exc: BaseException):
          ["Permission denied: /data/out.zarr", "check the permissions"]),
         (OSError(errno.ENOSPC, "No space left on device"), ["No space left on device", "free some space"]),
         (OSError(errno.EROFS, "Read-only file system", "/mnt/x"), ["Read-only file system: /mnt/x", "writable disk"]),
-        (OSError(errno.EIO, "Input/output error", "/slides/a.svs"), ["Input/output error: /slides/a.svs", "check the disk"]),
+        (OSError(errno.EIO, "Input/output error", "/slides/a.svs"),
+         ["Input/output error: /slides/a.svs", "check the disk"]),
         (FileNotFoundError(errno.ENOENT, "No such file or directory", "a\nb"), ["No such file or directory: a b"]),
     ],
     ids=["permission", "disk-full", "read-only", "io", "newline-in-name"],
@@ -90,7 +92,8 @@ def test_a_full_disk_is_one_line(tmp_path, sample_slide):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        result = CliRunner().invoke(cli, ["extract-patches", str(sample_slide), "--out", str(full / "p.zarr"), "--mpp", "2"])
+        args = ["extract-patches", str(sample_slide), "--out", str(full / "p.zarr"), "--mpp", "2"]
+        result = CliRunner().invoke(cli, args)
         assert result.exit_code == 1
         assert_one_line_error(result, "No space left on device", "free some space")
         assert os.listdir(full) == []  # the partial store is gone
@@ -192,3 +195,43 @@ def test_demo_refuses_a_read_only_out_before_any_work(tmp_path):
         assert_one_line_error(result, f"cannot write --out {ro / 'demo'}", "choose another location")
         assert time.perf_counter() - start < 30  # refused, not after minutes of synthesis
         assert list(ro.iterdir()) == []
+
+
+# --- truncated and corrupt slides, through a real process: one line on stderr, nothing else ------
+
+
+@pytest.fixture(scope="module")
+def damaged_slides(tmp_path_factory, sample_slide):
+    from _slides import corrupt_fine_levels, truncated_copy, write_ome_pyramid
+
+    folder = tmp_path_factory.mktemp("damaged")
+    tiles = folder / "tiles.ome.tif"
+    image = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    write_ome_pyramid(tiles, image, 0.5, compression="jpeg")
+    corrupt_fine_levels(tiles, 3)
+    # At 99 % tifffile logged "<tifffile.TiffPages @…> invalid page offset" before the error;
+    # at 30 % its first directory is gone ("IndexError: list index out of range").
+    return {"svs-99": truncated_copy(sample_slide, folder / "cut99.svs", 0.99),
+            "svs-30": truncated_copy(sample_slide, folder / "cut30.svs", 0.3),
+            "garbage-tiles": tiles}
+
+
+DAMAGED_CASES = [
+    (command, case)
+    for command in ("info", "preview", "extract-patches")
+    for case in ("svs-99", "svs-30", "garbage-tiles")
+    if (command, case) != ("info", "garbage-tiles")  # info reads no pixels: intact directories describe fine
+]
+
+
+@pytest.mark.parametrize("command, case", DAMAGED_CASES)
+def test_damaged_slide_is_one_line_from_a_real_process(damaged_slides, tmp_path, command, case):
+    path = damaged_slides[case]
+    args = {"info": [], "preview": ["--out", tmp_path / "t.png"], "extract-patches": ["--out", tmp_path / "p.zarr"]}
+    proc = subprocess.run([sys.executable, "-m", "nca_tiles_cli.main", command, path, *map(str, args[command])],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), proc.stderr
+    assert f"{path.name}: " in lines[0] and "truncated or corrupt; copy it again from its source" in lines[0]
+    assert os.listdir(tmp_path) == []

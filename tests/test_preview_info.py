@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import tifffile
+from _slides import corrupt_fine_levels, truncated_copy, write_ome_pyramid
 from cli_support import assert_one_line_error
 from click.testing import CliRunner
 from export_support import MPP, corrupt_last_chunk, smooth_image, write_canvas
@@ -150,6 +151,40 @@ def test_unreadable_slides_raise_ncatileserror(slides, tmp_path):
             describe_slide(tmp_path / path)
         with pytest.raises(NcaTilesError):
             make_thumbnail(tmp_path / path)
+
+
+@pytest.fixture(scope="module")
+def damaged_slides(tmp_path_factory, sample_slide, slides) -> dict:
+    """Truncated copies of an Aperio SVS (tifffile logs broken directories on them), of our
+    OME-TIFF, and an OME-TIFF whose tiles are garbage."""
+    folder = tmp_path_factory.mktemp("damaged")
+    tiles = folder / "tiles.ome.tif"
+    write_ome_pyramid(tiles, smooth_image(300, 400), 0.5, compression="jpeg")
+    corrupt_fine_levels(tiles, 3)
+    return {
+        "svs 30%": truncated_copy(sample_slide, folder / "cut30.svs", 0.3),
+        "svs 99%": truncated_copy(sample_slide, folder / "cut99.svs", 0.99),
+        "ome-tiff 50%": truncated_copy(slides["tiff"], folder / "cut50.ome.tif", 0.5),
+        "header only": truncated_copy(slides["tiff"], folder / "cut1.ome.tif", 0.001),
+        "garbage tiles": tiles,
+    }
+
+
+@pytest.mark.parametrize("case", ["svs 30%", "svs 99%", "ome-tiff 50%", "header only", "garbage tiles"])
+def test_damaged_slides_say_truncated_or_corrupt(damaged_slides, case, caplog, tmp_path):
+    path = damaged_slides[case]
+    calls = [lambda: make_thumbnail(path, 64), lambda: write_preview(path, tmp_path / "t.png", size=64)]
+    if case != "garbage tiles":  # info reads no pixels: intact directories describe fine
+        calls.append(lambda: describe_slide(path))
+    for call in calls:
+        with pytest.raises(NcaTilesError) as info:
+            call()
+        message = str(info.value)
+        assert str(path) in message and "the file is truncated or corrupt; copy it again" in message, message
+        for leak in ("IndexError", "list index out of range", "empty Zarr", "NotImplementedError", "\n"):
+            assert leak not in message
+    assert not [r for r in caplog.records if r.name.startswith("tifffile")]  # nothing logged past us
+    assert not (tmp_path / "t.png").exists()
 
 
 # ---------------------------------------------------------------------------------------------

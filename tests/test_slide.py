@@ -272,3 +272,53 @@ def test_find_slides_errors(tmp_path):
     (tmp_path / "notes.txt").write_text("no slides here")
     with pytest.raises(NcaTilesError, match="no slide files"):
         find_slides([tmp_path])
+
+
+# --- truncated and corrupt files: one message that says so, nothing printed ---------------------
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.5, 0.7, 0.99])
+def test_truncated_svs_says_truncated_and_prints_nothing(tmp_path, sample_slide, fraction, caplog, capfd):
+    path = truncated_copy(sample_slide, tmp_path / "cut.svs", fraction)
+    with pytest.raises(SlideReadError) as info:
+        open_slide(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "the file is truncated or corrupt; copy it again" in message
+    assert "\n" not in message and "Error" not in message.replace("OpenSlide", "")  # no exception names
+    assert not [r for r in caplog.records if r.name.startswith("tifffile")]
+    assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("fraction", [0.02, 0.5, 0.99])
+def test_truncated_ome_tiff_says_truncated(tmp_path, ome_pyramid, fraction, caplog):
+    path = truncated_copy(ome_pyramid[0], tmp_path / "cut.ome.tif", fraction)
+    with pytest.raises(SlideReadError, match="the file is truncated or corrupt; copy it again from its source"):
+        open_slide(path)
+    assert not [r for r in caplog.records if r.name.startswith("tifffile")]
+
+
+def test_damaged_tiles_say_corrupt(tmp_path, ome_pyramid):
+    from _slides import corrupt_fine_levels
+
+    path = tmp_path / "tiles.ome.tif"
+    write_ome_pyramid(path, ome_pyramid[1][0], 0.5, compression="jpeg")
+    corrupt_fine_levels(path, 3)
+    with open_slide(path) as slide:  # the structure is intact: it opens
+        with pytest.raises(SlideReadError, match=r"cannot decode its pixels .*the file is truncated or corrupt"):
+            slide.read_region(0, 0, 0, 256, 256)
+
+
+def test_quiet_tifffile_collects_and_restores_the_logger():
+    import logging
+
+    logger = logging.getLogger("tifffile")
+    before = (logger.level, logger.propagate, list(logger.handlers))
+    with pytest.raises(RuntimeError):
+        with slide_module.quiet_tifffile() as outer:
+            logger.warning("invalid offset to first page 99")
+            with slide_module.quiet_tifffile() as inner:
+                logger.error("corrupted tag list @12")
+            assert (logger.propagate, logger.level) == (False, logging.WARNING)
+            raise RuntimeError
+    assert outer == ["invalid offset to first page 99", "corrupted tag list @12"] and inner == outer[1:]
+    assert (logger.level, logger.propagate, list(logger.handlers)) == before

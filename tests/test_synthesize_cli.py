@@ -43,6 +43,17 @@ def entries(folder: Path) -> set[str]:
     (["--batch", 0], ["--batch"]),
     (["--eta", -1], ["--eta"]),
     (["--eta", "nan"], ["--eta"]),  # would silently write a NaN (black) slide
+    # Absurd numbers are refused up front, not deep inside a run (or a hang building the chunk grid).
+    (["--width", 10**15], ["--width", "between 2 and 1,000,000"]),
+    (["--steps", 10**20], ["--steps", "between 1 and 300"]),
+    (["--seed", -1], ["--seed", "4,294,967,295"]),
+    (["--seed", 2**40], ["--seed"]),
+    (["--chunk", 10**6], ["--chunk", "16,384"]),
+    (["--chunk", 131], ["--chunk 131", "divisor"]),  # a prime: 1 px inner chunks
+    (["--width", 1_000_000, "--chunk", 6], ["chunks", "use a larger --chunk"]),
+    (["--batch", 10**6], ["--batch"]),
+    (["--workers", 10**6], ["--workers"]),
+    (["--tile", 2**20], ["tile", "8192"]),
 ])
 def test_refused_arguments(model, tmp_path, args, fragments):
     out = tmp_path / "slide.ome.tif"
@@ -58,7 +69,7 @@ def test_non_number_is_a_usage_error(model, tmp_path):
 
 def test_not_enough_disk(model, tmp_path):
     out = tmp_path / "huge.ome.tif"
-    result = run_cli("synthesize", "--model", model, "--width", 10_000_000, "--height", 10_000_000, "--out", out,
+    result = run_cli("synthesize", "--model", model, "--width", 400_000, "--height", 400_000, "--out", out,
                      "--device", "cpu", "--no-progress")
     assert_one_line_error(result, "not enough free disk", "--work-dir")
     assert entries(tmp_path) == set()
@@ -97,19 +108,28 @@ def test_existing_output_needs_overwrite(model, tmp_path):
 
 # -- dry run ----------------------------------------------------------------------------------
 def test_dry_run_of_a_gigapixel_slide(model, tmp_path):
+    import shutil
+
     chosen = DEFAULT_MODEL_DIR if is_model_path(DEFAULT_MODEL_DIR) else model
     out = tmp_path / "big.ome.tif"
     start = time.perf_counter()
     result = run_cli("synthesize", "--model", chosen, "--width", 100_000, "--height", 100_000, "--out", out,
                      "--device", "cpu", "--dry-run")
     elapsed = time.perf_counter() - start
-    assert_ok(result)
     assert elapsed < 30, elapsed
     text = result.output
     assert "100000 × 100000 px" in text
     assert "chunk grid: 98 × 98 = 9,604 chunks of 1024 px" in text
-    for fragment in ("halo overhead", "disk for the canvas", "GiB", "host memory", "time (estimate"):
+    for fragment in ("halo overhead", "disk for the canvas", "GiB", "host memory", "time (estimate", "pre-flight:",
+                     f"file system of {tmp_path}: the canvas ", "the output (estimate, jpeg)", "the export's scratch"):
         assert fragment in text, fragment
+    # 100 000² px need ~273 GiB here: the dry run says whether this machine's disk would refuse it.
+    if shutil.disk_usage(tmp_path).free < 270 * 2**30:
+        assert_one_line_error(result, "the job would be refused", "not enough free disk")
+        assert "would refuse the job: not enough free disk" in text
+    else:
+        assert_ok(result)
+        assert "the job would run" in text
     assert entries(tmp_path) == set()  # no canvas, no work dir, no output
 
 
@@ -145,6 +165,13 @@ def test_keep_canvas_then_export_gives_the_same_pixels(kept, tmp_path):
     result = run_cli("export", work, "--out", again, "--compression", "deflate", "--tile", 32)
     assert_ok(result)
     assert np.array_equal(tifffile.imread(again, level=0), synthesized)
+
+
+def test_rerun_of_a_finished_job_is_a_no_op(kept, model):
+    out, work = kept
+    before = (out.read_bytes(), (work / "manifest.json").read_text())
+    assert_ok(synth(model, out, "--seed", 5, "--work-dir", work, "--keep-canvas"))  # its own output: no --overwrite
+    assert (out.read_bytes(), (work / "manifest.json").read_text()) == before
 
 
 def test_work_dir_of_another_job_is_refused(kept, model, tmp_path):
@@ -185,3 +212,25 @@ def test_output_clashes_are_refused_before_any_work(tmp_path):
         with pytest.raises(NcaTilesError):
             check_request(req, halo=3)
     check_request(SlideRequest(width=64, height=64, out=tmp_path / "ok.ome.tif"), halo=3)
+
+
+# -- progress and help ----------------------------------------------------------------------------
+def test_progress_shows_sweep_percentage_eta_and_the_total_time(model, tmp_path):
+    out = tmp_path / "s.ome.tif"
+    result = run_cli("synthesize", "--model", model, "--width", W, "--height", H, "--out", out, "--chunk", 32,
+                     "--steps", 2, "--device", "cpu", "--compression", "deflate", "--tile", 32)
+    assert_ok(result)
+    err = result.stderr
+    for fragment in ("sweep 1/3", "sweep 3/3", "100%|", "ETA", f"synthesized {W} × {H} px (3 sweeps) and wrote {out} in "):
+        assert fragment in err, (fragment, err)
+    assert "px/s" not in err and f"/{3 * W * H / 1e3:.1f}k" not in err  # no pixel × sweep counts, no rate
+
+
+def test_one_list_of_compressions_for_both_commands():
+    from nca_tiles.ometiff import COMPRESSIONS
+    from nca_tiles_cli.export import COMPRESSION_NAMES
+
+    assert COMPRESSION_NAMES == tuple(COMPRESSIONS)
+    for command in ("synthesize", "export"):
+        text = " ".join(run_cli(command, "--help").output.split())
+        assert ", ".join(COMPRESSION_NAMES) in text, (command, text)
