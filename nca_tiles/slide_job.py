@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nca_tiles import __version__
+from nca_tiles.bounds import check_int, check_seed
 from nca_tiles.canvas import RGB, Job, Manifest, WorkDir, check_chunk_layout
 from nca_tiles.diskspace import DiskNeed, FileSystemCheck, canvas_bytes, check_file_systems, check_free_disk, output_needs
 from nca_tiles.errors import NcaTilesError
@@ -37,7 +38,6 @@ MAX_CHUNK = 16_384  # px: one window of the small model is already ~50 GB at thi
 MAX_CHUNKS = 200_000  # per sweep: the chunk list and the tasks of a sweep stay manageable
 MAX_BATCH = 1024
 MAX_WORKERS = 1024
-MAX_SEED = 2**32 - 1  # the counter-based rng folds a seed into 32 bits: larger ones repeat smaller ones
 
 
 @dataclass(frozen=True)
@@ -66,21 +66,16 @@ def default_work_dir(out: Path) -> Path:
     return out.parent / f"{out.name}.work"
 
 
-def _check_int(option: str, value, low: int, high: int, hint: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise NcaTilesError(f"{option} must be between {low:,} and {high:,}, got {value}{hint}")
-
-
 def check_request(req: SlideRequest, halo: int, timesteps: int | None = None) -> None:
     """Refuse a request that cannot run, before anything is written. ``timesteps``: the model's T."""
     for name in ("width", "height"):
         value = getattr(req, name)
         if value <= 0:
             raise NcaTilesError(f"--{name} must be a positive number of pixels")
-        _check_int(f"--{name}", value, 2, MAX_SIDE, " px")
+        check_int(f"--{name}", value, 2, MAX_SIDE, " px")
     if req.chunk < 2 * halo:
         raise NcaTilesError(f"--chunk {req.chunk} is smaller than twice the model's halo ({2 * halo} px): use a larger --chunk")
-    _check_int("--chunk", req.chunk, 2 * halo, MAX_CHUNK, " px")
+    check_int("--chunk", req.chunk, 2 * halo, MAX_CHUNK, " px")
     check_chunk_layout(req.chunk)
     chunks = -(-req.width // req.chunk) * -(-req.height // req.chunk)
     if chunks > MAX_CHUNKS:
@@ -88,10 +83,10 @@ def check_request(req: SlideRequest, halo: int, timesteps: int | None = None) ->
                             "use a larger --chunk")
     if req.batch < 1:
         raise NcaTilesError("--batch must be ≥ 1")
-    _check_int("--batch", req.batch, 1, MAX_BATCH)
-    _check_int("--seed", req.seed, 0, MAX_SEED)
+    check_int("--batch", req.batch, 1, MAX_BATCH)
+    check_seed("--seed", req.seed)
     if timesteps is not None and req.sampler == "ddim" and req.steps is not None:
-        _check_int("--steps", req.steps, 1, timesteps, f" (the model has {timesteps} timesteps)")
+        check_int("--steps", req.steps, 1, timesteps, f" (the model has {timesteps} timesteps)")
     if not 0.0 <= req.eta <= 1.0:  # also refuses NaN
         raise NcaTilesError(f"--eta must be between 0 (deterministic DDIM) and 1, got {req.eta}")
     if req.workers is not None and req.scheduler is not None:
@@ -99,7 +94,7 @@ def check_request(req: SlideRequest, halo: int, timesteps: int | None = None) ->
     if req.workers is not None:
         if req.workers < 1:
             raise NcaTilesError("--workers must be ≥ 1")
-        _check_int("--workers", req.workers, 1, MAX_WORKERS)
+        check_int("--workers", req.workers, 1, MAX_WORKERS)
     if req.format not in ("ome-tiff", "ome-zarr"):
         raise NcaTilesError(f"unknown --format {req.format!r}: ome-tiff or ome-zarr")
     if req.format == "ome-tiff":
