@@ -248,8 +248,11 @@ def test_cli_export_needs_a_pixel_size(tmp_path):
 
 
 def test_cli_export_refuses_unfinished_synthesis(tmp_path):
+    from nca_tiles.canvas import Job, Manifest
+
     work_dir = write_canvas(tmp_path / "work", smooth_image(64, 64), chunk=64)
-    manifest = {"finished": False, "sweeps_done": 3, "job": {"timesteps": [999, 500, 0]}}
+    job = Job(model_hash="0" * 16, seed=0, width=64, height=64, chunk=64, sampler="ddim", timesteps=(299, 150, 0))
+    manifest = Manifest(job, sweeps_done=3).to_dict()
     (work_dir / "manifest.json").write_text(json.dumps(manifest))
     assert_clean_error(run("export", work_dir, "--out", tmp_path / "x.ome.tif"), "has not finished (3 of 4 sweeps)")
     # every sweep done but the synthesis' own export failed: the canvas is complete
