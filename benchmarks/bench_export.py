@@ -95,9 +95,9 @@ def export_in_this_process(work_dir: Path, out: Path, fmt: str, compression: str
     import tifffile  # noqa: F401
     import zarr  # noqa: F401
 
-    from nca_tiles.ometiff import write_ome_tiff
-    from nca_tiles.omezarr import write_ome_zarr
-    from nca_tiles.pyramid import open_canvas
+    from nca_tiles.export.ometiff import write_ome_tiff
+    from nca_tiles.export.omezarr import write_ome_zarr
+    from nca_tiles.export.pyramid import open_canvas
 
     canvas = open_canvas(work_dir)
     reset_peak_rss()

@@ -51,9 +51,9 @@ def train_seconds(preset_name: str, device, batch: int, patch: int, warmup: int,
     """Per-step seconds of fp32 training on random data, with the trainer's loss and optimizer."""
     import torch
 
-    from nca_tiles.model import DiffNCA, preset
-    from nca_tiles.schedule import NoiseSchedule
-    from nca_tiles.training import TrainConfig, diffusion_loss
+    from nca_tiles.diffusion.model import DiffNCA, preset
+    from nca_tiles.diffusion.schedule import NoiseSchedule
+    from nca_tiles.training.trainer import TrainConfig, diffusion_loss
 
     torch.manual_seed(0)
     model = DiffNCA(preset(preset_name)).to(device).train()
@@ -74,7 +74,7 @@ def train_seconds(preset_name: str, device, batch: int, patch: int, warmup: int,
 
 def inference_seconds(preset_name: str, device, size: int, steps: int, max_seconds: float) -> list[float]:
     """Seconds of each single-denoising-step ``generate_region`` on a size² canvas, fp32."""
-    from nca_tiles.sampling import build_pipeline, generate_region
+    from nca_tiles.diffusion.pipeline import build_pipeline, generate_region
 
     meta, state = random_model(preset_name)
     pipeline = build_pipeline(meta, state, device, "fp32")
@@ -87,7 +87,7 @@ def inference_seconds(preset_name: str, device, size: int, steps: int, max_secon
 
 
 def measure_preset(name: str, args: argparse.Namespace, device) -> dict:
-    from nca_tiles.model import DiffNCA, preset
+    from nca_tiles.diffusion.model import DiffNCA, preset
 
     config = preset(name)
     mac_step = config.macs_per_pixel_step() * config.nca_steps  # per pixel per denoising step
@@ -168,8 +168,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from nca_tiles.model import preset
-    from nca_tiles.sampling import resolve_device
+    from nca_tiles.diffusion.model import preset
+    from nca_tiles.diffusion.pipeline import resolve_device
 
     for name in args.presets:
         preset(name)  # an unknown name fails now, not after minutes of measuring the others

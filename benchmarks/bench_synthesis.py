@@ -134,8 +134,8 @@ def random_model(preset_name: str, seed: int = 0) -> tuple[dict, dict]:
     its last layer made non-zero so that ε̂ is not identically 0 (the cost is the same)."""
     import torch
 
-    from nca_tiles.model import DiffNCA, preset
-    from nca_tiles.schedule import ScheduleConfig
+    from nca_tiles.diffusion.model import DiffNCA, preset
+    from nca_tiles.diffusion.schedule import ScheduleConfig
 
     config = preset(preset_name)
     torch.manual_seed(seed)
@@ -153,8 +153,8 @@ def random_model(preset_name: str, seed: int = 0) -> tuple[dict, dict]:
 
 def load_pipeline(model: str | None, preset_name: str | None, device: str, precision: str):
     """(pipeline, description): --model, else the bundled model, else random weights of a preset."""
-    from nca_tiles.checkpoint import DEFAULT_MODEL_DIR, is_model_path
-    from nca_tiles.sampling import build_pipeline, load_model
+    from nca_tiles.diffusion.checkpoint import DEFAULT_MODEL_DIR, is_model_path
+    from nca_tiles.diffusion.pipeline import build_pipeline, load_model
 
     bundled = model is None and preset_name is None and is_model_path(DEFAULT_MODEL_DIR)
     if bundled:
@@ -214,7 +214,7 @@ def ru_maxrss_bytes() -> int:
 # -- one synthesis through the real path -----------------------------------------------------------
 def synthesize(pipeline, size: int, chunk: int, steps: int, batch: int, seed: int, fmt: str, root: Path) -> float:
     """Seconds of one ``synthesize_slide`` of a size × size canvas (work dir and output in root)."""
-    from nca_tiles.slide_job import SlideRequest, synthesize_slide
+    from nca_tiles.synthesis.slide_job import SlideRequest, synthesize_slide
 
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         out = Path(tmp) / ("slide.ome.tif" if fmt == "ome-tiff" else "slide.ome.zarr")
@@ -232,14 +232,14 @@ def import_synthesis_modules(fmt: str) -> None:
     if fmt == "ome-tiff":
         import tifffile  # noqa: F401
 
-        import nca_tiles.ometiff  # noqa: F401
+        import nca_tiles.export.ometiff  # noqa: F401
     else:
-        import nca_tiles.omezarr  # noqa: F401
+        import nca_tiles.export.omezarr  # noqa: F401
 
 
 def warm_up(pipeline, fmt: str, root: Path) -> None:
     """A tiny synthesis and an in-memory run first: imports, allocator, kernels, autocast."""
-    from nca_tiles.sampling import generate_region
+    from nca_tiles.diffusion.pipeline import generate_region
 
     import_synthesis_modules(fmt)
     side = max(64, 2 * pipeline.halo)
@@ -251,7 +251,7 @@ def warm_up(pipeline, fmt: str, root: Path) -> None:
 # -- section 1: tiled vs whole canvas, through zarr ------------------------------------------------
 def section_speed(pipeline, canvas: int, chunks: list[int], steps: int, batch: int, seed: int, fmt: str,
                   root: Path) -> dict:
-    from nca_tiles.sampling import generate_region
+    from nca_tiles.diffusion.pipeline import generate_region
 
     work = canvas * canvas / 1e6 * steps  # canvas MP × denoising steps
     rows = []
@@ -295,8 +295,8 @@ def sweep_compute_seconds(pipeline, canvas_tensor, chunk: int, batch: int, seed:
     in-memory canvas (no zarr), the median of ``repeats``: (seconds, windows, Σ window pixels)."""
     import torch
 
-    from nca_tiles.sampling import predict_noise
-    from nca_tiles.synthesis import batches, chunk_grid
+    from nca_tiles.diffusion.pipeline import predict_noise
+    from nca_tiles.synthesis.sweeps import batches, chunk_grid
 
     _, _, height, width = canvas_tensor.shape
     chunks = chunk_grid(height, width, chunk, pipeline.halo)
@@ -320,8 +320,8 @@ def random_canvas(pipeline, size: int, seed: int):
 
 def section_halo(pipeline, canvas: int, chunks: list[int], batch: int, seed: int, repeats: int,
                  cache: dict) -> dict:
-    from nca_tiles.plan import make_plan
-    from nca_tiles.synthesis import make_job
+    from nca_tiles.synthesis.plan import make_plan
+    from nca_tiles.synthesis.sweeps import make_job
 
     x = random_canvas(pipeline, canvas, seed)
     whole_seconds = whole_compute_seconds(pipeline, canvas, seed, repeats, cache)
@@ -367,8 +367,8 @@ def print_halo(result: dict) -> None:
 # -- section 3: peak memory vs canvas size, one child process each --------------------------------
 def rss_child(args: argparse.Namespace) -> dict:
     """In a fresh process: one synthesis of an rss_child² canvas; its memory before and peak after."""
-    from nca_tiles.plan import make_plan
-    from nca_tiles.synthesis import make_job
+    from nca_tiles.synthesis.plan import make_plan
+    from nca_tiles.synthesis.sweeps import make_job
 
     pipeline, _ = load_pipeline(args.model, args.preset, args.device, args.precision)
     import_synthesis_modules(args.format)
@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     if 3 in args.sections:
         results["peak_memory"] = run_rss_children(args, ints(args.rss_sizes))
 
-    from nca_tiles.memory import configure_allocator
+    from nca_tiles.runtime.memory import configure_allocator
 
     configure_allocator()  # as synthesize_slide does, so every section runs under the same malloc settings
     pipeline, model_description = load_pipeline(args.model, args.preset, args.device, args.precision)

@@ -24,7 +24,7 @@ def demo(out, model, width, height, chunk, steps, seed, device, overwrite) -> No
     """Extract patches from the bundled H&E sample slide, synthesize a slide with the bundled
     model, write it as a pyramidal OME-TIFF, and draw real beside synthetic tissue plus a zoom
     across a chunk border. Needs no network. Rerun to resume an interrupted demo."""
-    from nca_tiles.preflight import check_writable
+    from nca_tiles.runtime.preflight import check_writable
     check_writable(out, "--out")  # before minutes of work
     import shutil
 
@@ -32,11 +32,11 @@ def demo(out, model, width, height, chunk, steps, seed, device, overwrite) -> No
 
     from nca_tiles.demo import PANEL, SAMPLE_SLIDE, DemoPaths, check_options, comparison_figure, densest_tissue_region
     from nca_tiles.errors import NcaTilesError
-    from nca_tiles.patches import extract_patches
-    from nca_tiles.preview import write_preview
-    from nca_tiles.sample_grid import save_png
-    from nca_tiles.sampling import load_model
-    from nca_tiles.slide_job import SlideRequest, synthesize_slide
+    from nca_tiles.training.patches import extract_patches
+    from nca_tiles.wsi.thumbnail import write_preview
+    from nca_tiles.training.sample_grid import save_png
+    from nca_tiles.diffusion.pipeline import load_model
+    from nca_tiles.synthesis.slide_job import SlideRequest, synthesize_slide
 
     pipeline = load_model(model, device)
     check_options(width, height, chunk, steps, seed, pipeline.halo, pipeline.schedule.timesteps)

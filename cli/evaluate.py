@@ -72,7 +72,7 @@ def evaluate(
 
 
 def _evaluate_slide(slide: Path, chunk: int, json_path: Path | None) -> None:
-    from nca_tiles.metrics import seam_statistics
+    from nca_tiles.evaluation.metrics import seam_statistics
 
     stats = seam_statistics(slide, chunk)
     height, width = stats["shape"]
@@ -110,9 +110,9 @@ def _evaluate_model(
 ) -> None:
     import numpy as np
 
-    from nca_tiles.evaluation import evaluate_patches, format_table
-    from nca_tiles.patches import open_patch_store
-    from nca_tiles.sampling import generate_patches, load_model
+    from nca_tiles.evaluation.protocol import evaluate_patches, format_table
+    from nca_tiles.training.patches import open_patch_store
+    from nca_tiles.diffusion.pipeline import generate_patches, load_model
 
     if not patches.exists():
         raise NcaTilesError(f"{patches} does not exist: give the patch store written by extract-patches")

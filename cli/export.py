@@ -9,7 +9,7 @@ import click
 from nca_tiles_cli.options import out_path_option, overwrite_option
 
 FORMATS = ("ome-tiff", "ome-zarr")
-# Kept here (not imported from nca_tiles.ometiff) so that --help imports nothing heavy; shared
+# Kept here (not imported from nca_tiles.export.ometiff) so that --help imports nothing heavy; shared
 # with synthesize, and tested to equal the library's list. The library validates the value.
 COMPRESSION_NAMES = ("jpeg", "deflate", "lzw", "zstd", "packbits", "none")
 
@@ -54,7 +54,7 @@ def export(
     The output is written under a temporary name and renamed when complete, so an interrupted
     export leaves no --out behind.
     """
-    from nca_tiles.export_job import export_canvas
+    from nca_tiles.synthesis.export_job import export_canvas
 
     done = export_canvas(source, out, fmt=fmt, tile=tile, compression=compression, quality=quality, mpp=mpp,
                          name=name, overwrite=overwrite)

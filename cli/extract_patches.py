@@ -47,7 +47,7 @@ def extract_patches(
     slide with 3 or more slides, else by region inside each slide. Unreadable slides are skipped
     and listed at the end.
     """
-    from nca_tiles.patches import extract_patches as run_extraction
+    from nca_tiles.training.patches import extract_patches as run_extraction
 
     result = run_extraction(
         slides,

@@ -16,7 +16,7 @@ def info(path: Path | None, preset: str | None) -> None:
     """Describe PATH: a patch store (.zarr from extract-patches), a trained model (run directory or
     checkpoint file), or a slide (OME-TIFF, OME-Zarr, or anything OpenSlide reads)."""
     if preset is not None:
-        from nca_tiles.model import describe_preset
+        from nca_tiles.diffusion.model import describe_preset
 
         click.echo(describe_preset(preset))
         return
@@ -25,18 +25,18 @@ def info(path: Path | None, preset: str | None) -> None:
     if not path.exists():
         raise NcaTilesError(f"{path} does not exist")
 
-    from nca_tiles.checkpoint import is_model_path
-    from nca_tiles.patches import is_patch_store
+    from nca_tiles.diffusion.checkpoint import is_model_path
+    from nca_tiles.training.patches import is_patch_store
 
     if is_patch_store(path):
-        from nca_tiles.patches import describe_store
+        from nca_tiles.training.patches import describe_store
 
         click.echo(describe_store(path))
     elif is_model_path(path):
-        from nca_tiles.checkpoint import describe_model
+        from nca_tiles.diffusion.checkpoint import describe_model
 
         click.echo(describe_model(path))
     else:
-        from nca_tiles.slideinfo import describe_slide
+        from nca_tiles.wsi.info import describe_slide
 
         click.echo(describe_slide(path))

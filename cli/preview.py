@@ -25,7 +25,7 @@ def preview(path: Path, out: Path, size: int, overwrite: bool) -> None:
         raise NcaTilesError(f"--size must be a positive number of pixels, got {size}")
     check_output(out, overwrite)
 
-    from nca_tiles.preview import write_preview
+    from nca_tiles.wsi.thumbnail import write_preview
 
     write_preview(path, out, size=size)
     click.echo(f"wrote {out}")

@@ -49,10 +49,10 @@ def synthesize(model, width, height, out, chunk, seed, sampler, steps, eta, devi
     or number of workers gives the same slide. An interrupted run resumes when rerun.
     """
     from nca_tiles.errors import NcaTilesError
-    from nca_tiles.plan import describe_plan, make_plan
-    from nca_tiles.sampling import load_model
-    from nca_tiles.slide_job import SlideRequest, check_request, default_work_dir, dry_run_report, synthesize_slide
-    from nca_tiles.synthesis import make_job
+    from nca_tiles.synthesis.plan import describe_plan, make_plan
+    from nca_tiles.diffusion.pipeline import load_model
+    from nca_tiles.synthesis.slide_job import SlideRequest, check_request, default_work_dir, dry_run_report, synthesize_slide
+    from nca_tiles.synthesis.sweeps import make_job
 
     pipeline = load_model(model, device, precision)
     req = SlideRequest(width=width, height=height, out=out, seed=seed, chunk=chunk, sampler=sampler, steps=steps,

@@ -9,7 +9,7 @@ import click
 from nca_tiles_cli.options import device_option, seed_option
 
 
-# The names of nca_tiles.model.PRESETS (a test keeps them equal), written out so --help imports no
+# The names of nca_tiles.diffusion.model.PRESETS (a test keeps them equal), written out so --help imports no
 # torch. Not a click.Choice: an unknown name gets the one-line error of `info --preset`.
 PRESETS = ("paper", "small", "tiny")
 
@@ -43,8 +43,8 @@ def train(patches, out, preset, steps, batch_size, lr, device, precision, resume
     Ctrl-C saves a checkpoint; rerun with --resume to continue exactly where it stopped.
     """
     from nca_tiles.errors import NcaTilesError
-    from nca_tiles.sampling import resolve_device, resolve_precision
-    from nca_tiles.training import TrainConfig, run_training
+    from nca_tiles.diffusion.pipeline import resolve_device, resolve_precision
+    from nca_tiles.training.trainer import TrainConfig, run_training
 
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, val_every=val_every,
                          sample_every=sample_every, checkpoint_every=checkpoint_every)

@@ -14,7 +14,7 @@ import sys
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from nca_tiles.sampling import generate_region, load_model
+from nca_tiles.diffusion.pipeline import generate_region, load_model
 
 
 class SyntheticTissue(Dataset):

@@ -51,8 +51,8 @@ def check_options(width: int, height: int, chunk: int, steps: int, seed: int, ha
 
 def densest_tissue_region(slide_path: Path, mpp: float, side: int) -> np.ndarray:
     """The ``side``² region (at ``mpp``) of the slide with the most tissue, as uint8 (side, side, 3)."""
-    from nca_tiles.slide import open_slide, read_region_at_mpp
-    from nca_tiles.tissue import tissue_mask
+    from nca_tiles.wsi.slide import open_slide, read_region_at_mpp
+    from nca_tiles.wsi.tissue import tissue_mask
 
     with open_slide(slide_path) as slide:
         size0 = side * mpp / slide.mpp  # the region's side in level-0 pixels

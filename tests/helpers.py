@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nca_tiles.checkpoint import save_model_dir
-from nca_tiles.model import PRESETS, DiffNCA, ModelConfig
-from nca_tiles.schedule import ScheduleConfig
+from nca_tiles.diffusion.checkpoint import save_model_dir
+from nca_tiles.diffusion.model import PRESETS, DiffNCA, ModelConfig
+from nca_tiles.diffusion.schedule import ScheduleConfig
 
 
 def save_test_model(directory: Path, config: ModelConfig = PRESETS["tiny"], timesteps: int = 300,

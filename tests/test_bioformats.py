@@ -19,7 +19,7 @@ import pytest
 import tifffile
 from export_support import MPP, noisy_image, reference_pyramid, smooth_image, write_canvas
 
-from nca_tiles.ometiff import write_ome_tiff
+from nca_tiles.export.ometiff import write_ome_tiff
 
 REPO = Path(__file__).resolve().parents[1]
 HEIGHT, WIDTH = 1000, 777

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.evaluation import METRICS, evaluate_patches, format_table
+from nca_tiles.evaluation.protocol import METRICS, evaluate_patches, format_table
 from nca_tiles_cli.main import cli
 
 
@@ -78,10 +78,10 @@ def store_and_model(sample_slide: Path, tmp_path_factory) -> tuple[Path, Path]:
     (random non-zero weights: a fresh model's output layer is zero)."""
     import torch
 
-    from nca_tiles.checkpoint import save_model_dir
-    from nca_tiles.model import PRESETS, DiffNCA
-    from nca_tiles.patches import extract_patches
-    from nca_tiles.schedule import ScheduleConfig
+    from nca_tiles.diffusion.checkpoint import save_model_dir
+    from nca_tiles.diffusion.model import PRESETS, DiffNCA
+    from nca_tiles.training.patches import extract_patches
+    from nca_tiles.diffusion.schedule import ScheduleConfig
 
     root = tmp_path_factory.mktemp("evaluate")
     extract_patches([sample_slide], root / "patches.zarr", target_mpp=0.5, progress=False)
@@ -115,7 +115,7 @@ def test_cli_evaluates_a_model_against_a_patch_store(store_and_model, tmp_path):
 
 
 def test_cli_refuses_a_model_at_another_resolution(store_and_model, sample_slide, tmp_path):
-    from nca_tiles.patches import extract_patches
+    from nca_tiles.training.patches import extract_patches
 
     _, model = store_and_model
     extract_patches([sample_slide], tmp_path / "coarse.zarr", target_mpp=1.0, max_per_slide=64, progress=False)

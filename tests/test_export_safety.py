@@ -36,8 +36,8 @@ def test_a_failed_clean_up_does_not_hide_the_first_error(tmp_path):
     removing it fails; the canvas then fails to decode (a real corrupt chunk). The error raised
     must be the decode error, not the clean-up's "Operation not permitted"; a later export of the
     same output removes the temporary that was left."""
-    from nca_tiles.ometiff import write_ome_tiff
-    from nca_tiles.pyramid import open_canvas
+    from nca_tiles.export.ometiff import write_ome_tiff
+    from nca_tiles.export.pyramid import open_canvas
 
     if os.geteuid() != 0 or subprocess.run(["which", "chattr"], capture_output=True).returncode:
         pytest.skip("needs root and chattr")
@@ -80,7 +80,7 @@ def test_a_failed_clean_up_does_not_hide_the_first_error(tmp_path):
 def test_a_full_disk_during_export_is_a_one_line_error(tmp_path):
     """No pre-flight in the writer itself: the file system really fills up mid-write."""
     from nca_tiles.errors import NcaTilesError
-    from nca_tiles.ometiff import write_ome_tiff
+    from nca_tiles.export.ometiff import write_ome_tiff
 
     canvas = write_canvas(tmp_path / "canvas", noisy_image(1024, 1024), chunk=256)
     with small_file_system(tmp_path / "small", "1m") as small:

@@ -30,14 +30,14 @@ from helpers import read_only_dir
 
 from nca_tiles import __version__
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.patches import (
+from nca_tiles.training.patches import (
     describe_store,
     extract_patches,
     is_patch_store,
     open_patch_store,
 )
-from nca_tiles.slide import open_slide, read_level0_region, read_region_at_mpp
-from nca_tiles.tissue import saturation_and_value
+from nca_tiles.wsi.slide import open_slide, read_level0_region, read_region_at_mpp
+from nca_tiles.wsi.tissue import saturation_and_value
 from nca_tiles_cli.main import cli
 
 CONTRACT_KEYS = {"kind", "format_version", "target_mpp", "patch_size", "slides", "tool_version", "split_by", "seed"}
@@ -455,12 +455,12 @@ def test_newer_format_is_refused(tmp_path, one_slide_store):
 
 
 def test_read_only_out_is_refused_before_any_work(tmp_path, sample_slide, monkeypatch):
-    import nca_tiles.slide
+    import nca_tiles.wsi.slide
 
     def no_work(*args, **kwargs):
         raise AssertionError("slides were searched before --out was checked")
 
-    monkeypatch.setattr(nca_tiles.slide, "find_slides", no_work)
+    monkeypatch.setattr(nca_tiles.wsi.slide, "find_slides", no_work)
     with read_only_dir(tmp_path / "ro") as ro:
         with pytest.raises(NcaTilesError, match=r"cannot write --out .*p\.zarr.*not writable"):
             extract([sample_slide], ro / "p.zarr", target_mpp=2.0)
@@ -472,7 +472,7 @@ def test_read_only_out_is_refused_before_any_work(tmp_path, sample_slide, monkey
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from nca_tiles.locking import exclusive_lock
+from nca_tiles.runtime.locking import exclusive_lock
 with exclusive_lock(Path(sys.argv[1]), "--out", "choose another --out"):
     print("locked", flush=True)
     time.sleep(60)
@@ -495,7 +495,7 @@ def test_out_in_use_by_another_process_is_refused(tmp_path, sample_slide):
 def test_second_extraction_to_the_same_out_is_refused_while_the_first_runs(tmp_path, sample_slide, monkeypatch):
     """A second real ``nca-tiles extract-patches`` started while this one writes the store: it is
     refused at once, and the first finishes with a store that reads back whole."""
-    import nca_tiles.patches as patches
+    import nca_tiles.training.patches as patches
 
     out = tmp_path / "p.zarr"
     second: list[subprocess.CompletedProcess] = []

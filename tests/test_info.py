@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.model import PRESETS, DiffNCA
-from nca_tiles.patches import extract_patches
-from nca_tiles.sampling import load_model
+from nca_tiles.diffusion.model import PRESETS, DiffNCA
+from nca_tiles.training.patches import extract_patches
+from nca_tiles.diffusion.pipeline import load_model
 from tests.cli_support import assert_ok, assert_one_line_error, run_cli
 from tests.helpers import save_test_model
 
@@ -164,8 +164,8 @@ def test_config_that_is_not_json(tmp_path):
 def test_every_model_field_is_validated():
     import dataclasses
 
-    from nca_tiles.checkpoint import _MODEL_INTS
-    from nca_tiles.model import ModelConfig
+    from nca_tiles.diffusion.checkpoint import _MODEL_INTS
+    from nca_tiles.diffusion.model import ModelConfig
 
     assert set(_MODEL_INTS) | {"fire_rate"} == {f.name for f in dataclasses.fields(ModelConfig)}
 

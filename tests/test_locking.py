@@ -12,13 +12,13 @@ import pytest
 from helpers import read_only_dir
 
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.locking import exclusive_lock, lock_path
-from nca_tiles.preflight import check_writable
+from nca_tiles.runtime.locking import exclusive_lock, lock_path
+from nca_tiles.runtime.preflight import check_writable
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from nca_tiles.locking import exclusive_lock
+from nca_tiles.runtime.locking import exclusive_lock
 with exclusive_lock(Path(sys.argv[1]), "work dir", "use another --work-dir"):
     print("locked", flush=True)
     time.sleep(60)
@@ -67,7 +67,7 @@ def test_many_processes_racing_for_one_lock_never_share_it(tmp_path):
 import sys, time
 from pathlib import Path
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.locking import exclusive_lock
+from nca_tiles.runtime.locking import exclusive_lock
 log = Path(sys.argv[2])
 deadline = time.time() + 20
 done = 0

@@ -1,4 +1,4 @@
-"""glibc tuning that keeps a long synthesis's peak RSS flat (nca_tiles.memory)."""
+"""glibc tuning that keeps a long synthesis's peak RSS flat (nca_tiles.runtime.memory)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ glibc_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 FRAGMENTED_HEAP = """
 import sys
 import numpy as np
-from nca_tiles.memory import configure_allocator, release_free_heap
+from nca_tiles.runtime.memory import configure_allocator, release_free_heap
 assert configure_allocator()
 before = status_kib("VmRSS")
 # 3 MB buffers (below the pinned mmap threshold: heap), each followed by a small one that stays:

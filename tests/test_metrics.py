@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nca_tiles import metrics
+from nca_tiles.evaluation import metrics
 from nca_tiles.errors import NcaTilesError
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.model import PRESETS, CounterFireMask, DiffNCA, ModelConfig, describe_preset, preset, reflect_pad_rows
+from nca_tiles.diffusion.model import PRESETS, CounterFireMask, DiffNCA, ModelConfig, describe_preset, preset, reflect_pad_rows
 from tests.peak_memory import needs_proc, run_measuring
 
 CONFIG = ModelConfig(channels=12, hidden=24, nca_steps=5, embedding_hidden=16, encoding_dim=8)
@@ -159,7 +159,7 @@ def test_reflect_padded_bands_are_rows_of_the_padded_image(height):
 
 INFERENCE_PEAK = """
 import sys, torch
-from nca_tiles.model import CounterFireMask, DiffNCA, ModelConfig
+from nca_tiles.diffusion.model import CounterFireMask, DiffNCA, ModelConfig
 model = DiffNCA(ModelConfig(channels=32, hidden=16, nca_steps=2, embedding_hidden=32, encoding_dim=16)).eval()
 def run(side):
     with torch.no_grad():

@@ -18,9 +18,9 @@ from export_support import (
     write_canvas,
 )
 
-from nca_tiles import ometiff
+from nca_tiles.export import ometiff
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.ometiff import write_ome_tiff
+from nca_tiles.export.ometiff import write_ome_tiff
 
 HEIGHT, WIDTH = 1000, 777  # odd width: edge tiles and odd levels
 

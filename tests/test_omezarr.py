@@ -10,7 +10,7 @@ import zarr
 from export_support import GENERATOR, MPP, corrupt_last_chunk, noisy_image, reference_pyramid, write_canvas
 
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.omezarr import write_ome_zarr
+from nca_tiles.export.omezarr import write_ome_zarr
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ from helpers import read_only_dir
 from PIL import Image
 
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.ometiff import write_ome_tiff
-from nca_tiles.omezarr import write_ome_zarr
-from nca_tiles.preview import make_thumbnail, pick_level, write_preview
-from nca_tiles.slideinfo import describe_slide, slide_kind
+from nca_tiles.export.ometiff import write_ome_tiff
+from nca_tiles.export.omezarr import write_ome_zarr
+from nca_tiles.wsi.thumbnail import make_thumbnail, pick_level, write_preview
+from nca_tiles.wsi.info import describe_slide, slide_kind
 from nca_tiles_cli.main import cli
 
 HEIGHT, WIDTH = 1000, 777
@@ -93,7 +93,7 @@ def test_write_preview_is_atomic_and_checks_its_arguments(slides, tmp_path):
 
 
 def test_read_only_out_is_refused_before_the_slide_is_read(slides, tmp_path, monkeypatch):
-    import nca_tiles.preview
+    import nca_tiles.wsi.thumbnail
 
     def no_work(*args, **kwargs):
         raise AssertionError("the slide was read before --out was checked")
@@ -101,7 +101,7 @@ def test_read_only_out_is_refused_before_the_slide_is_read(slides, tmp_path, mon
     with read_only_dir(tmp_path / "ro") as ro:
         result = run("preview", slides["tiff"], "--out", ro / "thumb.png", "--size", "64")
         assert_one_line_error(result, f"cannot write --out {ro / 'thumb.png'}", "choose another location")
-        monkeypatch.setattr(nca_tiles.preview, "make_thumbnail", no_work)
+        monkeypatch.setattr(nca_tiles.wsi.thumbnail, "make_thumbnail", no_work)
         with pytest.raises(NcaTilesError, match="cannot write --out .*not writable"):
             write_preview(slides["tiff"], ro / "sub" / "thumb.png")
         assert list(ro.iterdir()) == []
@@ -248,7 +248,7 @@ def test_cli_export_needs_a_pixel_size(tmp_path):
 
 
 def test_cli_export_refuses_unfinished_synthesis(tmp_path):
-    from nca_tiles.canvas import Job, Manifest
+    from nca_tiles.synthesis.workdir import Job, Manifest
 
     work_dir = write_canvas(tmp_path / "work", smooth_image(64, 64), chunk=64)
     job = Job(model_hash="0" * 16, seed=0, width=64, height=64, chunk=64, sampler="ddim", timesteps=(299, 150, 0))
@@ -298,7 +298,7 @@ def _info_takes_slide_files_for_models() -> bool:
     try:
         from conftest import SAMPLE_SLIDE
 
-        from nca_tiles.checkpoint import is_model_path
+        from nca_tiles.diffusion.checkpoint import is_model_path
 
         return bool(is_model_path(SAMPLE_SLIDE))
     except Exception:
@@ -307,7 +307,7 @@ def _info_takes_slide_files_for_models() -> bool:
 
 @pytest.mark.xfail(
     _info_takes_slide_files_for_models(),
-    reason="nca_tiles.checkpoint.is_model_path treats every file as a checkpoint (bug outside export)",
+    reason="nca_tiles.diffusion.checkpoint.is_model_path treats every file as a checkpoint (bug outside export)",
     strict=True,
 )
 def test_cli_info_files(slides, sample_slide):

@@ -10,7 +10,7 @@ import zarr
 from export_support import GENERATOR, MPP, noisy_image, reference_pyramid, write_canvas
 
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.pyramid import (
+from nca_tiles.export.pyramid import (
     check_mpp,
     chunk_side,
     create_scratch_level,

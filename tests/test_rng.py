@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from nca_tiles import rng
-from nca_tiles.rng import Stream
+from nca_tiles.diffusion import rng
+from nca_tiles.diffusion.rng import Stream
 
 
 def test_normal_moments():

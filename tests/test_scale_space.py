@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nca_tiles.scale_space import coarse_window, level_size, renoise, upsample_window
+from nca_tiles.diffusion.scale_space import coarse_window, level_size, renoise, upsample_window
 
 
 def _up_whole(coarse, ratio, fine_shape):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.schedule import NoiseSchedule, ScheduleConfig
+from nca_tiles.diffusion.schedule import NoiseSchedule, ScheduleConfig
 
 
 def test_linear_betas_match_the_paper():

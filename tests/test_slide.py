@@ -17,9 +17,9 @@ from _slides import (
     write_png,
 )
 
-from nca_tiles import slide as slide_module
+from nca_tiles.wsi import slide as slide_module
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.slide import (
+from nca_tiles.wsi.slide import (
     OpenSlideSlide,
     PillowSlide,
     SlideReadError,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nca_tiles import nuclei, spectrum
+from nca_tiles.evaluation import nuclei, spectrum
 
 PINK = (236, 180, 220)  # eosin-ish background
 PURPLE = (70, 40, 140)  # haematoxylin-dark nucleus

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from nca_tiles.sampling import generate_region, load_model
-from nca_tiles.slide_job import SlideRequest, synthesize_slide
-from nca_tiles.synthesis import batches, chunk_grid
+from nca_tiles.diffusion.pipeline import generate_region, load_model
+from nca_tiles.synthesis.slide_job import SlideRequest, synthesize_slide
+from nca_tiles.synthesis.sweeps import batches, chunk_grid
 from tests.helpers import save_test_model
 from tests.peak_memory import needs_proc, run_measuring
 
@@ -128,8 +128,8 @@ def test_kill_9_then_rerun_resumes_to_the_same_slide(model_dir, tmp_path):
 PEAK_RSS = """
 import sys
 from pathlib import Path
-from nca_tiles.sampling import load_model
-from nca_tiles.slide_job import SlideRequest, synthesize_slide
+from nca_tiles.diffusion.pipeline import load_model
+from nca_tiles.synthesis.slide_job import SlideRequest, synthesize_slide
 pipeline = load_model(sys.argv[1], "cpu")
 before = peak_kib()
 side = int(sys.argv[2])

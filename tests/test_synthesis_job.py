@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from nca_tiles.diskspace import canvas_bytes, ome_tiff_bytes
+from nca_tiles.synthesis.diskspace import canvas_bytes, ome_tiff_bytes
 from tests.cli_support import assert_ok, assert_one_line_error, run_cli
 from tests.helpers import read_only_dir, save_test_model
 from tests.job_support import (
@@ -130,9 +130,9 @@ def test_canvas_estimate_counts_what_zarr_really_stores(model, tmp_path):
     assert sizes["x0"] == sizes["x1"] == 896 * 896 * 3 * 4 + 4 * (16 * 16 + 4)
     assert sizes["x0"] > 880 * 880 * 3 * 4
     # The estimate the pre-flight and the dry run use.
-    from nca_tiles.plan import make_plan
-    from nca_tiles.sampling import load_model
-    from nca_tiles.synthesis import make_job
+    from nca_tiles.synthesis.plan import make_plan
+    from nca_tiles.diffusion.pipeline import load_model
+    from nca_tiles.synthesis.sweeps import make_job
 
     pipeline = load_model(model, "cpu")
     estimate = make_plan(pipeline, make_job(pipeline, 0, 880, 880, 512, "ddim", 2), 1, calibrate=False).canvas_bytes
@@ -181,7 +181,7 @@ import os, signal, sys
 from pathlib import Path
 point = sys.argv[1]
 if point == "before-manifest":
-    from nca_tiles import canvas
+    from nca_tiles.synthesis import workdir as canvas
     canvas.WorkDir.write_manifest = lambda self, manifest: os.kill(os.getpid(), signal.SIGKILL)
 else:  # after-rename: kill -9 as soon as the output has its final name
     out = os.path.abspath(sys.argv[sys.argv.index("--out") + 1])

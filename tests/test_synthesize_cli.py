@@ -11,7 +11,7 @@ import pytest
 import tifffile
 import zarr
 
-from nca_tiles.checkpoint import DEFAULT_MODEL_DIR, is_model_path
+from nca_tiles.diffusion.checkpoint import DEFAULT_MODEL_DIR, is_model_path
 from tests.cli_support import assert_ok, assert_one_line_error, run_cli
 from tests.helpers import save_test_model
 
@@ -200,7 +200,7 @@ def test_ome_zarr_end_to_end(kept, model, tmp_path):
 
 def test_output_clashes_are_refused_before_any_work(tmp_path):
     from nca_tiles.errors import NcaTilesError
-    from nca_tiles.slide_job import SlideRequest, check_request
+    from nca_tiles.synthesis.slide_job import SlideRequest, check_request
 
     (tmp_path / "dir.ome.tif").mkdir()
     clashes = [
@@ -227,7 +227,7 @@ def test_progress_shows_sweep_percentage_eta_and_the_total_time(model, tmp_path)
 
 
 def test_one_list_of_compressions_for_both_commands():
-    from nca_tiles.ometiff import COMPRESSIONS
+    from nca_tiles.export.ometiff import COMPRESSIONS
     from nca_tiles_cli.export import COMPRESSION_NAMES
 
     assert COMPRESSION_NAMES == tuple(COMPRESSIONS)

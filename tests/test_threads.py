@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.threads import ThreadShare, usable_cores
+from nca_tiles.runtime.threads import ThreadShare, usable_cores
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from nca_tiles.threads import ThreadShare
+from nca_tiles.runtime.threads import ThreadShare
 share = ThreadShare(None if sys.argv[2] == "auto" else int(sys.argv[2]), folder=Path(sys.argv[1]))
 print(share.threads, flush=True)
 time.sleep(60)
@@ -46,7 +46,7 @@ def test_alone_a_process_takes_every_core(tmp_path, restore_threads):
 
 
 def test_processes_share_the_cores_and_take_them_back(tmp_path, restore_threads, monkeypatch):
-    monkeypatch.setattr("nca_tiles.threads.usable_cores", lambda: 8)  # the arithmetic, on any machine
+    monkeypatch.setattr("nca_tiles.runtime.threads.usable_cores", lambda: 8)  # the arithmetic, on any machine
     procs = []
     try:
         procs.append(_claim(tmp_path, 3)[0])  # a fixed --threads 3 leaves 5

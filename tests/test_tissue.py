@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from _slides import PINK, write_png
 
-from nca_tiles.slide import open_slide, read_level0_region
-from nca_tiles.tissue import TissueMask, saturation_and_value, tissue_from_rgb, tissue_mask
+from nca_tiles.wsi.slide import open_slide, read_level0_region
+from nca_tiles.wsi.tissue import TissueMask, saturation_and_value, tissue_from_rgb, tissue_mask
 
 
 @pytest.fixture(scope="module")

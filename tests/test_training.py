@@ -18,11 +18,11 @@ import torch
 import zarr
 from PIL import Image
 
-from nca_tiles.checkpoint import FORMAT_VERSION
-from nca_tiles.model import PRESETS, DiffNCA
-from nca_tiles.patches import extract_patches, open_patch_store
-from nca_tiles.sampling import load_model
-from nca_tiles.schedule import ScheduleConfig
+from nca_tiles.diffusion.checkpoint import FORMAT_VERSION
+from nca_tiles.diffusion.model import PRESETS, DiffNCA
+from nca_tiles.training.patches import extract_patches, open_patch_store
+from nca_tiles.diffusion.pipeline import load_model
+from nca_tiles.diffusion.schedule import ScheduleConfig
 from tests.cli_support import assert_ok, assert_one_line_error, run_cli
 from tests.helpers import read_only_dir
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nca_tiles.slide import Slide, read_level0_region
+from nca_tiles.wsi.slide import Slide, read_level0_region
 
 # Otsu adapts to stain strength, but it always splits the histogram in two, even when a thumbnail
 # is all glass or all tissue; clipping keeps the threshold where stain vs glass actually is

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.preflight import check_writable
-from nca_tiles.slide import check_intact, damage_reason, damaged, open_tiff, quiet_tifffile
-from nca_tiles.slideinfo import open_ome_zarr, slide_kind
+from nca_tiles.runtime.preflight import check_writable
+from nca_tiles.wsi.slide import check_intact, damage_reason, damaged, open_tiff, quiet_tifffile
+from nca_tiles.wsi.info import open_ome_zarr, slide_kind
 
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP"}
 

@@ -15,10 +15,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from nca_tiles.canvas import inner_chunk
+from nca_tiles.synthesis.workdir import inner_chunk
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.preflight import nearest_existing
-from nca_tiles.pyramid import level_shapes
+from nca_tiles.runtime.preflight import nearest_existing
+from nca_tiles.export.pyramid import level_shapes
 
 FS_BLOCK = 4096  # a file's last block is allocated whole
 SHARD_INDEX_ENTRY = 16  # zarr sharding: offset and length (uint64) per inner chunk

@@ -1,4 +1,4 @@
-"""Training Diff-NCA with the paper's recipe (design.md §1).
+"""Training Diff-NCA with the paper's recipe (docs/design.md §1).
 
 ε-prediction with loss MSE + L1; Adam (lr 1.6e-3, betas (0.9, 0.99), eps 1e-8); ExponentialLR
 γ = 0.9999 per step; EMA of the weights with decay 0.99, used for sampling. Every random draw of
@@ -23,9 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nca_tiles import __version__, rng
+from nca_tiles import __version__
+
+from nca_tiles.diffusion import rng
 from nca_tiles.bounds import check_int, check_positive_finite, check_seed
-from nca_tiles.checkpoint import (
+from nca_tiles.diffusion.checkpoint import (
     CHECKPOINT_NAME,
     FORMAT_VERSION,
     MODEL_DIR_NAME,
@@ -36,13 +38,13 @@ from nca_tiles.checkpoint import (
     torch_load,
 )
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.locking import exclusive_lock
-from nca_tiles.model import DiffNCA, ModelConfig, TorchFireMask
-from nca_tiles.model import preset as get_preset
-from nca_tiles.patches import open_patch_store
-from nca_tiles.preflight import check_writable
-from nca_tiles.sampling import autocast
-from nca_tiles.schedule import NoiseSchedule, ScheduleConfig
+from nca_tiles.runtime.locking import exclusive_lock
+from nca_tiles.diffusion.model import DiffNCA, ModelConfig, TorchFireMask
+from nca_tiles.diffusion.model import preset as get_preset
+from nca_tiles.training.patches import open_patch_store
+from nca_tiles.runtime.preflight import check_writable
+from nca_tiles.diffusion.pipeline import autocast
+from nca_tiles.diffusion.schedule import NoiseSchedule, ScheduleConfig
 
 METRICS_NAME = "metrics.jsonl"
 SAMPLES_DIR = "samples"
@@ -271,8 +273,8 @@ class Trainer:
         return float(np.mean(losses))
 
     def write_samples(self) -> Path:
-        from nca_tiles.sample_grid import save_sample_grid
-        from nca_tiles.sampling import build_pipeline
+        from nca_tiles.training.sample_grid import save_sample_grid
+        from nca_tiles.diffusion.pipeline import build_pipeline
 
         pipeline = build_pipeline(self.meta(), self.ema.state_dict(), self.device, self.precision)
         path = self._sample_path()

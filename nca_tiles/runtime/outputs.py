@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.locking import exclusive_lock
+from nca_tiles.runtime.locking import exclusive_lock
 
 TAG = "nca-tiles"
 _held: dict[Path, int] = {}  # outputs this process holds the lock of -> the holding thread
@@ -112,7 +112,7 @@ def remove_stale_temporaries(out: Path, *folders: Path) -> list[Path]:
 def os_error_message(exc: OSError, out: Path) -> NcaTilesError:
     """A one-line error for a failed write of ``out`` (tifffile reports a full disk as a short
     write, without errno: the free space says it)."""
-    from nca_tiles.preflight import nearest_existing
+    from nca_tiles.runtime.preflight import nearest_existing
 
     reason = (exc.strerror or str(exc) or type(exc).__name__).strip().splitlines()[0]
     where = f" ({exc.filename})" if exc.filename else ""

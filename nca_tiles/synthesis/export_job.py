@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nca_tiles.canvas import find_work_dir
-from nca_tiles.diskspace import check_free_disk, output_needs
+from nca_tiles.synthesis.workdir import find_work_dir
+from nca_tiles.synthesis.diskspace import check_free_disk, output_needs
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.locking import exclusive_lock
-from nca_tiles.outputs import output_lock
-from nca_tiles.preflight import check_writable
+from nca_tiles.runtime.locking import exclusive_lock
+from nca_tiles.runtime.outputs import output_lock
+from nca_tiles.runtime.preflight import check_writable
 
 FORMATS = ("ome-tiff", "ome-zarr")
 
@@ -39,11 +39,11 @@ def write_output(canvas: Any, out: Path, *, fmt: str, mpp: float, generator: dic
                  progress: bool = True, on_complete: Callable[[Path], None] | None = None) -> Path:
     """Write ``canvas`` to ``out`` in ``fmt`` (the writers lock ``out`` and write it atomically)."""
     if fmt == "ome-zarr":
-        from nca_tiles.omezarr import write_ome_zarr
+        from nca_tiles.export.omezarr import write_ome_zarr
 
         return write_ome_zarr(canvas, out, mpp=mpp, generator=generator, name=name, chunk=tile, progress=progress,
                               on_complete=on_complete)
-    from nca_tiles.ometiff import write_ome_tiff
+    from nca_tiles.export.ometiff import write_ome_tiff
 
     return write_ome_tiff(canvas, out, mpp=mpp, generator=generator, name=name, tile=tile, compression=compression,
                           quality=quality, scratch_dir=scratch_dir, progress=progress, on_complete=on_complete)
@@ -76,14 +76,14 @@ def export_canvas(source: Path, out: Path, *, fmt: str | None = None, tile: int 
     compression = "jpeg" if compression is None else compression
     quality = 90 if quality is None else quality
     if fmt == "ome-tiff":
-        from nca_tiles.ometiff import check_tiff_options
+        from nca_tiles.export.ometiff import check_tiff_options
 
         check_tiff_options(tile, compression, quality)
     if output_exists(out) and not overwrite:
         refuse_existing(out)
     check_writable(out, "--out")
 
-    from nca_tiles.pyramid import open_canvas
+    from nca_tiles.export.pyramid import open_canvas
 
     work = find_work_dir(Path(source)) if Path(source).exists() else None
     holding = exclusive_lock(work.path, "work dir", "export it once that job is done") if work else nullcontext()

@@ -1,4 +1,4 @@
-"""Streaming tiled synthesis over a zarr canvas (design.md §3).
+"""Streaming tiled synthesis over a zarr canvas (docs/design.md §3).
 
 One denoising step is one *sweep* over every chunk of the canvas: read the window chunk ± s from
 the buffer holding x_t (clipped to the canvas), run the model's s NCA steps on it, crop the
@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nca_tiles.canvas import RGB, Job, Manifest, WorkDir, buffer_name
+from nca_tiles.synthesis.workdir import RGB, Job, Manifest, WorkDir, buffer_name
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.memory import configure_allocator, release_free_heap
-from nca_tiles.sampling import Pipeline, initial_noise, predict_noise, reverse_step, to_uint8
+from nca_tiles.runtime.memory import configure_allocator, release_free_heap
+from nca_tiles.diffusion.pipeline import Pipeline, initial_noise, predict_noise, reverse_step, to_uint8
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def run_group(pipeline: Pipeline, work: WorkDir, job: Job, sweep: int, group: li
         out = denoise_group(pipeline, job, sweep, group, windows)
     write_chunks(dst, group, out, as_rgb=is_last_sweep(job, sweep))
     del out
-    release_free_heap()  # see nca_tiles.memory
+    release_free_heap()  # see nca_tiles.runtime.memory
     return sum(c.pixels for c in group)
 
 
@@ -164,7 +164,7 @@ class InProcessExecutor:
                     pending_write.result()  # bounded: one group being written at a time
                 pending_write = writer.submit(write_chunks, dst, group, out, as_rgb)
                 del out
-                release_free_heap()  # see nca_tiles.memory
+                release_free_heap()  # see nca_tiles.runtime.memory
                 progress(sum(c.pixels for c in group))
             if pending_write is not None:
                 pending_write.result()
@@ -178,11 +178,11 @@ _WORKER_PIPELINES: dict[tuple, Pipeline] = {}
 
 def _worker_pipeline(model_path: str | None, device: str, precision: str, threads: int | None) -> Pipeline:
     """The model, loaded once per worker process."""
-    from nca_tiles.sampling import load_model
+    from nca_tiles.diffusion.pipeline import load_model
 
     key = (model_path, device, precision)
     if key not in _WORKER_PIPELINES:
-        configure_allocator()  # once per worker process: see nca_tiles.memory
+        configure_allocator()  # once per worker process: see nca_tiles.runtime.memory
         if threads:
             torch.set_num_threads(threads)
         _WORKER_PIPELINES[key] = load_model(model_path, device, precision)

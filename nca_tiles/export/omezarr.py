@@ -6,10 +6,10 @@ Blosc-zstd. Why 0.4/v2 rather than 0.5/v3: every released ome-zarr-py (and so na
 Bio-Formats' OME-Zarr reader, vizarr and neuroglancer read 0.4, while 0.5 needs the newest
 ome-zarr-py and zarr-python 3 throughout.
 
-Levels are 2x area averages (nca_tiles.pyramid), each computed chunk by chunk from the level
+Levels are 2x area averages (nca_tiles.export.pyramid), each computed chunk by chunk from the level
 above in the output itself, so no scratch copy is needed and memory stays at a few chunks. The
 store is written as a hidden sibling directory and renamed to ``out`` when complete; the next
-export of ``out`` removes what a killed one left (nca_tiles.outputs).
+export of ``out`` removes what a killed one left (nca_tiles.runtime.outputs).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import numpy as np
 
 from nca_tiles import __version__
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.outputs import os_error_message, output_lock, remove_stale_temporaries, temporary_path
-from nca_tiles.preflight import check_writable
-from nca_tiles.pyramid import (
+from nca_tiles.runtime.outputs import os_error_message, output_lock, remove_stale_temporaries, temporary_path
+from nca_tiles.runtime.preflight import check_writable
+from nca_tiles.export.pyramid import (
     MAX_TILE,
     check_mpp,
     copy_level,
@@ -93,7 +93,7 @@ def multiscales_metadata(
                 "type": "mean",
                 "metadata": {
                     "description": "2x2 area average of the level above, rounded half to even",
-                    "method": "nca_tiles.pyramid.downsample_2x",
+                    "method": "nca_tiles.export.pyramid.downsample_2x",
                     "version": __version__,
                 },
             }

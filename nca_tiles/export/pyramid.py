@@ -95,7 +95,7 @@ def open_canvas(source: Any) -> Canvas:
     path: Path | None = None
     attrs: dict[str, Any] = {}
     if isinstance(source, (str, os.PathLike)):
-        from nca_tiles.canvas import find_work_dir
+        from nca_tiles.synthesis.workdir import find_work_dir
 
         work = find_work_dir(Path(source))
         if work is not None:

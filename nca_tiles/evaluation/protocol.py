@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from nca_tiles import metrics, nuclei, spectrum
+from nca_tiles.evaluation import metrics, nuclei, spectrum
 from nca_tiles.errors import NcaTilesError
 
 COMPARISONS: dict[str, str] = {

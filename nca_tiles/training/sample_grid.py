@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nca_tiles.checkpoint import atomic_write_bytes
+from nca_tiles.diffusion.checkpoint import atomic_write_bytes
 
 
 def tile_grid(images: np.ndarray, columns: int, gap: int = 2) -> np.ndarray:
@@ -22,7 +22,7 @@ def tile_grid(images: np.ndarray, columns: int, gap: int = 2) -> np.ndarray:
 
 
 def save_sample_grid(pipeline, path: Path, seed: int = 0, steps: int = 50, size: int = 64) -> np.ndarray:
-    from nca_tiles.sampling import generate_patches, generate_region
+    from nca_tiles.diffusion.pipeline import generate_patches, generate_region
 
     patches = tile_grid(generate_patches(pipeline, 16, size=size, seed=seed, steps=steps), columns=4)
     large = generate_region(pipeline, 4 * size, 4 * size, seed=seed, steps=steps)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.slide import (
+from nca_tiles.wsi.slide import (
     OPENSLIDE_EXTENSIONS,
     check_intact,
     damage_reason,

@@ -1,6 +1,6 @@
 """Write a canvas as a pyramidal OME-TIFF that QuPath (through Bio-Formats) opens.
 
-Layout (design.md section 5): full resolution in the first IFD, each lower level (2x area
+Layout (docs/design.md section 5): full resolution in the first IFD, each lower level (2x area
 average) as one of its SubIFDs with ``subfiletype=1``; tiled with full-size tiles (edge tiles
 padded by repeating the last row/column, which keeps JPEG from ringing at the border);
 interleaved 8-bit RGB, stored as YCbCr 2x2 by tifffile when JPEG-compressed; physical pixel size
@@ -9,7 +9,7 @@ and the generator recorded in the OME-XML.
 Tiles are streamed from the zarr levels to tifffile through generators, so memory stays at a
 few chunks whatever the size of the slide. The file is written under a temporary name in the
 output folder and renamed at the very end: an interrupted export never leaves ``out`` behind, and
-the next export of ``out`` removes what a killed one left (nca_tiles.outputs).
+the next export of ``out`` removes what a killed one left (nca_tiles.runtime.outputs).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import numpy as np
 
 from nca_tiles import __version__
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.outputs import os_error_message, output_lock, remove_stale_temporaries, scratch_prefix, temporary_path
-from nca_tiles.preflight import check_writable
-from nca_tiles.pyramid import (
+from nca_tiles.runtime.outputs import os_error_message, output_lock, remove_stale_temporaries, scratch_prefix, temporary_path
+from nca_tiles.runtime.preflight import check_writable
+from nca_tiles.export.pyramid import (
     MAX_TILE,
     Canvas,
     check_mpp,
@@ -43,7 +43,7 @@ from nca_tiles.pyramid import (
     paths_overlap,
     tee_downsample,
 )
-from nca_tiles.slideinfo import GENERATOR_MARKER, GENERATOR_NAMESPACE
+from nca_tiles.wsi.info import GENERATOR_MARKER, GENERATOR_NAMESPACE
 
 # Compressions Bio-Formats 7.x decodes in TIFF, by our name -> tifffile's name (None: raw).
 # Not WebP, JPEG-XL, LERC or LZMA: Bio-Formats cannot read them.

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from nca_tiles.canvas import Job
-from nca_tiles.diskspace import canvas_bytes, format_bytes
-from nca_tiles.sampling import Pipeline, predict_noise
-from nca_tiles.synthesis import chunk_grid
+from nca_tiles.synthesis.workdir import Job
+from nca_tiles.synthesis.diskspace import canvas_bytes, format_bytes
+from nca_tiles.diffusion.pipeline import Pipeline, predict_noise
+from nca_tiles.synthesis.sweeps import chunk_grid
 
 @dataclass(frozen=True)
 class Plan:
@@ -27,7 +27,7 @@ class Plan:
 
     @property
     def halo_overhead(self) -> float:
-        """Pixels computed ÷ pixels kept, per denoising step (design.md §3)."""
+        """Pixels computed ÷ pixels kept, per denoising step (docs/design.md §3)."""
         return self.window_pixels_per_sweep / self.canvas_pixels
 
     @property

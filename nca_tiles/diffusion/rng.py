@@ -3,7 +3,7 @@
 A stateful generator gives each chunk of a tiled canvas different numbers depending on the order
 in which chunks are visited. Here every random value is a hash of
 ``(seed, stream, step, y, x, channel)`` in *global* canvas coordinates, so any window of the canvas
-draws exactly the numbers the whole canvas would draw there (design.md §2.3). The hash is 32-bit
+draws exactly the numbers the whole canvas would draw there (docs/design.md §2, item 3). The hash is 32-bit
 integer arithmetic done in int64 tensors, so it gives the same bits on CPU and GPU.
 
 The mixer is ``lowbias32`` (C. Wellons, "Prospecting for hash functions", 2018): a bijective

@@ -21,16 +21,16 @@ from pathlib import Path
 
 from nca_tiles import __version__
 from nca_tiles.bounds import check_int, check_seed
-from nca_tiles.canvas import RGB, Job, Manifest, WorkDir, check_chunk_layout
-from nca_tiles.diskspace import DiskNeed, FileSystemCheck, canvas_bytes, check_file_systems, check_free_disk, output_needs
+from nca_tiles.synthesis.workdir import RGB, Job, Manifest, WorkDir, check_chunk_layout
+from nca_tiles.synthesis.diskspace import DiskNeed, FileSystemCheck, canvas_bytes, check_file_systems, check_free_disk, output_needs
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.export_job import output_exists, refuse_existing, write_output
-from nca_tiles.locking import exclusive_lock
-from nca_tiles.memory import configure_allocator
-from nca_tiles.outputs import output_lock
-from nca_tiles.preflight import check_writable
-from nca_tiles.sampling import Pipeline
-from nca_tiles.synthesis import DaskExecutor, InProcessExecutor, chunk_grid, make_job, run_sweeps
+from nca_tiles.synthesis.export_job import output_exists, refuse_existing, write_output
+from nca_tiles.runtime.locking import exclusive_lock
+from nca_tiles.runtime.memory import configure_allocator
+from nca_tiles.runtime.outputs import output_lock
+from nca_tiles.runtime.preflight import check_writable
+from nca_tiles.diffusion.pipeline import Pipeline
+from nca_tiles.synthesis.sweeps import DaskExecutor, InProcessExecutor, chunk_grid, make_job, run_sweeps
 
 # Bounds of the request: beyond them a typo would only fail (or hang) deep inside a run.
 MAX_SIDE = 1_000_000  # px: five times the largest scanned slides; 27 TB of canvas
@@ -98,11 +98,11 @@ def check_request(req: SlideRequest, halo: int, timesteps: int | None = None) ->
     if req.format not in ("ome-tiff", "ome-zarr"):
         raise NcaTilesError(f"unknown --format {req.format!r}: ome-tiff or ome-zarr")
     if req.format == "ome-tiff":
-        from nca_tiles.ometiff import check_tiff_options
+        from nca_tiles.export.ometiff import check_tiff_options
 
         check_tiff_options(req.tile, req.compression, req.quality)
     else:
-        from nca_tiles.pyramid import MAX_TILE
+        from nca_tiles.export.pyramid import MAX_TILE
 
         if req.tile < 16 or req.tile % 16 or req.tile > MAX_TILE:
             raise NcaTilesError(f"--tile must be a multiple of 16 up to {MAX_TILE}, got {req.tile}")

@@ -26,7 +26,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "weights.pt"
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_DIR_NAME = "model"
-DEFAULT_MODEL_DIR = Path(__file__).parent / "data" / "models" / "default"
+DEFAULT_MODEL_DIR = Path(__file__).parents[1] / "data" / "models" / "default"
 
 
 def _umask() -> int:
@@ -153,8 +153,8 @@ class _Fields:
 def validate_model_meta(meta: Any, source: str | Path) -> dict:
     """Check every field of a model's metadata (format version; model, schedule and data
     sections) for type and range; returns ``meta``. ``source`` names the file in errors."""
-    from nca_tiles.model import ModelConfig
-    from nca_tiles.schedule import ScheduleConfig
+    from nca_tiles.diffusion.model import ModelConfig
+    from nca_tiles.diffusion.schedule import ScheduleConfig
 
     source = str(source)
     if not isinstance(meta, dict):
@@ -330,7 +330,7 @@ def save_model_dir(directory: Path, meta: dict, state_dict: dict) -> None:
 
 
 def describe_model(path: Path) -> str:
-    from nca_tiles.model import DiffNCA, ModelConfig
+    from nca_tiles.diffusion.model import DiffNCA, ModelConfig
 
     files = resolve_model_path(path)
     meta, state = load_model_files(files)

@@ -266,7 +266,7 @@ def extract_patches(
     one split), "region" (square regions of every slide in every split: each tissue is trained
     on), or "auto" (by slide with 3 or more usable slides, else by region).
     """
-    from nca_tiles.locking import exclusive_lock
+    from nca_tiles.runtime.locking import exclusive_lock
 
     stride = patch_size if stride is None else stride
     _check_settings(patch_size, target_mpp, stride, min_tissue, max_per_slide, source_mpp)
@@ -284,7 +284,7 @@ def extract_patches(
 def _extract(
     slides: Sequence[str | os.PathLike[str]], out: Path, split_by: str, allow_upsample: bool, settings: _Settings
 ) -> ExtractionResult:
-    from nca_tiles.slide import find_slides
+    from nca_tiles.wsi.slide import find_slides
 
     files = find_slides(slides)
     skipped: list[SkippedSlide] = []
@@ -357,7 +357,7 @@ def _check_settings(
 
 def _check_location(out: Path) -> None:
     """The folder of ``out`` exists and this process can write there (tried for real)."""
-    from nca_tiles.preflight import check_writable
+    from nca_tiles.runtime.preflight import check_writable
 
     if not out.parent.is_dir():
         raise NcaTilesError(f"the folder of --out {out} does not exist: create it first")
@@ -380,7 +380,7 @@ def _check_resolutions(
     """Open every file once, cheaply. Unreadable ones join ``skipped``; a missing µm/px or an
     unwanted upsampling raises now, before minutes of reading. Returns (order, path) of the
     readable ones."""
-    from nca_tiles.slide import SlideReadError, open_slide
+    from nca_tiles.wsi.slide import SlideReadError, open_slide
 
     readable = []
     for order, path in enumerate(files):
@@ -401,8 +401,8 @@ def _check_resolutions(
 
 def _plan_slide(slide: Any, order: int, settings: _Settings) -> _SlidePlan | str:
     """The tissue patch positions of an open slide, or why it has none."""
-    from nca_tiles.slide import best_level
-    from nca_tiles.tissue import tissue_mask
+    from nca_tiles.wsi.slide import best_level
+    from nca_tiles.wsi.tissue import tissue_mask
 
     factor = settings.target_mpp / slide.mpp  # level-0 px per patch px
     level = best_level(slide, factor)
@@ -447,7 +447,7 @@ def _write_store(
     import zarr
     from tqdm import tqdm
 
-    from nca_tiles.slide import SlideReadError, open_slide
+    from nca_tiles.wsi.slide import SlideReadError, open_slide
 
     size = settings.patch_size
     shutil.rmtree(partial, ignore_errors=True)
@@ -527,7 +527,7 @@ class _PatchReader:
     ~``MAX_READ_SIDE`` level pixels a side, each window once, whatever the number of patches."""
 
     def __init__(self, slide: Any, level: int, footprint: int, patch_size: int):
-        from nca_tiles.slide import MAX_READ_SIDE
+        from nca_tiles.wsi.slide import MAX_READ_SIDE
 
         self.slide, self.level, self.footprint, self.patch_size = slide, level, footprint, patch_size
         self.downsample = slide.level_downsamples[self.level]
@@ -544,7 +544,7 @@ class _PatchReader:
     def patches(self, xs: np.ndarray, ys: np.ndarray, batch: int):
         """Yield the patches at level-0 (xs, ys), in that order (``reading_order`` first, or
         blocks are read more than once), as uint8 arrays of up to ``batch`` patches."""
-        from nca_tiles.slide import resample_box
+        from nca_tiles.wsi.slide import resample_box
 
         ids = self._block_ids(xs, ys)
         starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from nca_tiles import rng
+from nca_tiles.diffusion import rng
 
 
 def level_size(size: int, factor: int) -> int:

@@ -5,7 +5,7 @@ One cell rule is applied at every pixel and iterated ``s`` times per denoising s
 ``c`` channels: 0–2 hold the noisy image x_t and are never written, 3–5 are read out as the
 predicted noise ε̂, the rest start at zero. The state is rebuilt from x_t at every denoising step.
 
-Deviations from the paper (design.md §2), each needed for exact tiling:
+Deviations from the paper (docs/design.md §2), each needed for exact tiling:
 
 1. A per-pixel norm over the hidden channels instead of ``GroupNorm(1, h)``, which normalises over
    the whole image and so makes every output depend on the whole canvas.
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nca_tiles import rng
+from nca_tiles.diffusion import rng
 from nca_tiles.errors import NcaTilesError
 
 
@@ -78,7 +78,7 @@ class ModelConfig:
         return cls(**data)
 
     def macs_per_pixel_step(self) -> int:
-        """Multiply-accumulates per pixel per NCA step (the convolutions; design.md §4)."""
+        """Multiply-accumulates per pixel per NCA step (the convolutions; docs/design.md §4)."""
         c, h = self.channels, self.hidden
         return 9 * c * c + 2 * c * h + h * c
 

@@ -10,7 +10,7 @@ Layout::
                            rgb: the final uint8 (H, W, 3) image
 
 Each compute chunk is one zarr *shard* (one file), so no two writers ever share a file
-(zarr v3 has no synchronizer, design.md §6); inner chunks are small, so reading a chunk's halo
+(zarr v3 has no synchronizer, docs/design.md §6); inner chunks are small, so reading a chunk's halo
 fetches little beyond the halo itself.
 """
 
@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from nca_tiles import __version__
-from nca_tiles.checkpoint import atomic_write_json
+from nca_tiles.diffusion.checkpoint import atomic_write_json
 from nca_tiles.errors import NcaTilesError
 
 MANIFEST_NAME = "manifest.json"

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nca_tiles import rng
-from nca_tiles.checkpoint import load_model_files, load_weights, model_hash, resolve_model_path, validate_model_meta
+from nca_tiles.diffusion import rng
+from nca_tiles.diffusion.checkpoint import load_model_files, load_weights, model_hash, resolve_model_path, validate_model_meta
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.model import CounterFireMask, DiffNCA, ModelConfig
-from nca_tiles.schedule import NoiseSchedule, ScheduleConfig
+from nca_tiles.diffusion.model import CounterFireMask, DiffNCA, ModelConfig
+from nca_tiles.diffusion.schedule import NoiseSchedule, ScheduleConfig
 
 
 @dataclass
@@ -54,7 +54,7 @@ def autocast(device: torch.device, precision: str):
 
 
 def resolve_precision(device: torch.device, precision: str) -> str:
-    """"auto" is bf16 on CUDA and fp32 on a CPU, where bf16 is very slow (design.md §4)."""
+    """"auto" is bf16 on CUDA and fp32 on a CPU, where bf16 is very slow (docs/design.md §4)."""
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return precision
