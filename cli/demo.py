@@ -24,56 +24,8 @@ def demo(out, model, width, height, chunk, steps, seed, device, overwrite) -> No
     """Extract patches from the bundled H&E sample slide, synthesize a slide with the bundled
     model, write it as a pyramidal OME-TIFF, and draw real beside synthetic tissue plus a zoom
     across a chunk border. Needs no network. Rerun to resume an interrupted demo."""
-    from nca_tiles.runtime.preflight import check_writable
-    check_writable(out, "--out")  # before minutes of work
-    import shutil
+    from nca_tiles.demo import run_demo
 
-    import tifffile
-
-    from nca_tiles.demo import PANEL, SAMPLE_SLIDE, DemoPaths, check_options, comparison_figure, densest_tissue_region
-    from nca_tiles.errors import NcaTilesError
-    from nca_tiles.training.patches import extract_patches
-    from nca_tiles.wsi.thumbnail import write_preview
-    from nca_tiles.training.sample_grid import save_png
-    from nca_tiles.diffusion.pipeline import load_model
-    from nca_tiles.synthesis.slide_job import SlideRequest, synthesize_slide
-
-    pipeline = load_model(model, device)
-    check_options(width, height, chunk, steps, seed, pipeline.halo, pipeline.schedule.timesteps)
-    paths = DemoPaths(out)
-    if paths.figure.exists():
-        if not overwrite:
-            raise NcaTilesError(f"a finished demo is already in {out}: pass --overwrite to run it again, or choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    click.echo(f"1/4 extracting tissue patches from the sample slide ({SAMPLE_SLIDE.name}) ...")
-    if not paths.patches.exists():
-        result = extract_patches([SAMPLE_SLIDE], paths.patches, target_mpp=pipeline.mpp, progress=False)
-        click.echo(f"    {result.n_patches} patches of 64 px at {pipeline.mpp} µm/px -> {paths.patches}")
-
-    click.echo(f"2/4 synthesizing a {width} × {height} px slide in {chunk} px chunks, {steps} DDIM steps ...")
-    if not paths.slide.exists():
-        req = SlideRequest(width=width, height=height, out=paths.slide, seed=seed, chunk=chunk, steps=steps)
-        synthesize_slide(pipeline, req, model_path=model, device=device)
-
-    click.echo("3/4 drawing real vs synthetic tissue and a zoom across a chunk border ...")
-    synthetic_full = tifffile.imread(paths.slide, level=0)
-    side = min(PANEL, width, height)
-    real = densest_tissue_region(SAMPLE_SLIDE, pipeline.mpp, side)
-    y0, x0 = (height - side) // 2, (width - side) // 2
-    figure = comparison_figure(real, synthetic_full[y0 : y0 + side, x0 : x0 + side], synthetic_full, chunk)
-    save_png(figure, paths.figure)
-
-    click.echo("4/4 writing a thumbnail ...")
-    write_preview(paths.slide, paths.thumbnail, size=1024)
-
-    click.echo(
-        f"\ndone. In {out}/:\n"
-        f"  {paths.slide.name}  pyramidal OME-TIFF, {width} × {height} px at {pipeline.mpp} µm/px\n"
-        f"  {paths.figure.name}  real vs synthetic tissue, and a zoom across a chunk border\n"
-        f"  {paths.thumbnail.name}  a thumbnail of the synthetic slide\n"
-        f"  {paths.patches.name}  the real patches (nca-tiles info {paths.patches})\n"
-        f"Open the slide in QuPath: File > Open... > {paths.slide} (read by Bio-Formats, pixel size in µm).\n"
-        f"Bigger: nca-tiles synthesize --width 100000 --height 100000 --out big.ome.tif --dry-run"
-    )
+    result = run_demo(out, model=model, width=width, height=height, chunk=chunk, steps=steps, seed=seed,
+                      device=device, overwrite=overwrite, say=click.echo)
+    click.echo("\n" + result.summary())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +41,85 @@ class DemoPaths:
     @property
     def thumbnail(self) -> Path:
         return self.root / "synthetic_thumbnail.png"
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    paths: DemoPaths
+    width: int
+    height: int
+    mpp: float
+
+    def summary(self) -> str:
+        paths = self.paths
+        return (
+            f"done. In {paths.root}/:\n"
+            f"  {paths.slide.name}  pyramidal OME-TIFF, {self.width} × {self.height} px at {self.mpp} µm/px\n"
+            f"  {paths.figure.name}  real vs synthetic tissue, and a zoom across a chunk border\n"
+            f"  {paths.thumbnail.name}  a thumbnail of the synthetic slide\n"
+            f"  {paths.patches.name}  the real patches (nca-tiles info {paths.patches})\n"
+            f"Open the slide in QuPath: File > Open... > {paths.slide} (read by Bio-Formats, pixel size in µm).\n"
+            f"Bigger: nca-tiles synthesize --width 100000 --height 100000 --out big.ome.tif --dry-run"
+        )
+
+
+def run_demo(out: str | os.PathLike[str] = "demo", *, model: str | os.PathLike[str] | None = None,
+             width: int = 1280, height: int = 1280, chunk: int = 512, steps: int = 20, seed: int = 0,
+             device: str = "auto", overwrite: bool = False, progress: bool = True,
+             say: Callable[[str], None] | None = None) -> DemoResult:
+    """The whole pipeline on the bundled sample slide, into the folder ``out``: patches, a
+    ``width`` × ``height`` slide from ``model`` (None: the bundled one) as a pyramidal OME-TIFF,
+    the real-vs-synthetic figure and a thumbnail. Rerun to resume an interrupted demo; a finished
+    one is refused unless ``overwrite``. ``say`` receives a line per step; ``progress`` shows
+    the synthesis' progress bar."""
+    from nca_tiles.runtime.preflight import check_writable
+
+    out = Path(out)
+    model = None if model is None else Path(model)
+    check_writable(out, "--out")  # before minutes of work
+    import tifffile
+
+    from nca_tiles.diffusion.pipeline import load_model
+    from nca_tiles.errors import NcaTilesError
+    from nca_tiles.synthesis.slide_job import SlideRequest, default_work_dir, synthesize_slide
+    from nca_tiles.training.patches import extract_patches
+    from nca_tiles.training.sample_grid import save_png
+    from nca_tiles.wsi.thumbnail import write_preview
+
+    say = say or (lambda line: None)
+    pipeline = load_model(model, device)
+    check_options(width, height, chunk, steps, seed, pipeline.halo, pipeline.schedule.timesteps)
+    paths = DemoPaths(out)
+    if paths.figure.exists():
+        if not overwrite:
+            raise NcaTilesError(f"a finished demo is already in {out}: pass --overwrite to run it again, or choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    say(f"1/4 extracting tissue patches from the sample slide ({SAMPLE_SLIDE.name}) ...")
+    if not paths.patches.exists():
+        result = extract_patches([SAMPLE_SLIDE], paths.patches, target_mpp=pipeline.mpp, progress=False)
+        say(f"    {result.n_patches} patches of 64 px at {pipeline.mpp} µm/px -> {paths.patches}")
+
+    say(f"2/4 synthesizing a {width} × {height} px slide in {chunk} px chunks, {steps} DDIM steps ...")
+    # The slide appears only when complete, and its work dir goes only after that: a slide with
+    # no work dir is finished (synthesize_slide cannot tell it from a stranger's without the
+    # manifest); with one, the job resumes, or finishes the clean-up a killed run left.
+    if not paths.slide.exists() or default_work_dir(paths.slide).exists():
+        req = SlideRequest(width=width, height=height, out=paths.slide, seed=seed, chunk=chunk, steps=steps)
+        synthesize_slide(pipeline, req, model_path=model, device=device, progress=progress)
+
+    say("3/4 drawing real vs synthetic tissue and a zoom across a chunk border ...")
+    synthetic_full = tifffile.imread(paths.slide, level=0)
+    side = min(PANEL, width, height)
+    real = densest_tissue_region(SAMPLE_SLIDE, pipeline.mpp, side)
+    y0, x0 = (height - side) // 2, (width - side) // 2
+    figure = comparison_figure(real, synthetic_full[y0 : y0 + side, x0 : x0 + side], synthetic_full, chunk)
+    save_png(figure, paths.figure)
+
+    say("4/4 writing a thumbnail ...")
+    write_preview(paths.slide, paths.thumbnail, size=1024)
+    return DemoResult(paths, width, height, pipeline.mpp)
 
 
 def check_options(width: int, height: int, chunk: int, steps: int, seed: int, halo: int, timesteps: int) -> None:

@@ -1,5 +1,10 @@
 """`nca-tiles demo` end to end on the bundled sample slide and model (small settings)."""
 
+import os
+import signal
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tifffile
@@ -28,6 +33,55 @@ def test_demo_writes_slide_figure_and_thumbnail(tmp_path):
 
     again = CliRunner().invoke(cli, ["demo", "--out", str(out), *ARGS])
     assert again.exit_code != 0 and "--overwrite" in again.output
+
+
+# kill -9 as soon as the slide has its final name: the window between the rename and the removal
+# of the work dir is microseconds wide, so an outside kill cannot be timed into it.
+KILL_AFTER_SLIDE = """
+import os, signal, sys
+slide = os.path.abspath(sys.argv[1])
+for name in ("replace", "rename"):
+    def wrapped(src, dst, real=getattr(os, name), **kw):
+        real(src, dst, **kw)
+        if os.path.abspath(dst) == slide:
+            os.kill(os.getpid(), signal.SIGKILL)
+    setattr(os, name, wrapped)
+from nca_tiles_cli.main import cli
+cli(sys.argv[2:])
+"""
+
+
+def test_demo_killed_just_after_the_slide_is_in_place_finishes_the_clean_up(tmp_path):
+    out = tmp_path / "demo"
+    slide = out / "synthetic.ome.tif"
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_SLIDE, str(slide), "demo", "--out", str(out), *ARGS],
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert slide.exists() and (out / "synthetic.ome.tif.work").is_dir()  # the canvas, orphaned
+    identity = os.stat(slide).st_ino
+    result = run_cli("demo", "--out", out, *ARGS)
+    assert result.exit_code == 0, result.output
+    assert not (out / "synthetic.ome.tif.work").exists()
+    assert os.stat(slide).st_ino == identity  # finished, not synthesized again
+    assert (out / "real_vs_synthetic.png").exists()
+
+
+def test_demo_interrupted_after_synthesis_reuses_the_slide(tmp_path):
+    from nca_tiles.demo import run_demo
+
+    out = tmp_path / "demo"
+    run_demo(out, width=160, height=128, chunk=64, steps=2, progress=False)
+    identity = os.stat(out / "synthetic.ome.tif").st_ino
+    # As if stopped while drawing the figure: the slide is done and its work dir already gone.
+    (out / "real_vs_synthetic.png").unlink()
+    (out / "synthetic_thumbnail.png").unlink()
+    lines = []
+    result = run_demo(out, width=160, height=128, chunk=64, steps=2, progress=False, say=lines.append)
+    assert os.stat(result.paths.slide).st_ino == identity
+    assert result.paths.figure.exists() and result.paths.thumbnail.exists()
+    assert lines[0].startswith("1/4") and lines[-1].startswith("4/4")
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["patches.zarr", "synthetic.ome.tif", "real_vs_synthetic.png", "synthetic_thumbnail.png"])
 
 
 def test_chunk_corner_crop_is_centred_on_a_corner():

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.evaluation.protocol import METRICS, evaluate_patches, format_table
+from nca_tiles.evaluation.protocol import METRICS, evaluate_model, evaluate_patches, format_table
 from nca_tiles_cli.main import cli
 
 
@@ -112,6 +112,16 @@ def test_cli_evaluates_a_model_against_a_patch_store(store_and_model, tmp_path):
     floor, synthetic = saved["results"]["floor"], saved["results"]["synthetic"]
     for key in ("fd_random", "w1_haematoxylin", "w1_eosin"):
         assert synthetic[key] > floor[key], key
+
+
+def test_evaluate_model_refuses_bad_numbers_before_any_work(store_and_model, tmp_path):
+    patches, model = store_and_model
+    with pytest.raises(NcaTilesError, match="--n must be at least 4"):
+        evaluate_model(model, patches, n=3)
+    with pytest.raises(NcaTilesError, match="--steps must be at least 1"):
+        evaluate_model(model, patches, steps=0)
+    with pytest.raises(NcaTilesError, match="does not exist"):
+        evaluate_model(model, tmp_path / "missing.zarr")
 
 
 def test_cli_refuses_a_model_at_another_resolution(store_and_model, sample_slide, tmp_path):

@@ -13,6 +13,9 @@ all depend on n.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -175,3 +178,95 @@ def format_table(results: dict[str, Any]) -> str:
             *(line(row) for row in rows),
         ]
     )
+
+
+# -- a model against a patch store, and a slide's seams ---------------------------------------------
+MIN_PATCHES = 4
+
+
+def _read_rows(images: Any, rows: np.ndarray) -> np.ndarray:
+    rows = np.sort(np.asarray(rows))
+    oindex = getattr(images, "oindex", None)  # zarr: orthogonal selection reads only those rows
+    return np.asarray(oindex[rows] if oindex is not None else images[rows])
+
+
+def evaluate_model(
+    model: str | os.PathLike[str] | None,
+    patches: str | os.PathLike[str],
+    split: str = "test",
+    n: int = 1024,
+    seed: int = 0,
+    steps: int | None = None,
+    sampler: str = "ddim",
+    device: str = "auto",
+    say: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Sample ``n`` synthetic patches from ``model`` (None: the bundled one) and score them with
+    ``evaluate_patches`` against ``n`` real patches of the store's ``split`` ("val" or "test"),
+    the floor being ``n`` of its training patches. Fewer patches in the store: n shrinks to
+    fit. ``say`` receives progress lines. Returns ``evaluate_patches``' results plus the inputs."""
+    from nca_tiles.diffusion.pipeline import generate_patches, load_model
+    from nca_tiles.training.patches import open_patch_store
+
+    say = say or (lambda line: None)
+    if split not in ("val", "test"):
+        raise NcaTilesError(f"unknown --split {split!r}: val or test (held-out patches)")
+    if n < MIN_PATCHES:
+        raise NcaTilesError(f"--n must be at least {MIN_PATCHES}, got {n}")
+    if steps is not None and steps < 1:
+        raise NcaTilesError(f"--steps must be at least 1, got {steps}")
+    patches = Path(patches)
+    if not patches.exists():
+        raise NcaTilesError(f"{patches} does not exist: give the patch store written by extract-patches")
+    store = open_patch_store(patches)
+    rng = np.random.default_rng(seed)
+    picked = {}
+    for name in ("train", split):
+        rows = np.asarray(store.indices(name))
+        if len(rows) < MIN_PATCHES:
+            raise NcaTilesError(
+                f"{patches} has {len(rows)} patches in its {name!r} split: evaluation needs at least {MIN_PATCHES}"
+            )
+        picked[name] = rows if len(rows) <= n else rng.choice(rows, n, replace=False)
+    n_used = min(n, *(len(rows) for rows in picked.values()))
+    if n_used < n:
+        say(f"note: the store has fewer patches than --n {n}: evaluating on {n_used} per set")
+    real_train, real_heldout = _read_rows(store.images, picked["train"]), _read_rows(store.images, picked[split])
+    size = real_heldout.shape[1]
+
+    pipeline = load_model(model, device)
+    if abs(pipeline.mpp - store.mpp) > 0.01 * store.mpp:
+        raise NcaTilesError(
+            f"the model was trained at {pipeline.mpp:g} µm/px but {patches} holds {store.mpp:g} µm/px patches: "
+            f"compare at the same resolution (extract-patches --mpp {pipeline.mpp:g})"
+        )
+    say(f"sampling {n_used} synthetic {size} x {size} patches ({sampler})...")
+    synthetic = generate_patches(pipeline, n_used, size=size, seed=seed, steps=steps, sampler=sampler)
+
+    say("computing metrics...")
+    results = evaluate_patches(real_train, real_heldout, synthetic, seed=seed, mpp=store.mpp)
+    results.update(model=None if model is None else str(model), patches=str(patches), split=split, steps=steps,
+                   sampler=sampler)
+    return results
+
+
+def evaluate_slide(slide: str | os.PathLike[str], chunk: int) -> dict[str, Any]:
+    """The seam score of a slide synthesized in ``chunk`` px chunks, and its shifted-grid
+    control (``metrics.seam_statistics``), with the slide's path."""
+    return {"slide": str(slide), **metrics.seam_statistics(Path(slide), chunk)}
+
+
+def format_seam_report(results: dict[str, Any]) -> str:
+    """``evaluate_slide``'s results as a few lines of text."""
+    height, width = results["shape"]
+    lines = [
+        f"{results['slide']}: {width} x {height} px, chunk {results['chunk']} px",
+        f"seam score {results['score']:.3f} (1.00 = no seam): border gradient {results['border_gradient']:.3f}, "
+        f"interior {results['interior_gradient']:.3f}",
+    ]
+    if results["control_score"] is not None:
+        lines.append(
+            f"control {results['control_score']:.3f}: the same ratio on a grid shifted by {results['control_shift']} px; "
+            "JPEG blocks lift both, a seam only the first"
+        )
+    return "\n".join(lines)
