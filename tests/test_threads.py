@@ -11,13 +11,15 @@ import pytest
 import torch
 
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.runtime.threads import ThreadShare, usable_cores
+from nca_tiles.runtime.threads import ThreadShare, env_thread_limit, rebalance_threads, thread_share, usable_cores
+from tests.helpers import read_only_dir
 
 HOLD = """
 import sys, time
 from pathlib import Path
 from nca_tiles.runtime.threads import ThreadShare
-share = ThreadShare(None if sys.argv[2] == "auto" else int(sys.argv[2]), folder=Path(sys.argv[1]))
+limit = int(sys.argv[3]) if len(sys.argv) > 3 else None
+share = ThreadShare(None if sys.argv[2] == "auto" else int(sys.argv[2]), folder=Path(sys.argv[1]), limit=limit)
 print(share.threads, flush=True)
 time.sleep(60)
 """
@@ -30,8 +32,9 @@ def restore_threads():
     torch.set_num_threads(before)
 
 
-def _claim(folder, threads="auto"):
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder), str(threads)], stdout=subprocess.PIPE, text=True)
+def _claim(folder, threads="auto", *limit):
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder), str(threads), *map(str, limit)],
+                            stdout=subprocess.PIPE, text=True)
     return proc, int(proc.stdout.readline())
 
 
@@ -79,3 +82,79 @@ def test_at_least_one_thread_however_busy(tmp_path, restore_threads):
 def test_bad_thread_counts_are_refused(tmp_path, threads):
     with pytest.raises(NcaTilesError, match="--threads"):
         ThreadShare(threads, folder=tmp_path)
+
+
+@pytest.mark.parametrize("value,limit", [("3", 3), ("4,2", 4), (" 2 ", 2), ("0", 1), ("", None), ("many", None)])
+def test_omp_num_threads_is_read_as_a_limit(monkeypatch, value, limit):
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    assert env_thread_limit() == limit
+
+
+def test_a_limit_caps_the_fair_share_and_leaves_the_rest_to_others(tmp_path, restore_threads, monkeypatch):
+    if usable_cores() < 2:
+        pytest.skip("needs 2 cores: with one, a limit of 1 does not cap anything")
+    proc, threads = _claim(tmp_path, "auto", 1)  # OMP_NUM_THREADS=1 without --threads
+    try:
+        assert threads == 1
+        assert (tmp_path / str(proc.pid)).read_text() == "fixed 1\n"  # the others need not wait for it
+        monkeypatch.setattr("nca_tiles.runtime.threads.usable_cores", lambda: 8)
+        with ThreadShare(folder=tmp_path) as share:
+            assert share.threads == 7
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_thread_share_claims_for_a_command_nests_and_restores(tmp_path, restore_threads):
+    torch.set_num_threads(3)
+    assert rebalance_threads() is None  # no command claimed: nothing to do
+    with thread_share(2, folder=tmp_path) as threads:
+        assert threads == 2 == torch.get_num_threads()
+        assert (tmp_path / str(os.getpid())).read_text() == "fixed 2\n"
+        with thread_share(None, folder=tmp_path) as inner:  # e.g. demo running a synthesis: one claim
+            assert inner == 2
+        assert rebalance_threads(every_s=0) == 2 == torch.get_num_threads()
+    assert torch.get_num_threads() == 3
+    assert list(tmp_path.iterdir()) == []
+    assert rebalance_threads() is None
+
+
+def test_rebalance_threads_looks_at_the_others_at_most_every_so_often(tmp_path, restore_threads, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("nca_tiles.runtime.threads.usable_cores", lambda: 8)
+    with thread_share(None, folder=tmp_path) as threads:
+        assert threads == 8
+        proc, _ = _claim(tmp_path, 3)
+        try:
+            assert rebalance_threads(every_s=3600) == 8  # looked a moment ago
+            assert rebalance_threads(every_s=0) == 5 == torch.get_num_threads()
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+def test_omp_num_threads_caps_a_commands_default_but_not_threads(tmp_path, restore_threads, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr("nca_tiles.runtime.threads.usable_cores", lambda: 8)
+    with thread_share(None, folder=tmp_path) as threads:
+        assert threads == 1
+    with thread_share(4, folder=tmp_path) as threads:
+        assert threads == 4
+
+
+def test_without_a_writable_claims_folder_the_count_is_still_set(tmp_path, restore_threads, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(3)
+    with read_only_dir(tmp_path / "claims") as folder:
+        with thread_share(1, folder=folder) as threads:
+            assert threads == 1 == torch.get_num_threads()
+            assert rebalance_threads(every_s=0) is None
+    assert torch.get_num_threads() == 3
+
+
+@pytest.mark.parametrize("threads", [0, 1025])
+def test_thread_share_refuses_bad_counts_before_claiming(tmp_path, threads):
+    with pytest.raises(NcaTilesError, match="--threads must be between 1 and 1024"):
+        with thread_share(threads, folder=tmp_path):
+            pass
+    assert list(tmp_path.iterdir()) == []

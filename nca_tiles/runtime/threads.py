@@ -5,6 +5,10 @@ spin while they wait, and on 2 cores three synthesize runs with 2 threads each r
 than with 1 thread each. So every long-running command *claims* its threads in a per-user folder
 on this host, and a process without ``--threads`` takes a fair share of the cores left by the
 others, re-checked as it runs (``ThreadShare.rebalance``) so the share grows back when others end.
+An ``OMP_NUM_THREADS`` in the environment caps that share (an explicit ``--threads`` does not).
+
+Commands claim with ``thread_share`` (once per command run: nested uses join the outer claim);
+long loops call ``rebalance_threads()``, a no-op when nothing claimed and cheap otherwise.
 
 A claim is a file holding the thread count, ``flock``-ed by its process for its lifetime: the
 kernel drops the lock when the process dies (kill -9 included), so a dead process's claim is
@@ -17,11 +21,15 @@ import fcntl
 import math
 import os
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from nca_tiles.errors import NcaTilesError
 
 MAX_THREADS = 1024
+REBALANCE_S = 1.0  # rebalance_threads looks at the others at most this often
 
 
 def usable_cores() -> int:
@@ -46,6 +54,15 @@ def _cgroup_quota() -> float | None:
         return None
 
 
+def env_thread_limit() -> int | None:
+    """The thread count ``OMP_NUM_THREADS`` asks for (its first level), None if unset or invalid."""
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    try:
+        return max(1, int(value))
+    except ValueError:
+        return None
+
+
 def check_threads(threads: int | None) -> None:
     if threads is not None and not 1 <= threads <= MAX_THREADS:
         raise NcaTilesError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
@@ -56,11 +73,13 @@ def claims_dir() -> Path:
 
 
 class ThreadShare:
-    """This process's claim on the cores. ``threads`` None: a fair share, rebalanced on demand."""
+    """This process's claim on the cores. ``threads`` None: a fair share, rebalanced on demand,
+    and at most ``limit`` threads if given."""
 
-    def __init__(self, threads: int | None = None, folder: Path | None = None):
+    def __init__(self, threads: int | None = None, folder: Path | None = None, limit: int | None = None):
         check_threads(threads)
         self.fixed = threads
+        self.limit = limit
         self.folder = folder or claims_dir()
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / f"{os.getpid()}"
@@ -70,11 +89,16 @@ class ThreadShare:
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         os.replace(staging, self.path)
         self.threads = 0
+        self._claim = ""
+        self.checked = 0.0  # time.monotonic() of the last rebalance
         self.rebalance()
 
-    def _write_claim(self, threads: int) -> None:
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{'fixed' if self.fixed else 'auto'} {threads}\n".encode(), 0)
+    def _write_claim(self, kind: str, threads: int) -> None:
+        claim = f"{kind} {threads}\n"
+        if claim != self._claim:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, claim.encode(), 0)
+            self._claim = claim
 
     def others(self) -> tuple[int, int]:
         """(threads claimed by fixed claims, number of auto claims) of other live processes."""
@@ -107,15 +131,21 @@ class ThreadShare:
         """Set torch's thread count to this process's share now; returns it."""
         import torch
 
+        self.checked = time.monotonic()
+        kind = "fixed"
         if self.fixed:
             threads = self.fixed
         else:
             fixed, auto = self.others()
             threads = max(1, (usable_cores() - fixed) // (auto + 1))
+            if self.limit is not None and self.limit < threads:
+                threads = self.limit  # claimed as fixed: the others share what it leaves
+            else:
+                kind = "auto"
         if threads != self.threads:
             torch.set_num_threads(threads)
             self.threads = threads
-            self._write_claim(threads)
+        self._write_claim(kind, threads)
         return threads
 
     def close(self) -> None:
@@ -129,3 +159,48 @@ class ThreadShare:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_current: ThreadShare | None = None  # the claim of the command running in this process
+
+
+@contextmanager
+def thread_share(threads: int | None = None, folder: Path | None = None) -> Iterator[int]:
+    """Claim torch threads for the duration of a command: ``threads`` exactly, or (None) a fair
+    share of the usable cores left by other nca-tiles processes, at most ``OMP_NUM_THREADS``.
+    Yields the thread count set. Nested uses join the outer claim; torch's previous thread count
+    is restored at the end. Where no claim can be written (e.g. a read-only temporary folder) the
+    count is set without one."""
+    global _current
+    check_threads(threads)
+    if _current is not None:
+        yield _current.threads
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        share = ThreadShare(threads, folder, limit=env_thread_limit())
+    except OSError:
+        share = None
+        torch.set_num_threads(threads or min(usable_cores(), env_thread_limit() or MAX_THREADS))
+    _current = share
+    try:
+        yield torch.get_num_threads()
+    finally:
+        _current = None
+        if share is not None:
+            share.close()
+        torch.set_num_threads(before)
+
+
+def rebalance_threads(every_s: float = REBALANCE_S) -> int | None:
+    """Re-check this process's fair share (at most every ``every_s`` seconds), so it shrinks when
+    other nca-tiles processes start and grows back when they end. Returns the thread count; None
+    (and does nothing) when no command claimed threads in this process. Call it from long loops."""
+    share = _current
+    if share is None:
+        return None
+    if time.monotonic() - share.checked < every_s:
+        return share.threads
+    return share.rebalance()
