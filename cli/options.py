@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import click
@@ -25,6 +26,28 @@ def device_option():
         show_default=True,
         help="auto: CUDA if available, else CPU.",
     )
+
+
+def threads_option():
+    """``--threads N``: torch threads for the whole command, claimed on this host so that several
+    nca-tiles processes share the cores (nca_tiles.runtime.threads). The command runs inside the
+    claim; its function does not see the option."""
+
+    def decorator(command):
+        @functools.wraps(command)
+        def run_with_threads(*args, threads: int | None = None, **kwargs):
+            from nca_tiles.runtime.threads import thread_share
+
+            with thread_share(threads):  # checks 1 … 1024 first: a one-line error
+                return command(*args, **kwargs)
+
+        return click.option(
+            "--threads", type=int, default=None, metavar="N",
+            help="CPU threads for torch (1-1024). Default: a fair share of the usable cores (CPU affinity, "
+                 "cgroup quota, at most OMP_NUM_THREADS) left by other nca-tiles processes, re-checked as it runs.",
+        )(run_with_threads)
+
+    return decorator
 
 
 def out_path_option(help: str, required: bool = True):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from nca_tiles_cli.options import device_option, seed_option
+from nca_tiles_cli.options import device_option, seed_option, threads_option
 
 
 # The names of nca_tiles.diffusion.model.PRESETS (a test keeps them equal), written out so --help imports no
@@ -36,6 +36,7 @@ PRESETS = ("paper", "small", "tiny")
 @click.option("--checkpoint-every", type=int, default=500, show_default=True,
               help="Steps between checkpoints (--resume starts from the last; the end of a run and Ctrl-C save one too).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@threads_option()
 def train(patches, out, preset, steps, batch_size, lr, device, precision, resume, overwrite, seed, compile_,
           val_every, sample_every, checkpoint_every, no_progress) -> None:
     """Train Diff-NCA with the paper's recipe (MSE + L1 on ε, Adam, ExponentialLR, EMA 0.99).

@@ -22,6 +22,7 @@ import torch
 from nca_tiles.synthesis.workdir import RGB, Job, Manifest, WorkDir, buffer_name
 from nca_tiles.errors import NcaTilesError
 from nca_tiles.runtime.memory import configure_allocator, release_free_heap
+from nca_tiles.runtime.threads import rebalance_threads
 from nca_tiles.diffusion.pipeline import Pipeline, initial_noise, predict_noise, reverse_step, to_uint8
 
 
@@ -165,6 +166,7 @@ class InProcessExecutor:
                 pending_write = writer.submit(write_chunks, dst, group, out, as_rgb)
                 del out
                 release_free_heap()  # see nca_tiles.runtime.memory
+                rebalance_threads()  # a fair share of the cores: see nca_tiles.runtime.threads
                 progress(sum(c.pixels for c in group))
             if pending_write is not None:
                 pending_write.result()

@@ -43,6 +43,7 @@ from nca_tiles.diffusion.model import DiffNCA, ModelConfig, TorchFireMask
 from nca_tiles.diffusion.model import preset as get_preset
 from nca_tiles.training.patches import open_patch_store
 from nca_tiles.runtime.preflight import check_writable
+from nca_tiles.runtime.threads import rebalance_threads
 from nca_tiles.diffusion.pipeline import autocast
 from nca_tiles.diffusion.schedule import NoiseSchedule, ScheduleConfig
 
@@ -304,6 +305,7 @@ class Trainer:
             start, start_step = time.perf_counter(), self.step
             while self.step < self.cfg.steps and not self._stop_requested:
                 last = self.train_step()
+                rebalance_threads()  # a fair share of the cores, as other processes come and go
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
                 record = {"step": self.step, **last, "time": time.time()}
