@@ -83,3 +83,18 @@ def test_sampling_timesteps():
                 lambda: ScheduleConfig(beta_schedule="sigmoid"), lambda: ScheduleConfig(timesteps=1)):
         with pytest.raises(NcaTilesError):
             bad()
+
+
+@pytest.mark.parametrize("steps", range(1, 301))
+def test_ddim_visits_exactly_the_steps_asked_for(steps):
+    """np.arange with a float stride gave 15 timesteps (the last t = −1) for --steps 14, and
+    likewise for 7, 28, 55, …"""
+    ts = NoiseSchedule().sampling_timesteps("ddim", steps)
+    assert len(ts) == steps and ts[0] == 299 and min(ts) >= 0 and ts == sorted(set(ts), reverse=True)
+
+
+@pytest.mark.parametrize("start,steps", [(120, 6), (120, 121), (5, 3), (0, 1)])
+def test_ddim_from_a_later_start(start, steps):
+    ts = NoiseSchedule().sampling_timesteps("ddim", steps, start=start)
+    assert len(ts) == steps and ts[0] == start and ts[-1] >= 0
+    assert NoiseSchedule().sampling_timesteps("ddpm", None, start=start) == list(range(start, -1, -1))

@@ -76,24 +76,31 @@ class NoiseSchedule:
         """ᾱ_t, with ᾱ_{-1} = 1 (the clean image)."""
         return 1.0 if t < 0 else float(self.alphas_cumprod[t])
 
-    def sampling_timesteps(self, sampler: str, steps: int | None = None) -> list[int]:
-        """Timesteps visited by a sampler, from T−1 down to 0.
+    def sampling_timesteps(self, sampler: str, steps: int | None = None, start: int | None = None) -> list[int]:
+        """Timesteps visited by a sampler, from ``start`` (default T−1: pure noise) down to 0.
 
-        DDPM visits all T. DDIM visits ``steps`` of them, evenly spaced ("trailing" spacing, so the
-        first step starts from pure noise at T−1: Lin et al., 2024).
+        DDPM visits every one. DDIM visits ``steps`` of them, evenly spaced ("trailing" spacing, so
+        the first step starts at ``start`` itself: Lin et al., 2024). A level of a scale-space
+        sampler starts part-way, from its upsampled and re-noised coarser level.
         """
         if sampler not in SAMPLERS:
             raise NcaTilesError(f"unknown sampler {sampler!r}: choose {' or '.join(SAMPLERS)}")
         T = self.timesteps
+        first = T - 1 if start is None else start
+        if not 0 <= first < T:
+            raise NcaTilesError(f"a sampler must start between timestep 0 and {T - 1}, got {first}")
+        span = first + 1
         if sampler == "ddpm":
-            if steps not in (None, T):
-                raise NcaTilesError(f"ddpm always takes all {T} steps: drop --steps or use --sampler ddim")
-            return list(range(T - 1, -1, -1))
+            if steps not in (None, span):
+                raise NcaTilesError(f"ddpm always takes all {span} steps: drop --steps or use --sampler ddim")
+            return list(range(first, -1, -1))
         if steps is None:
-            steps = 50
-        if not 1 <= steps <= T:
-            raise NcaTilesError(f"--steps must be between 1 and {T} for ddim")
-        ts = np.round(np.arange(T, 0, -T / steps)).astype(int) - 1
+            steps = min(50, span)
+        if not 1 <= steps <= span:
+            raise NcaTilesError(f"--steps must be between 1 and {span} for ddim")
+        # Built from the step index, not by np.arange with a float stride: that sometimes yields one
+        # element too many (300 / 14 · 14 < 300), a step at t = −1.
+        ts = np.round(span - np.arange(steps) * (span / steps)).astype(int) - 1
         return [int(t) for t in ts]
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
