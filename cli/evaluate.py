@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -74,8 +73,10 @@ def evaluate(
                                  say=lambda line: click.echo(line, err=True))
         click.echo(format_table(results))
     if json_path is not None:
+        from nca_tiles.runtime.outputs import atomic_write_json
+
         try:
-            json_path.write_text(json.dumps(results, indent=2) + "\n")
+            atomic_write_json(json_path, results, sort_keys=False)
         except OSError as exc:
             raise NcaTilesError(f"cannot write {json_path}: {exc.strerror}") from None
         click.echo(f"wrote {json_path}", err=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +50,7 @@ def extract(slides, out, **settings):
 
 def leftovers(folder: Path) -> list[str]:
     """Temporary stores left beside an output."""
-    return [p.name for p in folder.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+    return [p.name for p in folder.iterdir() if ".nca-tiles-" in p.name]
 
 
 @pytest.fixture(scope="module")
@@ -517,3 +518,25 @@ def test_second_extraction_to_the_same_out_is_refused_while_the_first_runs(tmp_p
     store = open_patch_store(out)
     assert len(store) == result.n_patches == 20 and store.mpp == 2.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.zarr"]  # the lock went with the extraction
+
+# kill -9 once the store is written, just before it is renamed into place.
+KILLED_EXTRACTION = """
+import os, signal, sys
+import nca_tiles.training.patches as patches
+write_store = patches._write_store
+def write_store_and_die(*args, **kwargs):
+    write_store(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+patches._write_store = write_store_and_die
+patches.extract_patches([sys.argv[1]], sys.argv[2], target_mpp=4.0, progress=False)
+"""
+
+
+def test_the_next_extraction_removes_what_a_killed_one_left(tmp_path, sample_slide):
+    out = tmp_path / "p.zarr"
+    killed = subprocess.run([sys.executable, "-c", KILLED_EXTRACTION, str(sample_slide), str(out)],
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not out.exists() and len(leftovers(tmp_path)) == 1
+    extract([sample_slide], out, target_mpp=4.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.zarr"]

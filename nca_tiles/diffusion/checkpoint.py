@@ -13,13 +13,12 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nca_tiles.errors import NcaTilesError
+from nca_tiles.runtime.outputs import atomic_write_bytes, atomic_write_json  # noqa: F401 - re-exported for its callers
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -27,31 +26,6 @@ WEIGHTS_NAME = "weights.pt"
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_DIR_NAME = "model"
 DEFAULT_MODEL_DIR = Path(__file__).parents[1] / "data" / "models" / "default"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 
 from nca_tiles import __version__
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.runtime.outputs import os_error_message, output_lock, remove_stale_temporaries, scratch_prefix, temporary_path
+from nca_tiles.runtime.outputs import atomic_output, os_error_message, output_lock, remove_stale_temporaries, scratch_prefix
 from nca_tiles.runtime.preflight import check_writable
 from nca_tiles.export.pyramid import (
     MAX_TILE,
@@ -210,41 +210,33 @@ def _write_levels(opened: Canvas, out: Path, shapes: list[tuple[int, int]], tile
     import tifffile
     from tqdm import tqdm
 
-    tmp_out = temporary_path(out, "new")
     with ExitStack() as stack:
         scratch = Path(tempfile.mkdtemp(prefix=scratch_prefix(out), suffix=".tmp", dir=scratch_dir or out.parent))
         stack.callback(shutil.rmtree, scratch, ignore_errors=True)
         total = sum(math.ceil(h / tile) * math.ceil(w / tile) for h, w in shapes)
         bar = stack.enter_context(tqdm(total=total, desc=f"export {out.name}", unit="tile", disable=not progress))
-        try:
-            with tifffile.TiffWriter(tmp_out, bigtiff=bigtiff, ome=True) as tif:
-                level = opened.array
-                read_width = opened.chunk
-                for index, (height, width) in enumerate(shapes):
-                    blocks = iter_blocks(level, tile, read_width)
-                    if index + 1 < len(shapes):
-                        # Make the next level while this one streams out: each level is read once.
-                        below = create_scratch_level(scratch / f"level{index + 1}", *shapes[index + 1], tile // 2)
-                        blocks = tee_downsample(blocks, below)
-                    pixels_per_cm = 1e4 / (mpp * 2**index)
-                    tif.write(
-                        _counted(padded_tiles(blocks, tile), bar),
-                        shape=(height, width, 3),
-                        resolution=(pixels_per_cm, pixels_per_cm),
-                        subifds=len(shapes) - 1 if index == 0 else None,
-                        subfiletype=1 if index else 0,
-                        metadata=metadata if index == 0 else None,
-                        software=f"nca-tiles {__version__}" if index == 0 else False,
-                        **options,
-                    )
-                    if index + 1 < len(shapes):
-                        level, read_width = below, tile
-            if on_complete is not None:
-                on_complete(tmp_out)
-            os.replace(tmp_out, out)
-        except BaseException:
-            try:
-                tmp_out.unlink(missing_ok=True)
-            except OSError:
-                pass  # e.g. the folder went read-only: keep the first error; a rerun removes it
-            raise
+        tmp_out = stack.enter_context(atomic_output(out))
+        with tifffile.TiffWriter(tmp_out, bigtiff=bigtiff, ome=True) as tif:
+            level = opened.array
+            read_width = opened.chunk
+            for index, (height, width) in enumerate(shapes):
+                blocks = iter_blocks(level, tile, read_width)
+                if index + 1 < len(shapes):
+                    # Make the next level while this one streams out: each level is read once.
+                    below = create_scratch_level(scratch / f"level{index + 1}", *shapes[index + 1], tile // 2)
+                    blocks = tee_downsample(blocks, below)
+                pixels_per_cm = 1e4 / (mpp * 2**index)
+                tif.write(
+                    _counted(padded_tiles(blocks, tile), bar),
+                    shape=(height, width, 3),
+                    resolution=(pixels_per_cm, pixels_per_cm),
+                    subifds=len(shapes) - 1 if index == 0 else None,
+                    subfiletype=1 if index else 0,
+                    metadata=metadata if index == 0 else None,
+                    software=f"nca-tiles {__version__}" if index == 0 else False,
+                    **options,
+                )
+                if index + 1 < len(shapes):
+                    level, read_width = below, tile
+        if on_complete is not None:
+            on_complete(tmp_out)

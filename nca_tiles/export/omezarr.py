@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import numpy as np
 
 from nca_tiles import __version__
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.runtime.outputs import os_error_message, output_lock, remove_stale_temporaries, temporary_path
+from nca_tiles.runtime.outputs import atomic_output, os_error_message, output_lock, remove_stale_temporaries
 from nca_tiles.runtime.preflight import check_writable
 from nca_tiles.export.pyramid import (
     MAX_TILE,
@@ -174,8 +173,7 @@ def _write_store(opened: Any, out: Path, shapes: list[tuple[int, int]], chunk: i
     import zarr
     from tqdm import tqdm
 
-    tmp_out = temporary_path(out, "new")
-    try:
+    with atomic_output(out) as tmp_out:
         with tqdm(total=total, desc=f"export {out.name}", unit="chunk", disable=not progress) as bar:
             group = zarr.open_group(str(tmp_out), mode="w", zarr_format=2)
             levels = []
@@ -196,25 +194,3 @@ def _write_store(opened: Any, out: Path, shapes: list[tuple[int, int]], chunk: i
             group.attrs.update(multiscales_metadata(shapes, mpp=mpp, name=name, generator=generator))
         if on_complete is not None:
             on_complete(tmp_out)
-        _move_into_place(tmp_out, out)
-    except BaseException:
-        shutil.rmtree(tmp_out, ignore_errors=True)
-        raise
-
-
-def _move_into_place(new: Path, out: Path) -> None:
-    """Rename ``new`` to ``out``, replacing whatever ``out`` is only after the rename worked."""
-    if not (out.exists() or out.is_symlink()):
-        os.rename(new, out)
-        return
-    old = temporary_path(out, "old")
-    os.rename(out, old)
-    try:
-        os.rename(new, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)

@@ -1,16 +1,20 @@
-"""Output files and folders: one writer at a time, temporaries that a rerun can recognise.
+"""Output files and folders: written atomically, one writer at a time, temporaries that a rerun
+can recognise.
 
-Exporters write ``out`` under a temporary name in its folder and rename it when complete. A
+Every file or folder nca-tiles writes goes through ``atomic_output``: it is written under a
+temporary name in its folder and renamed when complete, so ``out`` is never half-written. A
 writer killed with -9 cannot remove its temporaries, so they are named after the tool and the
-output (``.NAME.nca-tiles-KIND-UUID.tmp``) and written only under the output's lock: whoever
-holds the lock knows that every such temporary of ``out`` belongs to a dead writer and removes
-it. Scratch folders elsewhere (the export's pyramid levels) also carry a hash of ``out``'s path,
-so that outputs of the same name in different folders never take each other's scratch.
+output (``.NAME.nca-tiles-KIND-UUID.tmp``); whoever holds the output's lock (``output_lock``)
+knows that every such temporary of ``out`` belongs to a dead writer and removes it
+(``remove_stale_temporaries``). Scratch folders elsewhere (the export's pyramid levels) also
+carry a hash of ``out``'s path, so that outputs of the same name in different folders never take
+each other's scratch.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -19,6 +23,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from nca_tiles.errors import NcaTilesError
 from nca_tiles.runtime.locking import exclusive_lock
@@ -33,9 +38,10 @@ def _key(out: Path) -> Path:
 
 
 @contextmanager
-def output_lock(out: Path) -> Iterator[None]:
+def output_lock(out: Path, what: str = "output") -> Iterator[None]:
     """Hold the lock on ``out`` for the body; re-entrant within one thread (a job that holds its
-    output's lock calls writers that take it too); another process is refused at once."""
+    output's lock calls writers that take it too); another process is refused at once, with
+    ``what`` naming ``out`` in the message."""
     key = _key(out)
     me = threading.get_ident()
     with _held_guard:
@@ -43,7 +49,7 @@ def output_lock(out: Path) -> Iterator[None]:
     if mine:
         yield
         return
-    with exclusive_lock(key, "output", "choose another --out"):
+    with exclusive_lock(Path(out), what, "choose another --out"):  # named as given; locked absolute
         with _held_guard:
             _held[key] = me
         try:
@@ -107,6 +113,65 @@ def remove_stale_temporaries(out: Path, *folders: Path) -> list[Path]:
             except OSError:
                 pass  # not ours to fail on: the new write goes on under another name
     return removed
+
+
+def _remove(path: Path) -> None:
+    """Remove a temporary file or folder, if there is one; a failure keeps the error that is
+    on its way (a rerun under the lock removes what is left)."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _move_into_place(new: Path, out: Path) -> None:
+    """Rename ``new`` to ``out``. A file replaces a file in one atomic rename; a folder cannot
+    replace anything in one step, so an existing ``out`` is moved aside first, and removed only
+    once ``new`` has its name (put back if that rename fails)."""
+    if not new.is_dir() or not (out.exists() or out.is_symlink()):
+        os.replace(new, out)
+        return
+    old = temporary_path(out, "old")
+    os.rename(out, old)
+    try:
+        os.rename(new, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    _remove(old)
+
+
+@contextmanager
+def atomic_output(out: str | os.PathLike[str]) -> Iterator[Path]:
+    """Write ``out`` atomically: yields a temporary path beside it (``temporary_path(out,
+    "new")``) where the body creates a file or a folder; when the body returns, that is renamed
+    to ``out``, replacing an existing one; when it raises, it is removed. Its folder is created
+    if missing."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new = temporary_path(out, "new")
+    try:
+        yield new
+        _move_into_place(new, out)
+    except BaseException:
+        _remove(new)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably (fsynced before the rename)."""
+    with atomic_output(path) as new:
+        with open(new, "xb") as f:  # the usual permissions (umask), unlike mkstemp's 0600
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, sort_keys: bool = True) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n").encode())
 
 
 def os_error_message(exc: OSError, out: Path) -> NcaTilesError:

@@ -42,6 +42,7 @@ import numpy as np
 
 from nca_tiles import __version__
 from nca_tiles.errors import NcaTilesError
+from nca_tiles.runtime.outputs import atomic_output
 
 ATTRS_KEY = "nca_tiles"
 FORMAT_VERSION = 1
@@ -266,7 +267,7 @@ def extract_patches(
     one split), "region" (square regions of every slide in every split: each tissue is trained
     on), or "auto" (by slide with 3 or more usable slides, else by region).
     """
-    from nca_tiles.runtime.locking import exclusive_lock
+    from nca_tiles.runtime.outputs import output_lock, remove_stale_temporaries
 
     stride = patch_size if stride is None else stride
     _check_settings(patch_size, target_mpp, stride, min_tissue, max_per_slide, source_mpp)
@@ -276,7 +277,8 @@ def extract_patches(
     out = Path(out)
     _check_location(out)
     # Held to the end: a second extraction to the same --out would replace the store under this one.
-    with exclusive_lock(out, "--out", "choose another --out"):
+    with output_lock(out, "--out"):
+        remove_stale_temporaries(out)  # of an extraction killed with -9
         _check_output(out, overwrite)
         return _extract(slides, out, split_by, allow_upsample, settings)
 
@@ -290,37 +292,31 @@ def _extract(
     skipped: list[SkippedSlide] = []
     candidates = _check_resolutions(files, settings.target_mpp, settings.source_mpp, allow_upsample, skipped)
 
-    while True:
-        if not candidates:
-            raise NcaTilesError(_nothing_usable_message(files, skipped))
-        # Decided before tissue is known, so that each slide is read once, straight into the
-        # store; if too few slides turn out usable to split by slide, the store is redone.
-        split_by_now = split_by
-        if split_by == "auto":
-            split_by_now = "slide" if len(candidates) >= MIN_SLIDES_FOR_SLIDE_SPLIT else "region"
-        partial = out.parent / f".{out.name}.partial-{os.getpid()}"
-        try:
+    with atomic_output(out) as partial:
+        while True:
+            if not candidates:
+                raise NcaTilesError(_nothing_usable_message(files, skipped))
+            # Decided before tissue is known, so that each slide is read once, straight into the
+            # store; if too few slides turn out usable to split by slide, the store is redone.
+            split_by_now = split_by
+            if split_by == "auto":
+                split_by_now = "slide" if len(candidates) >= MIN_SLIDES_FOR_SLIDE_SPLIT else "region"
             attrs, unusable = _write_store(partial, candidates, split_by_now, settings)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        skipped.extend(unusable)
-        written = {entry["path"] for entry in attrs["slides"]}
-        used = [(order, path) for order, path in candidates if str(path) in written]
-        too_few_to_split_by_slide = split_by_now == "slide" and len(used) < MIN_SLIDES_FOR_SLIDE_SPLIT
-        if len(used) == 0 or too_few_to_split_by_slide:
-            if split_by == "slide" and used:
+            skipped.extend(unusable)
+            written = {entry["path"] for entry in attrs["slides"]}
+            used = [(order, path) for order, path in candidates if str(path) in written]
+            too_few_to_split_by_slide = split_by_now == "slide" and len(used) < MIN_SLIDES_FOR_SLIDE_SPLIT
+            if len(used) == 0 or too_few_to_split_by_slide:
+                if split_by == "slide" and used:
+                    raise NcaTilesError(
+                        f"--split-by slide needs at least {MIN_SLIDES_FOR_SLIDE_SPLIT} usable slides, found {len(used)}: "
+                        "add slides or use --split-by region"
+                    )
                 shutil.rmtree(partial, ignore_errors=True)
-                raise NcaTilesError(
-                    f"--split-by slide needs at least {MIN_SLIDES_FOR_SLIDE_SPLIT} usable slides, found {len(used)}: "
-                    "add slides or use --split-by region"
-                )
-            shutil.rmtree(partial, ignore_errors=True)
-            candidates = used
-            continue
-        break
+                candidates = used
+                continue
+            break
 
-    _replace(partial, out)
     store = open_patch_store(out)
     return ExtractionResult(
         out=out,
@@ -608,19 +604,6 @@ def _assign(weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
             taken += weights[order[i]]
             i += 1
     return codes
-
-
-def _replace(partial: Path, out: Path) -> None:
-    """Move the finished store into place; an old store is moved aside first and deleted after,
-    so some complete store is at ``out`` at every moment but a split second."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(partial, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _nothing_usable_message(files: list[Path], skipped: list[SkippedSlide]) -> str:

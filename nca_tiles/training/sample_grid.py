@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nca_tiles.diffusion.checkpoint import atomic_write_bytes
+from nca_tiles.runtime.outputs import atomic_write_bytes
 
 
 def tile_grid(images: np.ndarray, columns: int, gap: int = 2) -> np.ndarray:

@@ -8,13 +8,13 @@ with a stride through zarr, chunk by chunk, so a huge image is never held whole.
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from nca_tiles.errors import NcaTilesError
+from nca_tiles.runtime.outputs import atomic_output
 from nca_tiles.runtime.preflight import check_writable
 from nca_tiles.wsi.slide import check_intact, damage_reason, damaged, open_tiff, quiet_tifffile
 from nca_tiles.wsi.info import open_ome_zarr, slide_kind
@@ -147,12 +147,6 @@ def write_preview(path: str | os.PathLike[str], out: str | os.PathLike[str], *, 
         raise NcaTilesError(f"cannot tell the image format of {out.name}: use a .png (or .jpg) file name")
     check_writable(out, "--out")  # before reading the slide, which may take a while
     image = make_thumbnail(path, size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with atomic_output(out) as tmp_out:
         image.save(tmp_out, format=image_format)
-        os.replace(tmp_out, out)
-    except BaseException:
-        tmp_out.unlink(missing_ok=True)
-        raise
     return out
