@@ -317,3 +317,17 @@ def test_cli_info_files(slides, sample_slide):
     result = run("info", sample_slide)
     assert result.exit_code == 0, result.output
     assert "aperio" in result.output
+
+
+def test_info_and_preview_of_every_format_the_reader_reads(tmp_path):
+    """info and preview go through the one reader: a PNG reads too, and a 72 dpi TIFF has no µm/px
+    for info as for extract-patches."""
+    from _slides import write_plain_tiff
+
+    image = smooth_image(120, 90)
+    Image.fromarray(image).save(tmp_path / "flat.png")
+    text = describe_slide(tmp_path / "flat.png")
+    assert "format: PNG (read with Pillow)" in text and "level 0: 90 x 120 px" in text and "pixel size: unknown" in text
+    assert make_thumbnail(tmp_path / "flat.png", 60).size == (45, 60)
+    write_plain_tiff(tmp_path / "dpi72.tif", image, 25400 / 72, unit="INCH")
+    assert "pixel size: unknown" in describe_slide(tmp_path / "dpi72.tif")

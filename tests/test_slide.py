@@ -20,10 +20,12 @@ from _slides import (
 from nca_tiles.wsi import slide as slide_module
 from nca_tiles.errors import NcaTilesError
 from nca_tiles.wsi.slide import (
+    ArraySlide,
     OpenSlideSlide,
     PillowSlide,
     SlideReadError,
     TiffSlide,
+    ZarrSlide,
     best_level,
     find_slides,
     open_slide,
@@ -322,3 +324,129 @@ def test_quiet_tifffile_collects_and_restores_the_logger():
             raise RuntimeError
     assert outer == ["invalid offset to first page 99", "corrupted tag list @12"] and inner == outer[1:]
     assert (logger.level, logger.propagate, list(logger.handlers)) == before
+
+
+# --- OME-Zarr, zarr arrays and arrays: the same interface ----------------------------------------
+
+
+def _write_ngff_05(path, image: np.ndarray, scale: float, unit: str) -> None:
+    """An OME-NGFF 0.5 image (zarr v3, attributes under "ome"), one level, axes c, y, x."""
+    import zarr
+
+    group = zarr.open_group(path, mode="w", zarr_format=3)
+    group.create_array("s0", shape=(3, *image.shape[:2]), chunks=(3, 64, 64), dtype="uint8")[:] = np.moveaxis(image, -1, 0)
+    axes = [{"name": "c", "type": "channel"}] + [{"name": n, "type": "space", "unit": unit} for n in "yx"]
+    datasets = [{"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, scale, scale]}]}]
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{"name": "img", "axes": axes, "datasets": datasets}]}
+
+
+def test_ome_zarr_of_our_exporter(tmp_path, ome_pyramid):
+    from nca_tiles.export.omezarr import write_ome_zarr
+
+    _, levels = ome_pyramid
+    path = write_ome_zarr(levels[0], tmp_path / "p.ome.zarr", mpp=0.5, chunk=256, progress=False)
+    with open_slide(path) as slide:
+        assert isinstance(slide, ZarrSlide) and slide.kind == "ome-zarr"
+        assert slide.metadata.format == "OME-Zarr (NGFF 0.4, zarr v2)" and slide.mpp == 0.5
+        assert slide.level_dimensions == ((900, 700), (450, 350), (225, 175)) and slide.tile_size(0) == (256, 256)
+        np.testing.assert_array_equal(slide.read_region(0, 0, 0, 900, 700), levels[0])
+        level1 = slide.read_region(1, 0, 0, 450, 350)
+        np.testing.assert_array_equal(slide.read_region(1, 100, 37, 50, 20), level1[37:57, 100:150])
+        assert np.abs(level1.astype(int) - levels[1]).max() <= 1  # the exporter rounds half to even
+        assert (slide.read_region(2, 200, 150, 50, 50)[25:, 25:] == 255).all()  # outside reads white
+
+
+@pytest.mark.parametrize(("unit", "scale"), [("micrometer", 0.25), ("nanometer", 250.0), ("millimeter", 0.00025)])
+def test_ngff_05_units_share_the_one_unit_table(tmp_path, unit, scale):
+    image = checkerboard(128, 192, 8)
+    _write_ngff_05(tmp_path / "v05.ome.zarr", image, scale, unit)
+    with open_slide(tmp_path / "v05.ome.zarr") as slide:
+        assert slide.metadata.format == "OME-Zarr (NGFF 0.5, zarr v3)" and slide.metadata.name == "img"
+        assert slide.mpp == pytest.approx(0.25)
+        np.testing.assert_array_equal(slide.read_region(0, 0, 0, 192, 128), image)
+    assert slide_module.um_per_unit(unit) * scale == pytest.approx(0.25)
+
+
+def test_bare_zarr_arrays_and_arrays_guess_their_axes(tmp_path):
+    import zarr
+
+    image = checkerboard(96, 80, 8)
+    for name, data in (("yxc.zarr", image), ("cyx.zarr", np.moveaxis(image, -1, 0).copy())):
+        array = zarr.create_array(tmp_path / name, shape=data.shape, chunks=(32,) * 3, dtype="uint8")
+        array[:] = data
+        with open_slide(tmp_path / name, source_mpp=0.5) as slide:
+            assert slide.kind == "zarr" and slide.mpp == 0.5
+            np.testing.assert_array_equal(slide.read_region(0, 0, 0, 80, 96), image)
+    grey = ArraySlide(image[..., 0])
+    np.testing.assert_array_equal(grey.read_region(0, 0, 0, 80, 96), np.repeat(image[..., :1], 3, axis=-1))
+    with pytest.raises(NcaTilesError, match=r"cannot tell the image axes"):
+        ArraySlide(np.zeros((5, 6, 7), np.uint8))
+
+
+def test_folders_that_are_no_image_are_refused(tmp_path):
+    import zarr
+
+    (tmp_path / "plain").mkdir()
+    zarr.open_group(tmp_path / "group.zarr", mode="w")
+    (tmp_path / "broken.zarr").mkdir()
+    (tmp_path / "broken.zarr" / "zarr.json").write_text("{not json")
+    for name, message in (
+        ("plain", "a folder without zarr metadata: not a slide file or an OME-Zarr image"),
+        ("group.zarr", "a zarr group without OME-NGFF 'multiscales' metadata"),
+        ("broken.zarr", "the file is truncated or corrupt"),
+    ):
+        with pytest.raises(SlideReadError, match=message) as info:
+            open_slide(tmp_path / name)
+        assert "\n" not in str(info.value)
+
+
+def test_find_slides_finds_ome_zarr_folders_and_skips_other_zarr_stores(tmp_path):
+    import zarr
+
+    (tmp_path / "a").mkdir()
+    _write_ngff_05(tmp_path / "a" / "img.ome.zarr", checkerboard(64, 64, 8), 0.5, "micrometer")
+    (tmp_path / "a" / "img.ome.zarr" / "s0" / "decoy.tif").write_bytes(b"x")  # inside a store: not a slide
+    zarr.open_group(tmp_path / "patches.zarr", mode="w").create_array("x", shape=(4,), dtype="int64")
+    (tmp_path / "b.svs").write_bytes(b"x")
+    assert [p.name for p in find_slides([tmp_path])] == ["img.ome.zarr", "b.svs"]
+    assert find_slides([tmp_path / "patches.zarr"]) == [(tmp_path / "patches.zarr").resolve()]  # named: tried
+    with pytest.raises(NcaTilesError, match="no slide files .* or OME-Zarr folders"):
+        find_slides([tmp_path / "a" / "img.ome.zarr" / "s0" / "c"])
+
+
+def test_float_pixels_open_but_are_refused_when_read(tmp_path):
+    import tifffile
+
+    path = tmp_path / "float.tif"
+    tifffile.imwrite(path, np.zeros((32, 32), np.float32))
+    with open_slide(path, source_mpp=1.0) as slide:  # info can still describe it
+        assert slide.dimensions == (32, 32)
+        with pytest.raises(SlideReadError, match="float32 pixels; only 8- or 16-bit images are read"):
+            slide.read_region(0, 0, 0, 8, 8)
+
+
+def test_corrupt_tiles_leave_no_tracebacks_behind(tmp_path):
+    """zarr reads tiles concurrently: when one fails, the others must not print tracebacks later
+    or at exit (checked in a fresh interpreter, which prints them when it ends)."""
+    import subprocess
+    import sys
+
+    from _slides import corrupt_fine_levels
+
+    path = tmp_path / "tiles.ome.tif"
+    # Large enough for zarr to leave tile reads behind (80 tiles at level 0; 48 are not).
+    image = np.random.default_rng(1).integers(0, 256, (1000, 1200, 3), dtype=np.uint8)
+    write_ome_pyramid(path, image, 0.5, compression="jpeg")
+    corrupt_fine_levels(path, 3)
+    code = (
+        "import sys\nfrom nca_tiles.wsi.slide import SlideReadError, open_slide\n"
+        "with open_slide(sys.argv[1]) as slide:\n"
+        "    for level in range(slide.level_count):\n"
+        "        try:\n"
+        "            slide.read_region(level, 0, 0, *slide.level_dimensions[level])\n"
+        "        except SlideReadError as exc:\n"
+        "            print(exc)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stderr == ""
+    assert run.stdout.count("the file is truncated or corrupt") == 3

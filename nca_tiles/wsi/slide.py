@@ -1,14 +1,22 @@
-"""Open whole-slide images of any common format behind one small interface, and read regions at a
-chosen resolution (µm/px).
+"""One reader for every input image: ``open_slide(path)`` picks the reader, and every caller
+(extract-patches, info, preview, evaluate) reads through the ``Slide`` it returns.
 
-Readers, tried in this order:
+Readers, one subclass of ``Slide`` each, chosen by ``open_slide`` in this order:
 
-* OME-TIFF (pyramid levels as SubIFDs or as separate IFDs) and plain TIFF: tifffile. OpenSlide
-  would also open a tiled OME-TIFF, but only as "generic TIFF" without its SubIFD levels.
-* Everything OpenSlide reads: Aperio .svs, Hamamatsu .ndpi, MIRAX .mrxs, Leica .scn, Ventana .bif,
-  generic tiled TIFF, ...
-* PNG, JPEG and other flat images: Pillow (the whole image is held in memory; fine for the small
+* ``ZarrSlide``, for a folder: OME-Zarr (NGFF 0.4 on zarr v2, 0.5 on zarr v3), or a bare zarr
+  array (axes guessed from its shape).
+* ``TiffSlide``: OME-TIFF (pyramid levels as SubIFDs or as separate IFDs) and plain TIFF, with
+  tifffile. OpenSlide would also open a tiled OME-TIFF, but only as "generic TIFF" without its
+  SubIFD levels.
+* ``OpenSlideSlide``: everything OpenSlide reads: Aperio .svs, Hamamatsu .ndpi, MIRAX .mrxs,
+  Leica .scn, Ventana .bif, generic tiled TIFF, ...
+* ``PillowSlide``: PNG, JPEG and other flat images (held whole in memory; fine for the small
   images these formats are used for).
+
+``ArraySlide`` wraps an array already in memory (NumPy or zarr) in the same interface.
+
+To add an input format: subclass ``Slide`` (the constructor sets ``level_dimensions`` and
+``metadata``; ``_read`` returns RGB uint8 pixels) and pick it in ``open_slide``.
 
 Coordinates: ``read_region(level, x, y, w, h)`` takes pixels *of that level*; everything else
 (``read_level0_region``, patch positions) is in level-0 pixels.
@@ -16,6 +24,8 @@ Coordinates: ``read_region(level, x, y, w, h)`` takes pixels *of that level*; ev
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import math
 import os
@@ -24,6 +34,7 @@ import xml.etree.ElementTree as ElementTree
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +42,8 @@ import numpy as np
 
 from nca_tiles.errors import NcaTilesError
 
-# Extensions searched for inside folders. A file named explicitly is tried whatever its name.
+# Extensions searched for inside folders (and OME-Zarr folders, found by their metadata). A file
+# named explicitly is tried whatever its name.
 SLIDE_EXTENSIONS = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
     ".png", ".jpg", ".jpeg",
@@ -44,30 +56,65 @@ OPENSLIDE_EXTENSIONS = (".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svsl
 # Largest side, in pixels of the level read, of one read: bounds memory whatever the slide size.
 MAX_READ_SIDE = 1024
 
-# µm/px outside this range in TIFF resolution tags is not a microscope's: typically the 72 dpi
-# default that image libraries write (352.8 µm/px). Treated as "no µm/px".
+# µm/px outside this range is not a microscope's: typically the 72 dpi default that image
+# libraries write in TIFF resolution tags (352.8 µm/px). Treated as "no µm/px".
 PLAUSIBLE_MPP = (0.01, 50.0)
 
-_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-_UM_PER_UNIT = {
-    "pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "micron": 1.0, "mm": 1e3,
-    "cm": 1e4, "dm": 1e5, "m": 1e6, "Å": 1e-4, "\u212b": 1e-4, "in": 25400.0, "inch": 25400.0,
+# µm per unit of length, the one table for every format: OME-XML UnitsLength symbols, OME-NGFF
+# axis units (UDUNITS-2 names), TIFF/OpenSlide resolution units.
+UM_PER_UNIT = {
+    "pm": 1e-6, "picometer": 1e-6,
+    "Å": 1e-4, "\u212b": 1e-4, "angstrom": 1e-4,
+    "nm": 1e-3, "nanometer": 1e-3,
+    "µm": 1.0, "\u03bcm": 1.0, "um": 1.0, "micrometer": 1.0, "micron": 1.0,
+    "mm": 1e3, "millimeter": 1e3,
+    "cm": 1e4, "centimeter": 1e4,
+    "dm": 1e5, "decimeter": 1e5,
+    "m": 1e6, "meter": 1e6,
+    "in": 25400.0, "inch": 25400.0,
 }  # fmt: skip
+TIFF_RESOLUTION_UNITS = {2: "inch", 3: "centimeter"}  # TIFF ResolutionUnit codes
+
+# How export/ometiff.py records the generator of a synthetic slide in its OME-XML.
+GENERATOR_NAMESPACE = "nca-tiles.generator"  # MapAnnotation namespace
+GENERATOR_MARKER = " Generator: "  # precedes the generator JSON in the image Description
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_ZARR_METADATA = (".zattrs", ".zgroup", ".zarray", "zarr.json")
 
 
 class SlideReadError(NcaTilesError):
     """A slide file that cannot be opened or decoded (corrupt, truncated, unsupported)."""
 
 
+@dataclass
+class SlideMetadata:
+    """What a reader found out about its file besides the pixels; ``info`` prints it."""
+
+    format: str  # the format and the library reading it, e.g. "OME-TIFF (read with tifffile)"
+    mpp: tuple[float, float] | None = None  # µm/px (x, y) at level 0 per the file; None if absent or implausible
+    name: str | None = None  # image name stored in the file
+    pyramid: str | None = None  # how the levels are stored, e.g. "SubIFD pyramid"
+    pixels: str | None = None  # colour model, samples, dtype, axes
+    storage: str | None = None  # tiles or chunks, compression
+    objective_power: str | None = None
+    generator: dict[str, Any] | None = None  # provenance of a synthetic slide (nca-tiles exports)
+    associated_images: tuple[str, ...] = ()  # label, macro, thumbnail, ...
+    other_images: tuple[str, ...] = ()  # further images in the file, not read
+    raw: dict[str, Any] = field(default_factory=dict)  # the format's own properties (OpenSlide's, zarr attributes)
+
+
 class Slide(ABC):
-    """A multi-resolution RGB image. Subclasses fill in ``level_dimensions``, ``metadata_mpp`` and
-    ``_read``; callers use ``read_region``, which adds bounds handling and error wrapping."""
+    """A multi-resolution RGB image. Subclasses fill in ``path``, ``level_dimensions``,
+    ``metadata``, ``format_name`` and ``_read``; callers use ``read_region``, which adds bounds
+    handling and error wrapping."""
 
     path: Path
     level_dimensions: tuple[tuple[int, int], ...]  # (width, height) per level, finest first
-    metadata_mpp: float | None  # µm/px at level 0 from the file's own metadata
+    metadata: SlideMetadata
     source_mpp: float | None = None  # the caller's µm/px, used only when metadata has none
     format_name: str = ""
+    kind: str = ""  # which reader: "openslide", "tiff", "ome-zarr", "zarr", "image", "array"
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -97,6 +144,12 @@ class Slide(ABC):
         return tuple(downsamples)
 
     @property
+    def metadata_mpp(self) -> float | None:
+        """µm/px at level 0 from the file's own metadata (mean of x and y), else None."""
+        mpp = self.metadata.mpp
+        return (mpp[0] + mpp[1]) / 2 if mpp else None
+
+    @property
     def mpp(self) -> float:
         """µm/px at level 0: from the metadata, else the ``source_mpp`` given when opening."""
         if self.metadata_mpp is not None:
@@ -107,6 +160,11 @@ class Slide(ABC):
             f"{self.path} has no µm/px in its metadata: pass --source-mpp with its resolution "
             "(e.g. --source-mpp 0.5 for a 20x scan)"
         )
+
+    def tile_size(self, level: int = 0) -> tuple[int, int] | None:
+        """(width, height) of the blocks the level is stored in, if any: reads aligned to them
+        decode each block once."""
+        return None
 
     def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """RGB uint8 array (h, w, 3) of the rectangle at (x, y) in *level* pixels.
@@ -127,7 +185,9 @@ class Slide(ABC):
         except NcaTilesError:
             raise
         except Exception as exc:  # decoders raise anything on corrupt data; one message for all
-            raise SlideReadError(damaged(self.path, f"cannot decode its pixels ({_reason(exc)})")) from exc
+            _settle_zarr_reads()
+            reason = damage_reason(exc) or " (undecodable data)"
+            raise SlideReadError(damaged(self.path, f"cannot decode its pixels{reason}")) from exc
         out[y0 - y : y1 - y, x0 - x : x1 - x] = inside
         return out
 
@@ -150,83 +210,40 @@ class Slide(ABC):
         return f"<{type(self).__name__} {self.path.name} {w}x{h} mpp={mpp} levels={self.level_count}>"
 
 
-class OpenSlideSlide(Slide):
-    """A slide read by OpenSlide."""
+class _AxesSlide(Slide):
+    """A slide whose levels are arrays with lettered axes (Y, X; a channel axis C or S; any other
+    axis, such as T or Z, is read at index 0). Sliced lazily: a read decodes only the tiles or
+    chunks it touches."""
 
-    def __init__(self, path: Path):
-        import openslide
+    _levels: list[Any]
+    _axes: str
+    _channel_axis: str | None = None
+    _unreadable: str | None = None  # why the pixels cannot be read, said when they are
 
-        self.path = path
-        try:
-            self._osr = openslide.OpenSlide(str(path))
-            self.level_dimensions = tuple(tuple(d) for d in self._osr.level_dimensions)
-            props = dict(self._osr.properties)
-        except openslide.OpenSlideError as exc:
-            raise SlideReadError(
-                f"{path}: OpenSlide cannot open it ({_reason(exc)}): the file is truncated, corrupt or of a kind "
-                "OpenSlide does not read; copy it again from its source, or convert it to OME-TIFF"
-            ) from exc
-        self.format_name = f"OpenSlide {props.get('openslide.vendor', '?')}"
-        self.metadata_mpp = _openslide_mpp(props)
+    def _set_levels(self, levels: list[Any], axes: str, dtype: Any) -> None:
+        if "Y" not in axes or "X" not in axes:
+            raise SlideReadError(f"{self.path}: image axes {axes!r} have no Y and X")
+        self._levels, self._axes = levels, axes
+        self._channel_axis = "S" if "S" in axes else "C" if "C" in axes else None
+        channels = levels[0].shape[axes.index(self._channel_axis)] if self._channel_axis else 1
+        # Refused when pixels are read, not when opening: info still describes such a file.
+        if np.dtype(dtype) not in (np.uint8, np.uint16):
+            self._unreadable = f"{np.dtype(dtype)} pixels; only 8- or 16-bit images are read"
+        elif channels == 2:
+            self._unreadable = "two-channel image; only RGB or greyscale is read"
+        self.level_dimensions = tuple(
+            (int(a.shape[axes.index("X")]), int(a.shape[axes.index("Y")])) for a in levels
+        )
 
-    def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        downsample = self._osr.level_downsamples[level]
-        # OpenSlide wants the location in level-0 pixels, the size in level pixels.
-        location = (round(x * downsample), round(y * downsample))
-        rgba = np.asarray(self._osr.read_region(location, level, (w, h)))
-        return _over_white(rgba)
-
-    def close(self) -> None:
-        self._osr.close()
-
-
-class TiffSlide(Slide):
-    """An OME-TIFF or plain TIFF read by tifffile, one zarr view per pyramid level, so a read
-    decodes only the tiles or strips it touches."""
-
-    def __init__(self, path: Path, tif: Any):
-        import zarr
-
-        self.path = path
-        self._tif = tif
-        try:
-            with quiet_tifffile():
-                if not tif.pages or not tif.series:
-                    raise SlideReadError(damaged(path, "no image in it"))
-                series = tif.series[0]
-                _check_complete(path, (page for level in series.levels for page in level.pages))
-            self.format_name = "OME-TIFF" if tif.is_ome else "TIFF"
-            self._axes = series.axes
-            if "Y" not in self._axes or "X" not in self._axes:
-                raise SlideReadError(f"{path}: image axes {self._axes!r} have no Y and X")
-            if series.dtype not in (np.uint8, np.uint16):
-                raise SlideReadError(f"{path}: {series.dtype} pixels; only 8- or 16-bit images are read")
-            self._channel_axis = "S" if "S" in self._axes else "C" if "C" in self._axes else None
-            channels = series.shape[self._axes.index(self._channel_axis)] if self._channel_axis else 1
-            if channels == 2:
-                raise SlideReadError(f"{path}: two-channel image; only RGB or greyscale is read")
-            # The first level of a series is the series itself (tifffile lists SubIFD levels too).
-            self._levels = [zarr.open_array(tif.aszarr(level=i), mode="r") for i in range(len(series.levels))]
-            self.level_dimensions = tuple(self._level_size(a.shape) for a in self._levels)
-            self.metadata_mpp = _ome_mpp(tif.ome_metadata) if tif.is_ome else None
-            if self.metadata_mpp is None:
-                page = series.levels[0].keyframe
-                self.metadata_mpp = _tiff_resolution_mpp(page.resolution[0], int(page.resolutionunit))
-        except NcaTilesError:
-            tif.close()
-            raise
-        except Exception as exc:  # noqa: BLE001 - corrupt files make tifffile/zarr raise anything
-            tif.close()
-            raise SlideReadError(damaged(path, f"tifffile cannot read it ({_reason(exc)})")) from exc
-
-    def _level_size(self, shape: tuple[int, ...]) -> tuple[int, int]:
-        return shape[self._axes.index("X")], shape[self._axes.index("Y")]
+    def tile_size(self, level: int = 0) -> tuple[int, int] | None:
+        chunks = getattr(self._levels[level], "chunks", None)
+        if not chunks or not isinstance(chunks, tuple):
+            return None
+        return int(chunks[self._axes.index("X")]), int(chunks[self._axes.index("Y")])
 
     def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        with quiet_tifffile():  # a damaged tile raises (reported by read_region); no stray log lines
-            return self._read_quietly(level, x, y, w, h)
-
-    def _read_quietly(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        if self._unreadable:
+            raise SlideReadError(f"{self.path}: {self._unreadable}")
         channel_axis = self._channel_axis
         index: list[Any] = []
         for axis in self._axes:
@@ -244,12 +261,194 @@ class TiffSlide(Slide):
         data = data.transpose(order)
         return _to_rgb8(data if channel_axis else data[..., None])
 
+
+class TiffSlide(_AxesSlide):
+    """An OME-TIFF or plain TIFF read by tifffile, one zarr view per pyramid level."""
+
+    kind = "tiff"
+
+    def __init__(self, path: Path, tif: Any):
+        import zarr
+
+        self.path = path
+        self._tif = tif
+        try:
+            with quiet_tifffile():
+                if not tif.pages or not tif.series:
+                    raise SlideReadError(damaged(path, "no image in it"))
+                series = tif.series[0]
+                _check_complete(path, (page for level in series.levels for page in level.pages))
+                self.format_name = "OME-TIFF" if tif.is_ome else "TIFF"
+                # The first level of a series is the series itself (tifffile lists SubIFD levels too).
+                levels = [zarr.open_array(tif.aszarr(level=i), mode="r") for i in range(len(series.levels))]
+                self._set_levels(levels, series.axes, series.dtype)
+                self.metadata = _tiff_metadata(tif, series)
+        except NcaTilesError:
+            tif.close()
+            raise
+        except Exception as exc:  # noqa: BLE001 - corrupt files make tifffile/zarr raise anything
+            tif.close()
+            raise SlideReadError(damaged(path, f"tifffile cannot read it ({_reason(exc)})")) from exc
+
+    def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        with quiet_tifffile():  # a damaged tile raises (reported by read_region); no stray log lines
+            return super()._read(level, x, y, w, h)
+
     def close(self) -> None:
         self._tif.close()
 
 
+class ZarrSlide(_AxesSlide):
+    """An OME-Zarr image (NGFF 0.4 on zarr v2, 0.5 on zarr v3): the levels of its first
+    multiscale, axes and µm/px from its metadata. A bare zarr array is read as one level, its
+    axes guessed from its shape."""
+
+    kind = "ome-zarr"
+
+    def __init__(self, path: Path):
+        import zarr
+
+        self.path = path
+        if not any((path / name).is_file() for name in _ZARR_METADATA):
+            raise SlideReadError(f"{path}: a folder without zarr metadata: not a slide file or an OME-Zarr image")
+        try:
+            node = zarr.open(str(path), mode="r")
+            if isinstance(node, zarr.Array):
+                self._open_array(node)
+            else:
+                self._open_multiscales(node)
+        except NcaTilesError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - damaged metadata makes zarr raise anything
+            raise SlideReadError(damaged(path, f"zarr cannot read it ({_reason(exc)})")) from exc
+
+    def _open_array(self, array: Any) -> None:
+        self.kind, self.format_name = "zarr", "zarr"
+        axes = _guess_axes(tuple(array.shape), str(self.path))
+        self._set_levels([array], axes, array.dtype)
+        self.metadata = SlideMetadata(
+            format=f"zarr array (zarr v{array.metadata.zarr_format})",
+            pixels=_array_pixels(axes, array),
+            storage=_zarr_storage(axes, array),
+            raw=dict(array.attrs),
+        )
+
+    def _open_multiscales(self, group: Any) -> None:
+        attrs = dict(group.attrs)
+        found = _ngff_multiscales(attrs)
+        if found is None:
+            raise SlideReadError(f"{self.path}: a zarr group without OME-NGFF 'multiscales' metadata: not an image")
+        version, entry = found
+        datasets = entry.get("datasets") or []
+        if not datasets:
+            raise SlideReadError(damaged(self.path, "its multiscales lists no datasets"))
+        levels = []
+        for dataset in datasets:
+            try:
+                levels.append(group[dataset["path"]])
+            except KeyError:
+                raise SlideReadError(
+                    damaged(self.path, f"its multiscales names a missing array {dataset.get('path')!r}")
+                ) from None
+        axis_entries = [a if isinstance(a, dict) else {"name": str(a)} for a in entry.get("axes") or []]
+        names = [str(a.get("name", "")).lower() for a in axis_entries]
+        if names:
+            axes = "".join(n.upper() if n in ("t", "c", "z", "y", "x") else "?" for n in names)
+        else:  # NGFF < 0.4 has no axes
+            axes = _guess_axes(tuple(levels[0].shape), str(self.path))
+            names = [a.lower() for a in axes]
+        self.format_name = "OME-Zarr"
+        self._set_levels(levels, axes, levels[0].dtype)
+        units = {str(a.get("name", "")).lower(): a.get("unit") for a in axis_entries}
+        ours = attrs.get("nca_tiles")
+        generator = ours.get("generator") if isinstance(ours, dict) else None
+        first = levels[0]
+        self.metadata = SlideMetadata(
+            format=f"OME-Zarr (NGFF {version}, zarr v{first.metadata.zarr_format})",
+            mpp=_ngff_mpp(entry, datasets[0], names, units),
+            name=entry.get("name") or None,
+            pixels=_array_pixels(axes, first),
+            storage=_zarr_storage(axes, first),
+            generator=generator or None,
+            raw=attrs,
+        )
+
+
+class ArraySlide(_AxesSlide):
+    """An image array already open (NumPy, zarr, anything sliceable with a shape and a dtype), as
+    one level: (y, x), (y, x, c), (c, y, x) or (t, c, z, y, x), unless ``axes`` names them."""
+
+    kind = "array"
+
+    def __init__(self, array: Any, axes: str | None = None, mpp: float | None = None, name: str = "the image"):
+        self.path = Path(name)
+        self.format_name = "array"
+        shape = tuple(int(s) for s in array.shape)
+        axes = axes.upper() if axes else _guess_axes(shape, name)
+        if len(axes) != len(shape):
+            raise NcaTilesError(f"axes {axes!r} do not fit an array of shape {shape}")
+        self._set_levels([array], axes, array.dtype)
+        self.metadata = SlideMetadata(format="array in memory", mpp=(mpp, mpp) if mpp else None)
+
+
+class OpenSlideSlide(Slide):
+    """A slide read by OpenSlide. ``compression``: what tifffile saw in a TIFF-based file
+    (OpenSlide does not report it)."""
+
+    kind = "openslide"
+
+    def __init__(self, path: Path, compression: str | None = None):
+        import openslide
+
+        self.path = path
+        try:
+            self._osr = openslide.OpenSlide(str(path))
+            self.level_dimensions = tuple((int(w), int(h)) for w, h in self._osr.level_dimensions)
+            props = dict(self._osr.properties)
+            associated = tuple(self._osr.associated_images)
+        except openslide.OpenSlideError as exc:
+            raise SlideReadError(
+                f"{path}: OpenSlide cannot open it ({_reason(exc)}): the file is truncated, corrupt or of a kind "
+                "OpenSlide does not read; copy it again from its source, or convert it to OME-TIFF"
+            ) from exc
+        vendor = props.get("openslide.vendor", "?")
+        self.format_name = f"OpenSlide {vendor}"
+        tile = self.tile_size(0)
+        layout = f"tiles {tile[0]} x {tile[1]}" if tile else "tiles: not reported"
+        self.metadata = SlideMetadata(
+            format=f"{vendor} (read with OpenSlide)",
+            mpp=_openslide_mpp(props),
+            storage=f"{layout}, compression {compression or 'not reported'}",
+            objective_power=props.get("openslide.objective-power") or None,
+            associated_images=associated,
+            raw=props,
+        )
+
+    def tile_size(self, level: int = 0) -> tuple[int, int] | None:
+        props = self._osr.properties
+        try:
+            return (
+                int(props[f"openslide.level[{level}].tile-width"]),
+                int(props[f"openslide.level[{level}].tile-height"]),
+            )
+        except (KeyError, ValueError):
+            return None
+
+    def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        downsample = self._osr.level_downsamples[level]
+        # OpenSlide wants the location in level-0 pixels, the size in level pixels.
+        location = (round(x * downsample), round(y * downsample))
+        rgba = np.asarray(self._osr.read_region(location, level, (w, h)))
+        return _over_white(rgba)
+
+    def close(self) -> None:
+        self._osr.close()
+
+
 class PillowSlide(Slide):
     """A PNG, JPEG or other flat image, decoded whole by Pillow: a single level."""
+
+    kind = "image"
 
     def __init__(self, path: Path):
         from PIL import Image, UnidentifiedImageError
@@ -258,24 +457,32 @@ class PillowSlide(Slide):
         try:
             with Image.open(path) as image:
                 self.format_name = image.format or "image"
+                mode = image.mode
                 image.load()  # decode now: a truncated file fails here, not mid-extraction
                 rgb = image.convert("RGBA") if image.mode in ("RGBA", "LA", "PA") else image.convert("RGB")
                 self._pixels = _over_white(np.asarray(rgb)) if rgb.mode == "RGBA" else np.asarray(rgb)
         except Image.DecompressionBombError as exc:
             raise SlideReadError(f"{path}: too large for a flat image; convert it to a tiled TIFF") from exc
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            raise SlideReadError(f"{path}: not a slide format this tool reads ({_reason(exc)})") from exc
+        except UnidentifiedImageError as exc:
+            raise SlideReadError(
+                f"{path}: cannot read it as a slide: not a format this tool reads (expected a format OpenSlide "
+                "reads such as .svs, .ndpi, .mrxs; an OME-TIFF or TIFF; an OME-Zarr folder; PNG or JPEG)"
+            ) from exc
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise SlideReadError(damaged(path, f"cannot decode it ({_reason(exc)})")) from exc
         h, w = self._pixels.shape[:2]
         self.level_dimensions = ((w, h),)
         # PNG/JPEG dpi fields are screen/print defaults, never a scanner's resolution.
-        self.metadata_mpp = None
+        self.metadata = SlideMetadata(
+            format=f"{self.format_name} (read with Pillow)", pixels=f"Pillow mode {mode}", storage="one image, decoded whole"
+        )
 
     def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         return self._pixels[y : y + h, x : x + w]
 
 
 def open_slide(path: str | os.PathLike[str], source_mpp: float | None = None) -> Slide:
-    """Open a slide of any supported format.
+    """Open a slide of any supported format with the reader that fits it.
 
     ``source_mpp`` is the level-0 µm/px to use when the file's metadata has none (``slide.mpp``
     raises an ``NcaTilesError`` asking for ``--source-mpp`` if neither exists).
@@ -284,17 +491,19 @@ def open_slide(path: str | os.PathLike[str], source_mpp: float | None = None) ->
     path = Path(path)
     if not path.exists():
         raise NcaTilesError(f"{path} does not exist")
-    if path.is_dir():
-        raise SlideReadError(f"{path} is a folder, not a slide file")
     if source_mpp is not None and not source_mpp > 0:
         raise NcaTilesError(f"--source-mpp must be positive, got {source_mpp}")
+    slide: Slide
+    if path.is_dir():
+        slide = ZarrSlide(path)
+        slide.source_mpp = source_mpp
+        return slide
     try:
         with open(path, "rb") as f:
             is_tiff = f.read(4) in _TIFF_MAGIC
     except OSError as exc:
         raise SlideReadError(f"{path}: cannot read the file ({_reason(exc)})") from exc
 
-    slide: Slide
     tif = None
     openslide_format = _detect_openslide_format(path) is not None or path.suffix.lower() in OPENSLIDE_EXTENSIONS
     if is_tiff:
@@ -308,38 +517,48 @@ def open_slide(path: str | os.PathLike[str], source_mpp: float | None = None) ->
     if tif is not None and tif.is_ome:
         slide = TiffSlide(path, tif)
     elif openslide_format:
+        compression = None
         if tif is not None:
+            compression = tif.pages[0].compression.name
             tif.close()
-        slide = OpenSlideSlide(path)
+        slide = OpenSlideSlide(path, compression)
     elif tif is not None:
         slide = TiffSlide(path, tif)
     else:
         slide = PillowSlide(path)
     slide.source_mpp = source_mpp
-    if slide.metadata_mpp is not None and not slide.metadata_mpp > 0:
-        slide.metadata_mpp = None
     return slide
 
 
+def is_zarr_image(path: Path) -> bool:
+    """Whether the folder ``path`` holds an OME-Zarr image (NGFF multiscales metadata)."""
+    for name in (".zattrs", "zarr.json"):
+        try:
+            attrs = json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(attrs, dict):
+            attrs = attrs.get("attributes", {}) if name == "zarr.json" else attrs
+            if isinstance(attrs, dict) and _ngff_multiscales(attrs) is not None:
+                return True
+    return False
+
+
 def find_slides(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Slide files named in ``paths``: files as given, folders searched recursively for
-    ``SLIDE_EXTENSIONS`` (hidden entries skipped). Sorted within each folder, duplicates removed."""
+    """Slide files named in ``paths``: files and zarr folders as given, other folders searched
+    recursively for ``SLIDE_EXTENSIONS`` and OME-Zarr folders (hidden entries skipped, zarr stores
+    not entered). Sorted within each folder, duplicates removed."""
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if not path.exists():
             raise NcaTilesError(f"{path} does not exist")
-        if path.is_dir():
-            inside = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file()
-                and p.name.lower().endswith(SLIDE_EXTENSIONS)
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
+        if path.is_dir() and not any((path / name).is_file() for name in _ZARR_METADATA):
+            inside = sorted(_search(path))
             if not inside:
                 raise NcaTilesError(
-                    f"no slide files ({', '.join(e.lstrip('.') for e in SLIDE_EXTENSIONS)}) found in folder {path}"
+                    f"no slide files ({', '.join(e.lstrip('.') for e in SLIDE_EXTENSIONS)}) or OME-Zarr "
+                    f"folders found in folder {path}"
                 )
             found.extend(inside)
         else:
@@ -348,6 +567,20 @@ def find_slides(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     for p in found:
         unique.setdefault(p.resolve(), None)
     return list(unique)
+
+
+def _search(folder: Path) -> Iterator[Path]:
+    for entry in folder.iterdir():
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            if any((entry / name).is_file() for name in _ZARR_METADATA):
+                if is_zarr_image(entry):  # other zarr stores (patch stores, canvases) are no slides
+                    yield entry
+            else:
+                yield from _search(entry)
+        elif entry.is_file() and entry.name.lower().endswith(SLIDE_EXTENSIONS):
+            yield entry
 
 
 # --- reading at a chosen resolution ---------------------------------------------------------------
@@ -469,55 +702,165 @@ def _enlarge(pixels: np.ndarray, box: tuple[float, float, float, float], out_w: 
 # --- metadata -----------------------------------------------------------------------------------
 
 
-def _openslide_mpp(props: dict[str, str]) -> float | None:
-    try:
-        mpp_x, mpp_y = float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"])
-    except (KeyError, ValueError):
-        unit = {"inch": 25400.0, "centimeter": 1e4}.get(props.get("tiff.ResolutionUnit", ""))
-        try:
-            resolution = float(props["tiff.XResolution"])
-        except (KeyError, ValueError):
-            return None
-        return _plausible(unit / resolution) if unit and resolution > 0 else None
-    return _plausible((mpp_x + mpp_y) / 2)
+def um_per_unit(unit: str | None) -> float | None:
+    """µm in one ``unit`` (any spelling in ``UM_PER_UNIT``); None for a missing or unknown unit."""
+    return UM_PER_UNIT.get(unit) if unit else None
 
 
-def _ome_mpp(ome_xml: str | None) -> float | None:
-    """µm/px from the first image's PhysicalSizeX/Y, converted from its unit (µm by default)."""
-    if not ome_xml:
+def _pixel_size(x: float | None, y: float | None) -> tuple[float, float] | None:
+    """(x, y) µm/px when plausible; one given size serves for both axes."""
+    x, y = (x if x is not None else y), (y if y is not None else x)
+    if x is None or y is None or not all(PLAUSIBLE_MPP[0] <= v <= PLAUSIBLE_MPP[1] for v in (x, y)):
         return None
+    return float(x), float(y)
+
+
+def _openslide_mpp(props: dict[str, str]) -> tuple[float, float] | None:
+    try:
+        return _pixel_size(float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"]))
+    except (KeyError, ValueError):
+        pass
+    um = um_per_unit(props.get("tiff.ResolutionUnit"))
+    try:
+        resolution = [float(props[f"tiff.{axis}Resolution"]) for axis in ("X", "Y")]
+    except (KeyError, ValueError):
+        return None
+    if um is None or not all(r > 0 for r in resolution):
+        return None
+    return _pixel_size(um / resolution[0], um / resolution[1])
+
+
+def _tiff_metadata(tif: Any, series: Any) -> SlideMetadata:
+    page = series.keyframe
+    kind = "OME-TIFF" if tif.is_ome else f"TIFF ({series.kind})" if series.kind else "TIFF"
+    colour = page.photometric.name
+    if colour == "YCBCR" and page.subsampling:
+        colour = f"RGB stored as YCbCr {page.subsampling[0]}x{page.subsampling[1]}"
+    layout = f"tiles {page.tilewidth} x {page.tilelength}" if page.is_tiled else f"strips of {page.rowsperstrip} rows"
+    predictor = getattr(page, "predictor", 1)
+    mpp, generator = (_ome_xml_metadata(tif.ome_metadata) if tif.is_ome else (None, None))
+    if mpp is None:
+        mpp = _tiff_resolution_mpp(page)
+    return SlideMetadata(
+        format=f"{kind}{', BigTIFF' if tif.is_bigtiff else ''} (read with tifffile)",
+        mpp=mpp,
+        name=series.name or None,
+        pyramid=("SubIFD pyramid" if page.subifds else "pyramid") if len(series.levels) > 1 else None,
+        pixels=(
+            f"{colour}, {page.samplesperpixel} samples x {page.dtype}, "
+            f"{'interleaved' if page.planarconfig == 1 else 'planar'}; axes {series.axes}"
+        ),
+        storage=(
+            f"{layout}, compression {page.compression.name}"
+            + (f", predictor {int(predictor)}" if predictor and int(predictor) > 1 else "")
+        ),
+        generator=generator,
+        other_images=tuple(s.name or s.kind for s in tif.series[1:]),
+    )
+
+
+def _ome_xml_metadata(ome_xml: str | None) -> tuple[tuple[float, float] | None, dict[str, Any] | None]:
+    """µm/px from the first image's PhysicalSizeX/Y (in their units, µm by default), and the
+    generator that export/ometiff.py records (JSON at the end of the image Description, and a
+    MapAnnotation of strings)."""
+    if not ome_xml:
+        return None, None
     try:
         root = ElementTree.fromstring(ome_xml)
     except ElementTree.ParseError:
-        return None
-    pixels = next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
-    if pixels is None:
-        return None
-    sizes = []
-    for axis in ("X", "Y"):
-        value = pixels.get(f"PhysicalSize{axis}")
-        if value is None:
-            continue
-        unit = pixels.get(f"PhysicalSize{axis}Unit", "µm")
-        if unit not in _UM_PER_UNIT:
-            return None
+        return None, None
+    generator = None
+    for annotation in root.iter():
+        if annotation.tag.endswith("}MapAnnotation") and annotation.get("Namespace") == GENERATOR_NAMESPACE:
+            generator = {m.get("K"): m.text or "" for m in annotation.iter() if m.tag.endswith("}M")}
+    description = next((e.text for e in root.iter() if e.tag.endswith("}Description")), None) or ""
+    if GENERATOR_MARKER in description:
         try:
-            sizes.append(float(value) * _UM_PER_UNIT[unit])
+            generator = json.loads(description.split(GENERATOR_MARKER, 1)[1])
         except ValueError:
-            return None
-    return _plausible(sum(sizes) / len(sizes)) if sizes else None
+            pass  # keep the MapAnnotation's strings
+    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return None, generator
+    sizes: list[float | None] = []
+    for axis in ("X", "Y"):
+        value, um = pixels.get(f"PhysicalSize{axis}"), um_per_unit(pixels.get(f"PhysicalSize{axis}Unit", "µm"))
+        try:
+            sizes.append(float(value) * um if value is not None and um is not None else None)
+        except ValueError:
+            sizes.append(None)
+    return _pixel_size(*sizes), generator
 
 
-def _tiff_resolution_mpp(x_resolution: float, unit: int) -> float | None:
-    """µm/px from the TIFF XResolution (pixels per unit) and ResolutionUnit (2 inch, 3 cm)."""
-    um_per_unit = {2: 25400.0, 3: 1e4}.get(unit)
-    if um_per_unit is None or not x_resolution > 0:
+def _tiff_resolution_mpp(page: Any) -> tuple[float, float] | None:
+    """µm/px from the TIFF X/YResolution (pixels per unit) and ResolutionUnit tags."""
+    um = um_per_unit(TIFF_RESOLUTION_UNITS.get(int(page.resolutionunit)))
+    x_res, y_res = page.resolution
+    if um is None or not (x_res > 0 and y_res > 0):
         return None
-    return _plausible(um_per_unit / x_resolution)
+    return _pixel_size(um / x_res, um / y_res)
 
 
-def _plausible(mpp: float) -> float | None:
-    return mpp if PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1] else None
+def _ngff_multiscales(attrs: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """(version, first multiscales entry) from group attributes of NGFF 0.4 or 0.5, else None."""
+    ome = attrs.get("ome")
+    if isinstance(ome, dict) and ome.get("multiscales"):  # 0.5
+        return str(ome.get("version", "0.5")), ome["multiscales"][0]
+    if attrs.get("multiscales"):  # 0.4 and earlier
+        entry = attrs["multiscales"][0]
+        return str(entry.get("version", "?")), entry
+    return None
+
+
+def _ngff_mpp(
+    entry: dict[str, Any], dataset: dict[str, Any], names: list[str], units: dict[str, Any]
+) -> tuple[float, float] | None:
+    """µm/px of the first dataset: its scale (times the multiscale's own, if any) in the axes' units."""
+
+    def scale_of(item: dict[str, Any]) -> list[float] | None:
+        transforms = item.get("coordinateTransformations") or []
+        return next((t.get("scale") for t in transforms if isinstance(t, dict) and t.get("type") == "scale"), None)
+
+    scale = scale_of(dataset)
+    if not scale or len(scale) != len(names) or "x" not in names or "y" not in names:
+        return None
+    overall = scale_of(entry)
+    if overall and len(overall) == len(names):
+        scale = [a * b for a, b in zip(scale, overall, strict=True)]
+    ux, uy = um_per_unit(units.get("x")), um_per_unit(units.get("y"))
+    if ux is None or uy is None:
+        return None
+    return _pixel_size(scale[names.index("x")] * ux, scale[names.index("y")] * uy)
+
+
+def _guess_axes(shape: tuple[int, ...], name: str) -> str:
+    """Axes of an image array without names: (y, x), (y, x, c), (c, y, x) or (t, c, z, y, x)."""
+    if len(shape) == 2:
+        return "YX"
+    if len(shape) == 3 and shape[-1] in (1, 3, 4):
+        return "YXC"
+    if len(shape) == 3 and shape[0] in (1, 3, 4):
+        return "CYX"
+    if len(shape) == 5:
+        return "TCZYX"
+    raise SlideReadError(
+        f"cannot tell the image axes of {name} from its shape {shape}: expected (y, x), (y, x, c) or (c, y, x)"
+    )
+
+
+def _array_pixels(axes: str, array: Any) -> str:
+    channels = array.shape[axes.index("C")] if "C" in axes else 1
+    return f"axes {','.join(axes.lower())}, {channels} channels x {array.dtype}"
+
+
+def _zarr_storage(axes: str, array: Any) -> str:
+    chunks = dict(zip(axes, array.chunks, strict=True))
+    metadata = array.metadata
+    if metadata.zarr_format == 2:
+        codecs = "none" if metadata.compressor is None else str(metadata.compressor)
+    else:
+        codecs = ", ".join(type(c).__name__ for c in array.compressors) or "none"
+    return f"chunks {chunks.get('X', '?')} x {chunks.get('Y', '?')}, compression {codecs}"
 
 
 # --- small helpers ------------------------------------------------------------------------------
@@ -530,6 +873,29 @@ def _detect_openslide_format(path: Path) -> str | None:
         return openslide.OpenSlide.detect_format(str(path))
     except openslide.OpenSlideError:
         return None
+
+
+def _settle_zarr_reads() -> None:
+    """After a failed zarr read, wait for the chunk reads still running beside the one that
+    failed and collect their errors: zarr gathers them on its own event loop without cancelling
+    them, and left alone they print tracebacks ("exception was never retrieved", "Task was
+    destroyed but it is pending") later or at exit."""
+    try:
+        from zarr.core import sync as zarr_sync
+    except ImportError:  # another zarr layout: nothing to settle that we know of
+        return
+    if getattr(zarr_sync, "loop", [None])[0] is None:  # no zarr read has run
+        return
+
+    async def settle() -> None:
+        current = asyncio.current_task()
+        while others := [t for t in asyncio.all_tasks() if t is not current and not t.done()]:
+            await asyncio.gather(*others, return_exceptions=True)
+
+    try:
+        zarr_sync.sync(settle())
+    except Exception:  # noqa: BLE001 - only tidying up after an error already being reported
+        pass
 
 
 def damaged(path: Path, detail: str) -> str:
@@ -625,19 +991,6 @@ def open_tiff(path: Path) -> Any:
     return tif
 
 
-def check_intact(path: Path) -> None:
-    """For files OpenSlide reads: raise ``SlideReadError`` if a TIFF-based one is truncated or
-    corrupt (OpenSlide opens such a file and fails only on reaching the missing tiles)."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        if f.read(4) not in _TIFF_MAGIC:
-            return
-    try:
-        open_tiff(path).close()
-    except TiffOpenError:
-        pass  # a TIFF dialect tifffile does not parse: OpenSlide has the last word
-
-
 def damage_reason(exc: BaseException) -> str:
     """`` (reason)`` for errors of the readers, which describe the file; nothing for Python's own
     (an IndexError deep in a reader says nothing to the user)."""
@@ -683,7 +1036,7 @@ def _ceil(value: float) -> int:
 
 
 __all__: Sequence[str] = (
-    "SLIDE_EXTENSIONS", "Slide", "SlideReadError", "OpenSlideSlide", "TiffSlide", "PillowSlide",
-    "open_slide", "find_slides", "best_level", "read_level0_region", "read_region_at_mpp",
-    "resample_from_level", "resample_box",
+    "SLIDE_EXTENSIONS", "UM_PER_UNIT", "Slide", "SlideMetadata", "SlideReadError", "OpenSlideSlide", "TiffSlide",
+    "ZarrSlide", "PillowSlide", "ArraySlide", "open_slide", "find_slides", "is_zarr_image", "best_level",
+    "read_level0_region", "read_region_at_mpp", "resample_from_level", "resample_box", "um_per_unit",
 )  # fmt: skip
