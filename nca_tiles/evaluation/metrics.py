@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from pathlib import Path
+import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -393,79 +393,21 @@ def colour_matched_noise(reference: np.ndarray, n: int | None = None, seed: int 
 # --------------------------------------------------------------------------- seam score
 
 
-def open_slide_level0(path: str | Path) -> Any:
-    """Level 0 of a slide as a lazily read array: an OME-TIFF/TIFF (via tifffile's zarr store) or a
-    zarr / OME-Zarr directory. Nothing is read until the array is sliced."""
-    import zarr
-
-    path = Path(path)
-    if not path.exists():
-        raise NcaTilesError(f"{path} does not exist: give an OME-TIFF or OME-Zarr slide")
-    if path.is_dir():
-        try:
-            node = zarr.open(str(path), mode="r")
-        except Exception as exc:  # zarr raises several types for "not a zarr store"
-            raise NcaTilesError(f"cannot open {path} as zarr: {exc}") from None
-    else:
-        import tifffile
-
-        try:
-            store = tifffile.imread(str(path), aszarr=True, level=0)
-        except Exception as exc:  # tifffile raises several types for non-TIFF input
-            raise NcaTilesError(f"cannot read {path} as TIFF: {exc}") from None
-        node = zarr.open(store, mode="r")
-    if isinstance(node, zarr.Group):
-        # OME-Zarr: the first dataset of the first multiscale is the full resolution.
-        multiscales = node.attrs.get("multiscales") or node.attrs.get("ome", {}).get("multiscales")
-        key = multiscales[0]["datasets"][0]["path"] if multiscales else "0"
-        if key not in node:
-            raise NcaTilesError(f"{path} has no level-0 array ('{key}')")
-        node = node[key]
-    return node
-
-
-def _layout(shape: tuple[int, ...]) -> str:
-    """Axis layout of a slide array: yx, yxc, cyx or tczyx (with t = z = 1)."""
-    if len(shape) == 2:
-        return "yx"
-    if len(shape) == 3 and shape[-1] in (1, 3, 4):
-        return "yxc"
-    if len(shape) == 3 and shape[0] in (1, 3, 4):
-        return "cyx"
-    if len(shape) == 5 and shape[0] == 1 and shape[2] == 1:
-        return "tczyx"
-    raise NcaTilesError(f"cannot tell the image axes from shape {shape}: expected (y, x), (y, x, c) or (c, y, x)")
-
-
-def _read_rows(image: Any, layout: str, y0: int, y1: int) -> np.ndarray:
-    """Rows y0:y1 as a (h, W, c) array with at most 3 colour channels (alpha dropped)."""
-    if layout == "yx":
-        rows = np.asarray(image[y0:y1])[..., None]
-    elif layout == "yxc":
-        rows = np.asarray(image[y0:y1])
-    elif layout == "cyx":
-        rows = np.moveaxis(np.asarray(image[:, y0:y1]), 0, -1)
-    else:
-        rows = np.moveaxis(np.asarray(image[0, :, 0, y0:y1]), 0, -1)
-    return rows[..., :3]
-
-
-def _strip_height(image: Any, layout: str, width: int, max_strip_bytes: int) -> int:
+def _strip_height(slide: Any, width: int, max_strip_bytes: int) -> int:
     rows = max(1, max_strip_bytes // max(1, width * 3))
-    chunks = getattr(image, "chunks", None)
-    if chunks:
-        tile = chunks[{"yx": 0, "yxc": 0, "cyx": 1, "tczyx": 3}[layout]]
-        # Whole tile rows per strip, so no compressed tile is decoded twice.
-        if rows >= tile:
-            rows -= rows % tile
+    tile = slide.tile_size(0)
+    # Whole tile rows per strip, so no compressed tile is decoded twice.
+    if tile and rows >= tile[1]:
+        rows -= rows % tile[1]
     return rows
 
 
 def seam_statistics(image: Any, chunk: int, max_strip_bytes: int = 32 * 2**20) -> dict[str, Any]:
     """Seam statistics of a slide image synthesized in ``chunk`` x ``chunk`` chunks.
 
-    ``image`` is an array (numpy or zarr; (y, x), (y, x, c), (c, y, x) or (t, c, z, y, x)) or a
-    path to an OME-TIFF / OME-Zarr, read at level 0. The gradient of an adjacent pixel pair is the
+    ``image`` is an 8- or 16-bit array (numpy or zarr; (y, x), (y, x, c), (c, y, x) or
+    (t, c, z, y, x)) or the path of any slide ``wsi.slide.open_slide`` reads (OME-TIFF, OME-Zarr,
+    ...), read at level 0 as RGB uint8. The gradient of an adjacent pixel pair is the
     Euclidean norm of its RGB difference; pairs straddling a chunk border (columns x = kC-1 and
     kC, and the same for rows) are averaged separately from all other pairs. The image is read in
     strips of about ``max_strip_bytes`` (uint8), so the whole level is never in memory.
@@ -479,18 +421,16 @@ def seam_statistics(image: Any, chunk: int, max_strip_bytes: int = 32 * 2**20) -
         raise NcaTilesError(f"the chunk size must be a positive integer, got {chunk}")
     if chunk == 1:
         raise NcaTilesError("with chunk size 1 every pixel pair is a border: give the synthesis chunk size (>= 2)")
-    if isinstance(image, (str, Path)):
-        image = open_slide_level0(image)
-        try:
-            return _seam_statistics(image, chunk, max_strip_bytes)
-        finally:
-            image.store.close()  # tifffile's store holds the file open
-    return _seam_statistics(image, chunk, max_strip_bytes)
+    from nca_tiles.wsi.slide import ArraySlide, open_slide
+
+    if isinstance(image, (str, os.PathLike)):
+        with open_slide(image) as slide:
+            return _seam_statistics(slide, chunk, max_strip_bytes)
+    return _seam_statistics(ArraySlide(image), chunk, max_strip_bytes)
 
 
-def _seam_statistics(image: Any, chunk: int, max_strip_bytes: int) -> dict[str, Any]:
-    layout = _layout(tuple(image.shape))
-    height, width = (image.shape[0], image.shape[1]) if layout in ("yx", "yxc") else image.shape[-2:]
+def _seam_statistics(slide: Any, chunk: int, max_strip_bytes: int) -> dict[str, Any]:
+    width, height = slide.dimensions
     if height < 2 or width < 2:
         raise NcaTilesError(f"the image is too small for a seam score: {height} x {width}")
 
@@ -500,9 +440,9 @@ def _seam_statistics(image: Any, chunk: int, max_strip_bytes: int) -> dict[str, 
     col_sums = np.zeros(width - 1)  # per column pair, summed over all rows
     row_sums = np.zeros(height - 1)  # per row pair, summed over all columns
     previous_row: np.ndarray | None = None
-    strip = _strip_height(image, layout, width, max_strip_bytes)
+    strip = _strip_height(slide, width, max_strip_bytes)
     for y0 in range(0, height, strip):
-        rows = _read_rows(image, layout, y0, min(y0 + strip, height)).astype(np.float32)
+        rows = slide.read_region(0, 0, y0, width, min(strip, height - y0)).astype(np.float32)
         col_sums += np.sqrt(np.square(np.diff(rows, axis=1)).sum(axis=-1)).sum(axis=0)
         # Carry the previous strip's last row so the pair across the strip boundary is counted.
         extended = rows if previous_row is None else np.concatenate([previous_row[None], rows])
