@@ -210,6 +210,31 @@ def test_pyramid_level_at_the_target_is_copied(tmp_path, slides_dir, sample_slid
             assert np.abs(from_svs.astype(int) - store.images[i]).max() <= 1  # 2x2 of 2x2 vs 4x4 means
 
 
+def test_ome_zarr_gives_the_patches_of_the_same_ome_tiff(tmp_path, sample_slide):
+    """Our own exports of one image, OME-Zarr and (lossless) OME-TIFF: the same patches, whether
+    the OME-Zarr folder is named or found inside a folder."""
+    from nca_tiles.export.ometiff import write_ome_tiff
+    from nca_tiles.export.omezarr import write_ome_zarr
+
+    with open_slide(sample_slide) as slide:
+        pixels = slide.read_region(0, 0, 0, *slide.dimensions)
+    (tmp_path / "zarr").mkdir()
+    zarr_dir = write_ome_zarr(pixels, tmp_path / "zarr" / "sample.ome.zarr", mpp=0.499, chunk=256, progress=False)
+    tiff = write_ome_tiff(pixels, tmp_path / "sample.ome.tif", mpp=0.499, tile=256, compression="deflate",
+                          progress=False)
+    settings = {"patch_size": 32, "target_mpp": 2.0, "max_per_slide": 40}
+    stores = [
+        open_patch_store(extract([source], tmp_path / f"p{i}.zarr", **settings).out)
+        for i, source in enumerate([zarr_dir, tmp_path / "zarr", tiff])
+    ]
+    assert [Path(s.slides[0]["path"]).name for s in stores] == ["sample.ome.zarr", "sample.ome.zarr", "sample.ome.tif"]
+    assert stores[0].slides[0]["mpp"] == pytest.approx(0.499) and len(stores[0]) == 40
+    for store in stores[1:]:
+        for name in ("x", "y", "split"):
+            np.testing.assert_array_equal(getattr(store, name), getattr(stores[0], name))
+        np.testing.assert_array_equal(store.images[:], stores[0].images[:])
+
+
 def test_seed_and_max_per_slide(tmp_path, sample_slide):
     settings = {"patch_size": 32, "target_mpp": 2.0, "max_per_slide": 15}
     first = open_patch_store(extract([sample_slide], tmp_path / "a.zarr", seed=1, **settings).out)
