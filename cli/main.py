@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "preview": ("preview", "preview", "Write a PNG thumbnail of a slide."),
     "info": ("info", "info", "Describe a patch store, model, preset or slide."),
     "evaluate": ("evaluate", "evaluate", "Quality metrics of a model against real patches, or a slide's seam score."),
+    "build-model": ("build_model", "build_model", "Stack models trained at several µm/px into one scale-space model."),
     "demo": ("demo", "demo", "Run the whole pipeline on the bundled sample slide."),
 }
 

@@ -49,28 +49,21 @@ def synthesize(model, width, height, out, chunk, seed, sampler, steps, eta, devi
     The pixels are a pure function of (model, seed, size, sampler, steps): any --chunk, --batch
     or number of workers gives the same slide. An interrupted run resumes when rerun.
     """
+    from nca_tiles.diffusion.levels import load_synthesis_model
     from nca_tiles.errors import NcaTilesError
-    from nca_tiles.synthesis.plan import describe_plan, make_plan
-    from nca_tiles.diffusion.pipeline import load_model
-    from nca_tiles.synthesis.slide_job import SlideRequest, check_request, default_work_dir, dry_run_report, synthesize_slide
-    from nca_tiles.synthesis.sweeps import make_job
+    from nca_tiles.synthesis.slide_job import SlideRequest, plan_job, synthesize_slide
 
-    pipeline = load_model(model, device, precision)
+    loaded = load_synthesis_model(model, device, precision)
     req = SlideRequest(width=width, height=height, out=out, seed=seed, chunk=chunk, sampler=sampler, steps=steps,
                        eta=eta, batch=batch, work_dir=work_dir, keep_canvas=keep_canvas, format=format_, tile=tile,
                        compression=compression, quality=quality, workers=workers, scheduler=scheduler,
                        overwrite=overwrite)
-    check_request(req, pipeline.halo, pipeline.schedule.timesteps)
     if dry_run:
-        job = make_job(pipeline, seed, width, height, chunk, sampler, steps, eta)
-        plan = make_plan(pipeline, job, batch)
-        click.echo(describe_plan(plan, pipeline, job, batch, work_dir or default_work_dir(out)))
-        lines, problems = dry_run_report(pipeline, req)
-        refusals = [f"would refuse the job: {problem}" for problem in problems] or ["the job would run"]
-        click.echo("\n".join(["pre-flight:", *(f"  {line}" for line in lines + refusals)]))
+        text, problems = plan_job(req, loaded)
+        click.echo(text)
         if problems:
             more = f" (and {len(problems) - 1} more reason(s) above)" if len(problems) > 1 else ""
             raise NcaTilesError(f"the job would be refused: {problems[0]}{more}")
         return
-    synthesize_slide(pipeline, req, model_path=model, device=device, progress=not no_progress)
+    synthesize_slide(req, loaded, progress=not no_progress)
     click.echo(f"wrote {out}")

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import tifffile
 
+from nca_tiles.diffusion.levels import load_synthesis_model
 from nca_tiles.diffusion.pipeline import generate_region, load_model
+from nca_tiles.synthesis.job import batches, chunk_grid
 from nca_tiles.synthesis.slide_job import SlideRequest, synthesize_slide
-from nca_tiles.synthesis.sweeps import batches, chunk_grid
 from tests.helpers import save_test_model
 from tests.peak_memory import needs_proc, run_measuring
 
@@ -36,10 +37,9 @@ def ddpm_model_dir(tmp_path_factory) -> Path:
 
 
 def synthesize(model_dir: Path, out: Path, chunk: int, sampler="ddim", steps=4, **kw) -> np.ndarray:
-    pipeline = load_model(model_dir, "cpu")
     req = SlideRequest(width=W, height=H, out=out, seed=7, chunk=chunk, sampler=sampler, steps=steps,
                        compression="none", tile=64, **kw)
-    synthesize_slide(pipeline, req, model_path=model_dir, device="cpu", progress=False)
+    synthesize_slide(req, load_synthesis_model(model_dir, "cpu"), progress=False)
     return tifffile.imread(out, level=0)
 
 
@@ -128,13 +128,13 @@ def test_kill_9_then_rerun_resumes_to_the_same_slide(model_dir, tmp_path):
 PEAK_RSS = """
 import sys
 from pathlib import Path
-from nca_tiles.diffusion.pipeline import load_model
+from nca_tiles.diffusion.levels import load_synthesis_model
 from nca_tiles.synthesis.slide_job import SlideRequest, synthesize_slide
-pipeline = load_model(sys.argv[1], "cpu")
+model = load_synthesis_model(sys.argv[1], "cpu")
 before = peak_kib()
 side = int(sys.argv[2])
 req = SlideRequest(width=side, height=side, out=Path(sys.argv[3]), chunk=256, steps=1, compression="none", tile=256)
-synthesize_slide(pipeline, req, progress=False, device="cpu")
+synthesize_slide(req, model, progress=False)
 print(before, peak_kib())
 """
 

@@ -130,12 +130,12 @@ def test_canvas_estimate_counts_what_zarr_really_stores(model, tmp_path):
     assert sizes["x0"] == sizes["x1"] == 896 * 896 * 3 * 4 + 4 * (16 * 16 + 4)
     assert sizes["x0"] > 880 * 880 * 3 * 4
     # The estimate the pre-flight and the dry run use.
+    from nca_tiles.diffusion.levels import load_synthesis_model
+    from nca_tiles.synthesis.job import make_job
     from nca_tiles.synthesis.plan import make_plan
-    from nca_tiles.diffusion.pipeline import load_model
-    from nca_tiles.synthesis.sweeps import make_job
 
-    pipeline = load_model(model, "cpu")
-    estimate = make_plan(pipeline, make_job(pipeline, 0, 880, 880, 512, "ddim", 2), 1, calibrate=False).canvas_bytes
+    loaded = load_synthesis_model(model, "cpu")
+    estimate = make_plan(loaded, make_job(loaded, 0, 880, 880, 512, "ddim", 2), 1, calibrate=False).canvas_bytes
     assert estimate == canvas_bytes(880, 880, 512)
     total = sum(p.stat().st_blocks * 512 for p in (work / "canvas.zarr").rglob("*") if p.is_file())
     assert sum(on_disk.values()) <= total <= estimate <= 1.15 * total, (total, estimate)

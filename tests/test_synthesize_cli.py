@@ -199,8 +199,11 @@ def test_ome_zarr_end_to_end(kept, model, tmp_path):
 
 
 def test_output_clashes_are_refused_before_any_work(tmp_path):
+    from nca_tiles.diffusion.levels import load_synthesis_model
     from nca_tiles.errors import NcaTilesError
     from nca_tiles.synthesis.slide_job import SlideRequest, check_request
+
+    loaded = load_synthesis_model(save_test_model(tmp_path / "model"), "cpu")  # tiny: halo 3
 
     (tmp_path / "dir.ome.tif").mkdir()
     clashes = [
@@ -210,8 +213,8 @@ def test_output_clashes_are_refused_before_any_work(tmp_path):
     ]
     for req in clashes:
         with pytest.raises(NcaTilesError):
-            check_request(req, halo=3)
-    check_request(SlideRequest(width=64, height=64, out=tmp_path / "ok.ome.tif"), halo=3)
+            check_request(req, loaded)
+    check_request(SlideRequest(width=64, height=64, out=tmp_path / "ok.ome.tif"), loaded)
 
 
 # -- progress and help ----------------------------------------------------------------------------

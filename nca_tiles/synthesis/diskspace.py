@@ -38,19 +38,24 @@ def _padded(n: int, step: int) -> int:
     return _count(n, step) * step
 
 
-def canvas_bytes(width: int, height: int, chunk: int) -> int:
-    """Disk the synthesis canvas takes once every sweep has run: two float32 buffers and the
-    uint8 image, as zarr stores them (inner chunks padded, shard indexes, whole blocks)."""
+def array_bytes(width: int, height: int, chunk: int, itemsize: int, per_chunk: int = 0) -> int:
+    """Disk one (H, W, 3) canvas array takes as zarr stores it: inner chunks padded, shard
+    indexes, whole file-system blocks, its zarr.json."""
     inner = inner_chunk(chunk)
     shards = _count(height, chunk) * _count(width, chunk)
     inner_chunks = _count(height, inner) * _count(width, inner)
     pixels = _padded(height, inner) * _padded(width, inner) * 3
     index = shards * ((chunk // inner) ** 2 * SHARD_INDEX_ENTRY + SHARD_INDEX_CRC)
+    return pixels * itemsize + index + inner_chunks * per_chunk + shards * FS_BLOCK + FS_BLOCK
 
-    def array(itemsize: int, per_chunk: int = 0) -> int:
-        return pixels * itemsize + index + inner_chunks * per_chunk + shards * FS_BLOCK + FS_BLOCK  # + zarr.json
 
-    return 2 * array(4) + array(1, ZSTD_FRAME) + FS_BLOCK
+def canvas_bytes(width: int, height: int, chunk: int, levels: list[tuple[int, int]] | None = None) -> int:
+    """Disk the synthesis canvas takes once every sweep has run: two float32 buffers per level
+    (``levels``: each level's (width, height); default one level of the slide's size) and the
+    uint8 image."""
+    levels = levels or [(width, height)]
+    floats = sum(2 * array_bytes(w, h, chunk, 4) for w, h in levels)
+    return floats + array_bytes(width, height, chunk, 1, ZSTD_FRAME) + FS_BLOCK
 
 
 def jpeg_ratio(quality: int) -> float:

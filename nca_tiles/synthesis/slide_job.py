@@ -21,7 +21,8 @@ from pathlib import Path
 
 from nca_tiles import __version__
 from nca_tiles.bounds import check_int, check_seed
-from nca_tiles.synthesis.workdir import RGB, Job, Manifest, WorkDir, check_chunk_layout
+from nca_tiles.synthesis.job import Job, level_grids, make_job
+from nca_tiles.synthesis.workdir import RGB, Manifest, WorkDir, check_chunk_layout
 from nca_tiles.synthesis.diskspace import DiskNeed, FileSystemCheck, canvas_bytes, check_file_systems, check_free_disk, output_needs
 from nca_tiles.errors import NcaTilesError
 from nca_tiles.synthesis.export_job import output_exists, refuse_existing, write_output
@@ -29,8 +30,8 @@ from nca_tiles.runtime.locking import exclusive_lock
 from nca_tiles.runtime.memory import configure_allocator
 from nca_tiles.runtime.outputs import output_lock
 from nca_tiles.runtime.preflight import check_writable
-from nca_tiles.diffusion.pipeline import Pipeline
-from nca_tiles.synthesis.sweeps import DaskExecutor, InProcessExecutor, chunk_grid, make_job, run_sweeps
+from nca_tiles.diffusion.levels import SynthesisModel, load_synthesis_model
+from nca_tiles.synthesis.sweeps import DaskExecutor, InProcessExecutor, run_sweeps
 
 # Bounds of the request: beyond them a typo would only fail (or hang) deep inside a run.
 MAX_SIDE = 1_000_000  # px: five times the largest scanned slides; 27 TB of canvas
@@ -66,8 +67,9 @@ def default_work_dir(out: Path) -> Path:
     return out.parent / f"{out.name}.work"
 
 
-def check_request(req: SlideRequest, halo: int, timesteps: int | None = None) -> None:
-    """Refuse a request that cannot run, before anything is written. ``timesteps``: the model's T."""
+def check_request(req: SlideRequest, model: SynthesisModel) -> None:
+    """Refuse a request that cannot run with ``model``, before anything is written."""
+    halo = model.max_halo
     for name in ("width", "height"):
         value = getattr(req, name)
         if value <= 0:
@@ -85,8 +87,10 @@ def check_request(req: SlideRequest, halo: int, timesteps: int | None = None) ->
         raise NcaTilesError("--batch must be ≥ 1")
     check_int("--batch", req.batch, 1, MAX_BATCH)
     check_seed("--seed", req.seed)
-    if timesteps is not None and req.sampler == "ddim" and req.steps is not None:
-        check_int("--steps", req.steps, 1, timesteps, f" (the model has {timesteps} timesteps)")
+    if req.sampler == "ddim" and req.steps is not None and not model.is_scale_space:
+        check_int("--steps", req.steps, 1, model.timesteps, f" (the model has {model.timesteps} timesteps)")
+    # What make_job would refuse (steps per level, the sampler), refused now.
+    make_job(model, req.seed, req.width, req.height, req.chunk, req.sampler, req.steps, req.eta)
     if not 0.0 <= req.eta <= 1.0:  # also refuses NaN
         raise NcaTilesError(f"--eta must be between 0 (deterministic DDIM) and 1, got {req.eta}")
     if req.workers is not None and req.scheduler is not None:
@@ -115,15 +119,17 @@ def check_request(req: SlideRequest, halo: int, timesteps: int | None = None) ->
         raise NcaTilesError(f"--work-dir {req.work_dir} and --out {req.out} overlap: keep them apart")
 
 
-def generator_metadata(pipeline: Pipeline, req: SlideRequest, job) -> dict:
+def generator_metadata(model: SynthesisModel, req: SlideRequest, job: Job) -> dict:
     return {
         "software": f"nca-tiles {__version__}",
-        "model": pipeline.hash,
-        "model_preset": (pipeline.meta.get("training") or {}).get("preset"),
+        "model": model.hash,
+        "model_preset": (model.finest.meta.get("training") or {}).get("preset"),
+        "levels": model.describe(),
         "seed": req.seed,
         "sampler": req.sampler,
-        "steps": len(job.timesteps),
+        "steps": job.steps,
         "eta": req.eta,
+        "chunk": req.chunk,  # what a seam check of the slide needs to know
     }
 
 
@@ -163,11 +169,14 @@ def disk_needs(req: SlideRequest, job: Job, work: WorkDir, manifest: Manifest | 
     needs = []
     if manifest is None or manifest.sweeps_done < job.sweeps:
         have = work.canvas_disk_usage() if manifest is not None else 0
-        needs.append(DiskNeed("the canvas", work.path, max(0, canvas_bytes(job.width, job.height, job.chunk) - have),
-                              "--work-dir"))
+        needs.append(DiskNeed("the canvas", work.path, max(0, job_canvas_bytes(job) - have), "--work-dir"))
     needs += output_needs(job.width, job.height, req.out, req.format, req.tile, req.compression, req.quality,
                           scratch_dir=work.path, scratch_option="--work-dir")
     return needs
+
+
+def job_canvas_bytes(job: Job) -> int:
+    return canvas_bytes(job.width, job.height, job.chunk, [(level.width, level.height) for level in job.levels])
 
 
 def check_locations(req: SlideRequest, work: WorkDir) -> None:
@@ -175,11 +184,11 @@ def check_locations(req: SlideRequest, work: WorkDir) -> None:
     check_writable(work.path, "--work-dir")
 
 
-def dry_run_report(pipeline: Pipeline, req: SlideRequest) -> tuple[list[str], list[str]]:
+def dry_run_report(model: SynthesisModel, req: SlideRequest) -> tuple[list[str], list[str]]:
     """The pre-flight of ``synthesize_slide`` without running it: lines describing the disk each
     file system needs, and the reasons the job would be refused (empty: it would run)."""
-    check_request(req, pipeline.halo, pipeline.schedule.timesteps)
-    job = make_job(pipeline, req.seed, req.width, req.height, req.chunk, req.sampler, req.steps, req.eta)
+    check_request(req, model)
+    job = make_job(model, req.seed, req.width, req.height, req.chunk, req.sampler, req.steps, req.eta)
     work = WorkDir(req.work_dir or default_work_dir(req.out))
     problems: list[str] = []
     manifest = None
@@ -207,6 +216,21 @@ def dry_run_report(pipeline: Pipeline, req: SlideRequest) -> tuple[list[str], li
     return [fs.describe() for fs in file_systems], problems
 
 
+def plan_job(req: SlideRequest, model: SynthesisModel, calibrate: bool = True) -> tuple[str, list[str]]:
+    """``synthesize --dry-run``: the plan (levels, grid, halo, FLOPs, disk, memory, time) and the
+    pre-flight as text, and the reasons the job would be refused (empty: it would run)."""
+    from nca_tiles.synthesis.plan import describe_plan, make_plan
+
+    check_request(req, model)
+    job = make_job(model, req.seed, req.width, req.height, req.chunk, req.sampler, req.steps, req.eta)
+    plan = make_plan(model, job, req.batch, calibrate)
+    lines, problems = dry_run_report(model, req)
+    refusals = [f"would refuse the job: {problem}" for problem in problems] or ["the job would run"]
+    text = "\n".join([describe_plan(plan, model, job, req.batch, req.work_dir or default_work_dir(req.out)),
+                      "pre-flight:", *(f"  {line}" for line in lines + refusals)])
+    return text, problems
+
+
 # -- progress -----------------------------------------------------------------------------------
 class SweepProgress:
     """``sweep 5/21  23%|██▎      | 01:02, ETA 03:25``: the sweep, the share of the whole job, and
@@ -216,10 +240,10 @@ class SweepProgress:
     def __init__(self, job: Job, sweeps_done: int, enabled: bool):
         from tqdm import tqdm
 
-        self.pixels = job.width * job.height
+        self.job = job
         self.sweeps = job.sweeps
-        self.total = job.sweeps * self.pixels
-        self.done = sweeps_done * self.pixels
+        self.total = sum(job.sweep_pixels(n) for n in range(job.sweeps))
+        self.done = sum(job.sweep_pixels(n) for n in range(sweeps_done))
         self.bar = tqdm(total=self.total, initial=self.done, disable=not enabled, file=sys.stderr,
                         bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}{postfix}", dynamic_ncols=True)
         self.sweep = sweeps_done
@@ -235,7 +259,7 @@ class SweepProgress:
 
     def advance(self, pixels: int) -> None:
         now = time.monotonic()
-        if self.sweep > 0:
+        if self.job.sweep(self.sweep).index > 0:
             self.denoised_pixels += pixels
             self.denoising_seconds += now - self.last
         self.last = now
@@ -260,25 +284,28 @@ def format_duration(seconds: float) -> str:
 
 
 # -- the job --------------------------------------------------------------------------------------
-def make_executor(pipeline: Pipeline, req: SlideRequest, model_path: Path | None, device: str):
+def make_executor(model: SynthesisModel, req: SlideRequest):
     if req.workers or req.scheduler:
-        return DaskExecutor(model_path, device, pipeline.precision, req.batch, req.workers, req.scheduler)
-    return InProcessExecutor(pipeline, req.batch)
+        return DaskExecutor(model.path, model.device.type, model.precision, req.batch, req.workers, req.scheduler)
+    return InProcessExecutor(model, req.batch)
 
 
-def synthesize_slide(pipeline: Pipeline, req: SlideRequest, model_path: Path | None = None,
-                     device: str = "auto", progress: bool = True) -> Path:
+def synthesize_slide(req: SlideRequest, model: SynthesisModel | Path | str | None = None, *, device: str = "auto",
+                     precision: str = "auto", progress: bool = True) -> Path:
     """Synthesize the slide ``req`` describes and write it to ``req.out``; resume if interrupted.
 
-    ``model_path`` and ``device`` are what dask workers load the model from (None: bundled model).
+    ``model``: a loaded model (``load_synthesis_model``), or the path of one (None: the bundled
+    model), loaded on ``device`` with ``precision``. Dask workers load it from its path.
     Holds the work dir and the output for the whole job: a second job on either is refused at
     once, naming the process that holds it. An existing ``req.out`` is refused unless
     ``req.overwrite``, or unless it is this job's own finished output (the job was killed during
     its clean-up: the rerun finishes it).
     """
     started = time.monotonic()
-    check_request(req, pipeline.halo, pipeline.schedule.timesteps)
-    job = make_job(pipeline, req.seed, req.width, req.height, req.chunk, req.sampler, req.steps, req.eta)
+    if not isinstance(model, SynthesisModel):
+        model = load_synthesis_model(model, device, precision)
+    check_request(req, model)
+    job = make_job(model, req.seed, req.width, req.height, req.chunk, req.sampler, req.steps, req.eta)
     work = WorkDir(req.work_dir or default_work_dir(req.out))
     check_locations(req, work)
     with ExitStack() as stack:
@@ -298,19 +325,18 @@ def synthesize_slide(pipeline: Pipeline, req: SlideRequest, model_path: Path | N
             work.check_can_create()
         check_free_disk(disk_needs(req, job, work, manifest))
         configure_allocator()
-        generator = generator_metadata(pipeline, req, job)
+        generator = generator_metadata(model, req, job)
 
         executor = None
         if manifest is None or manifest.sweeps_done < job.sweeps:
             # Connected before the work dir exists: an unreachable scheduler leaves nothing behind.
-            executor = make_executor(pipeline, req, model_path, device)
+            executor = make_executor(model, req)
         try:
-            manifest = work.open_or_create(job, {"mpp": pipeline.mpp, "generator": generator})
+            manifest = work.open_or_create(job, {"mpp": model.mpp, "generator": generator})
             if executor is not None and manifest.sweeps_done < job.sweeps:
                 bar = SweepProgress(job, manifest.sweeps_done, progress)
                 try:
-                    chunks = chunk_grid(job.height, job.width, job.chunk, pipeline.halo)
-                    manifest = run_sweeps(work, manifest, executor, chunks, bar.advance,
+                    manifest = run_sweeps(work, manifest, executor, level_grids(job, model), bar.advance,
                                           lambda sweep: bar.start_sweep(sweep + 1))
                 finally:
                     bar.close()
@@ -323,7 +349,7 @@ def synthesize_slide(pipeline: Pipeline, req: SlideRequest, model_path: Path | N
             manifest.extra["output"] = {"options": _export_options(req), "identity": _identity(complete)}
             work.write_manifest(manifest)
 
-        write_output(work.array(RGB, mode="r"), req.out, fmt=req.format, mpp=pipeline.mpp, generator=generator,
+        write_output(work.array(RGB, mode="r"), req.out, fmt=req.format, mpp=model.mpp, generator=generator,
                      tile=req.tile, compression=req.compression, quality=req.quality, scratch_dir=work.path,
                      progress=progress, on_complete=record_output)
         finish(work, manifest, req)

@@ -7,7 +7,9 @@ Layout::
       manifest.json        the job (model hash, seed, size, chunk, sampler, steps), sweeps done,
                            and the identity of the output the job wrote
       canvas.zarr/         x0, x1: float32 (H, W, 3) buffers for x_t and x_{t-1};
-                           rgb: the final uint8 (H, W, 3) image
+                           rgb: the final uint8 (H, W, 3) image;
+                           levelK/x0, levelK/x1: the buffers of level K of a scale-space job
+                           (a single-scale job keeps its buffers at the top, as always)
 
 Each compute chunk is one zarr *shard* (one file), so no two writers ever share a file
 (zarr v3 has no synchronizer, docs/design.md §6); inner chunks are small, so reading a chunk's halo
@@ -19,12 +21,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nca_tiles import __version__
 from nca_tiles.diffusion.checkpoint import atomic_write_json
 from nca_tiles.errors import NcaTilesError
+from nca_tiles.synthesis.job import Job
 
 MANIFEST_NAME = "manifest.json"
 # Written first when a work dir is created, removed once the manifest exists: a work dir a killed
@@ -33,35 +36,7 @@ CREATING_NAME = ".nca-tiles-creating"
 CANVAS_NAME = "canvas.zarr"
 BUFFERS = ("x0", "x1")
 RGB = "rgb"
-MANIFEST_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Job:
-    """Everything the pixels depend on, plus the chunking the buffers are laid out with."""
-
-    model_hash: str
-    seed: int
-    width: int
-    height: int
-    chunk: int
-    sampler: str
-    timesteps: tuple[int, ...]  # the (t) visited, in order
-    eta: float = 0.0
-
-    @property
-    def sweeps(self) -> int:
-        """Sweep 0 writes x_T; sweep i ≥ 1 performs denoising step i − 1."""
-        return 1 + len(self.timesteps)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["timesteps"] = list(self.timesteps)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Job":
-        return cls(**{**d, "timesteps": tuple(d["timesteps"])})
+MANIFEST_VERSION = 2  # 2: jobs have levels (version 1 jobs read as one level)
 
 
 @dataclass
@@ -101,9 +76,15 @@ def check_chunk_layout(chunk: int) -> None:
         )
 
 
-def buffer_name(sweep: int) -> str:
-    """The buffer sweep ``sweep`` writes (sweeps alternate between the two)."""
-    return BUFFERS[sweep % 2]
+def buffer_name(job: Job, level: int, index: int) -> str:
+    """The float buffer that sweep ``index`` of ``level`` writes (a level's sweeps alternate
+    between its two buffers)."""
+    name = BUFFERS[index % 2]
+    return name if len(job.levels) == 1 else f"level{level}/{name}"
+
+
+def buffer_names(job: Job) -> list[str]:
+    return [buffer_name(job, k, i) for k in range(len(job.levels)) for i in (0, 1)]
 
 
 class WorkDir:
@@ -172,14 +153,15 @@ class WorkDir:
         self.creating_path.write_text(json.dumps(job.to_dict()) + "\n")  # first: marks the folder as ours
         shutil.rmtree(self.canvas_path, ignore_errors=True)  # what an interrupted creation left
         group = zarr.open_group(self.canvas_path, mode="w")
-        shape = (job.height, job.width, 3)
         inner = inner_chunk(job.chunk)
-        for name in BUFFERS:
-            # Float noise does not compress: store raw, fastest to read and write.
-            group.create_array(name, shape=shape, chunks=(inner, inner, 3), shards=(job.chunk, job.chunk, 3),
-                               dtype="float32", compressors=None, fill_value=0.0)
-        group.create_array(RGB, shape=shape, chunks=(inner, inner, 3), shards=(job.chunk, job.chunk, 3),
-                           dtype="uint8", fill_value=0, attributes=attrs)
+        layout = {"chunks": (inner, inner, 3), "shards": (job.chunk, job.chunk, 3)}
+        for k, level in enumerate(job.levels):
+            for i in (0, 1):
+                # Float noise does not compress: store raw, fastest to read and write.
+                group.create_array(buffer_name(job, k, i), shape=(level.height, level.width, 3), **layout,
+                                   dtype="float32", compressors=None, fill_value=0.0)
+        group.create_array(RGB, shape=(job.height, job.width, 3), **layout, dtype="uint8", fill_value=0,
+                           attributes=attrs)
         manifest = Manifest(job)
         self.write_manifest(manifest)  # a work dir with a manifest is complete
         self.creating_path.unlink()
@@ -237,8 +219,10 @@ class WorkDir:
         return zarr.open_array(self.canvas_path / name, mode=mode)
 
     def delete_buffers(self) -> None:
-        for name in BUFFERS:
-            shutil.rmtree(self.canvas_path / name, ignore_errors=True)
+        """Remove every float buffer, keep the rgb result."""
+        for entry in self.canvas_path.iterdir() if self.canvas_path.is_dir() else ():
+            if entry.name in BUFFERS or entry.name.startswith("level"):
+                shutil.rmtree(entry, ignore_errors=True)
 
 
 def find_work_dir(path: Path) -> WorkDir | None:

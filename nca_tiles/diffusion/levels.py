@@ -1,0 +1,328 @@
+"""The model a slide is synthesized with: one level (single-scale) or several (scale space).
+
+Scale-space sampling (docs/design.md §7) runs the noisy early denoising steps on a coarse level of
+the canvas, where a cell is ``f`` output pixels (reach ``s·f`` px per step, ``1/f²`` of the cost),
+upsamples the clean coarse result, re-noises it to ``t_start`` and finishes on the next finer
+level (an SDEdit-style cascade). Each level has its own rule, trained on patches at its µm/px.
+
+A scale-space model directory::
+
+    config.json   {"format_version": 2, "kind": "scale-space",
+                   "levels": [{"path": "level-0", "factor": 4},
+                              {"path": "level-1", "factor": 1, "t_start": 99}]}
+    level-0/      a model directory (config.json, weights.pt) of the coarsest level
+    level-1/      ... the finest level (factor 1): its µm/px is the slide's
+
+Any other model path (run directory, model directory, checkpoint, None = bundled) is a
+single-scale model: one level, factor 1, from pure noise — pixel for pixel what it always was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nca_tiles.diffusion import rng
+from nca_tiles.diffusion.checkpoint import (
+    CONFIG_NAME,
+    load_model_files,
+    resolve_model_path,
+    save_model_dir,
+)
+from nca_tiles.diffusion.pipeline import Pipeline, build_pipeline, initial_noise, predict_noise, reverse_step, to_uint8
+from nca_tiles.diffusion.scale_space import level_size, renoise, upsample_window
+from nca_tiles.errors import NcaTilesError
+
+SCALE_SPACE_KIND = "scale-space"
+SCALE_SPACE_FORMAT = 2
+LEVEL_SEED_KEY = 0x5CA1E  # derives each finer level's seed: no two levels share random numbers
+# Re-noise to where noise of std √(1−ᾱ)/√ᾱ (relative to the image) is this many times the detail
+# the coarse level cannot hold (the residual of down- then upsampling real patches).
+T_START_NOISE_TO_DETAIL = 2.5
+
+
+@dataclass(frozen=True)
+class Level:
+    pipeline: Pipeline
+    factor: int  # one cell of this level is factor × factor output pixels
+    t_start: int | None  # None: from pure noise at T − 1; else the upsampled coarser level re-noised to it
+
+
+@dataclass
+class SynthesisModel:
+    """Levels from coarsest to finest, and where the model came from (for dask workers)."""
+
+    levels: list[Level]
+    path: Path | None
+    hash: str
+
+    @property
+    def finest(self) -> Pipeline:
+        return self.levels[-1].pipeline
+
+    @property
+    def mpp(self) -> float:
+        return self.finest.mpp
+
+    @property
+    def device(self) -> torch.device:
+        return self.finest.device
+
+    @property
+    def precision(self) -> str:
+        return self.finest.precision
+
+    @property
+    def timesteps(self) -> int:
+        return self.finest.schedule.timesteps
+
+    @property
+    def is_scale_space(self) -> bool:
+        return len(self.levels) > 1
+
+    @property
+    def max_halo(self) -> int:
+        return max(level.pipeline.halo for level in self.levels)
+
+    def describe(self) -> str:
+        if not self.is_scale_space:
+            return "single-scale"
+        parts = [f"1/{lv.factor}" + ("" if lv.t_start is None else f" from t={lv.t_start}") for lv in self.levels]
+        return "scale space: " + ", ".join(parts)
+
+
+def level_seed(seed: int, index: int) -> int:
+    """Level 0 draws with the slide's seed (so a single-scale slide is what it always was)."""
+    return seed if index == 0 else rng.derive_seed(seed, LEVEL_SEED_KEY, index)
+
+
+def _read_scale_space_config(path: Path) -> dict | None:
+    config = path / CONFIG_NAME
+    if not (path.is_dir() and config.is_file()):
+        return None
+    try:
+        d = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None  # not ours to judge here: the single-scale reader reports it
+    return d if isinstance(d, dict) and d.get("kind") == SCALE_SPACE_KIND else None
+
+
+def _check_levels(config: dict, path: Path) -> list[dict]:
+    where = f"{path / CONFIG_NAME}"
+    version = config.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise NcaTilesError(f"{where} has no format version: not an nca-tiles model")
+    if version > SCALE_SPACE_FORMAT:
+        raise NcaTilesError(f"{where} has format version {version}, newer than this nca-tiles reads "
+                            f"({SCALE_SPACE_FORMAT}): upgrade nca-tiles")
+    levels = config.get("levels")
+    if not isinstance(levels, list) or not levels:
+        raise NcaTilesError(f"{where}: 'levels' must be a non-empty list: the model is corrupt; build it again")
+    previous = None
+    for i, level in enumerate(levels):
+        if not isinstance(level, dict) or not isinstance(level.get("path"), str):
+            raise NcaTilesError(f"{where}: level {i} needs a 'path': the model is corrupt; build it again")
+        factor = level.get("factor")
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1 or factor & (factor - 1):
+            raise NcaTilesError(f"{where}: level {i} 'factor' must be a power of two, got {factor!r}")
+        if previous is not None and not factor < previous:
+            raise NcaTilesError(f"{where}: levels must go from coarse to fine (factors decreasing), got {previous} then {factor}")
+        t_start = level.get("t_start")
+        if (i == 0) != (t_start is None) or (t_start is not None and (isinstance(t_start, bool) or not isinstance(t_start, int))):
+            raise NcaTilesError(f"{where}: level {i} 't_start' must be {'absent' if i == 0 else 'a timestep'}, got {t_start!r}")
+        previous = factor
+    if levels[-1]["factor"] != 1:
+        raise NcaTilesError(f"{where}: the last level must be the finest (factor 1)")
+    return levels
+
+
+def load_synthesis_model(path: Path | str | None = None, device: str = "auto", precision: str = "auto") -> SynthesisModel:
+    """Load a single-scale or scale-space model for synthesis (None: the bundled model)."""
+    path = None if path is None else Path(path)
+    config = None if path is None else _read_scale_space_config(path)
+    if config is None:
+        files = resolve_model_path(path)
+        meta, state = load_model_files(files)
+        pipeline = build_pipeline(meta, state, device, precision, source=files.checkpoint or files.weights)
+        return SynthesisModel([Level(pipeline, 1, None)], path, pipeline.hash)
+    levels = []
+    for i, spec in enumerate(_check_levels(config, path)):
+        files = resolve_model_path(path / spec["path"])
+        meta, state = load_model_files(files)
+        pipeline = build_pipeline(meta, state, device, precision, source=files.weights or files.checkpoint)
+        levels.append(Level(pipeline, spec["factor"], spec.get("t_start")))
+    _check_consistent(levels, path)
+    digest = hashlib.sha256(json.dumps([[lv.pipeline.hash, lv.factor, lv.t_start] for lv in levels]).encode())
+    return SynthesisModel(levels, path, digest.hexdigest()[:16])
+
+
+def _check_consistent(levels: list[Level], where: Path | str) -> None:
+    finest = levels[-1].pipeline
+    for i, level in enumerate(levels):
+        p = level.pipeline
+        if p.schedule.config != finest.schedule.config:
+            raise NcaTilesError(f"{where}: level {i} has another noise schedule than the finest level: train all levels with one")
+        expected = finest.mpp * level.factor
+        if abs(p.mpp - expected) > 0.05 * expected:
+            raise NcaTilesError(f"{where}: level {i} was trained at {p.mpp:g} µm/px, but factor {level.factor} over the "
+                                f"finest level's {finest.mpp:g} µm/px needs {expected:g} µm/px")
+        if level.t_start is not None and not 0 <= level.t_start < p.schedule.timesteps:
+            raise NcaTilesError(f"{where}: level {i} t_start {level.t_start} is outside 0..{p.schedule.timesteps - 1}")
+
+
+def choose_t_start(patches: np.ndarray, ratio: int, alpha_bars: np.ndarray) -> int:
+    """The first timestep at which the finer level may take over from a coarser one ``ratio``
+    times coarser: where the noise hides the detail the coarse level cannot hold.
+
+    ``patches`` are real uint8 (N, H, W, 3) patches at the finer level's µm/px.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(patches)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    h, w = x.shape[-2:]
+    h, w = h - h % ratio, w - w % ratio
+    x = x[..., :h, :w]
+    coarse = torch.nn.functional.avg_pool2d(x, ratio)
+    up = torch.nn.functional.interpolate(coarse, scale_factor=ratio, mode="bilinear", align_corners=False)
+    detail = float((x - up).std())
+    noise_to_signal = np.sqrt((1.0 - alpha_bars) / alpha_bars)
+    above = np.flatnonzero(noise_to_signal >= T_START_NOISE_TO_DETAIL * detail)
+    return int(above[0]) if len(above) else len(alpha_bars) - 1
+
+
+def save_scale_space_model(out: Path, level_paths: list[Path], factors: list[int], t_starts: list[int | None]) -> Path:
+    """Write a scale-space model directory from single-scale models (coarsest first)."""
+    out = Path(out)
+    if out.exists():
+        raise NcaTilesError(f"{out} exists: choose another --out")
+    from nca_tiles.runtime.outputs import temporary_path
+
+    specs = []
+    tmp = temporary_path(out, "new")
+    try:
+        tmp.mkdir(parents=True)
+        for i, (source, factor, t_start) in enumerate(zip(level_paths, factors, t_starts, strict=True)):
+            meta, state = load_model_files(resolve_model_path(Path(source)))
+            save_model_dir(tmp / f"level-{i}", meta, state)
+            specs.append({"path": f"level-{i}", "factor": factor, **({} if t_start is None else {"t_start": t_start})})
+        config = {"format_version": SCALE_SPACE_FORMAT, "kind": SCALE_SPACE_KIND, "levels": specs}
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        load_synthesis_model(tmp, device="cpu")  # refuse to write what could not be loaded
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def build_scale_space_model(out: Path, level_paths: list[Path], t_starts: list[int] | None = None,
+                            patch_stores: list[Path] | None = None) -> SynthesisModel:
+    """``nca-tiles build-model``: factors from the models' µm/px, each finer level's t_start given
+    or measured on real patches at its µm/px (``choose_t_start``)."""
+    if len(level_paths) < 2:
+        raise NcaTilesError("a scale-space model needs at least two --level models, coarsest first")
+    metas = [load_model_files(resolve_model_path(Path(p)))[0] for p in level_paths]
+    mpps = [float(meta["data"]["mpp"]) for meta in metas]
+    factors = []
+    for path, mpp in zip(level_paths, mpps):
+        ratio = mpp / mpps[-1]
+        factor = 2 ** round(math.log2(ratio)) if ratio > 0 else 0
+        if factor < 1 or abs(ratio - factor) > 0.05 * factor:
+            raise NcaTilesError(f"{path} was trained at {mpp:g} µm/px: every level's µm/px must be a power of two times "
+                                f"the finest level's ({mpps[-1]:g} µm/px)")
+        factors.append(factor)
+    finer = len(level_paths) - 1
+    if t_starts:
+        if len(t_starts) != finer:
+            raise NcaTilesError(f"give one --t-start per level after the first ({finer}), got {len(t_starts)}")
+        chosen = list(t_starts)
+    elif patch_stores:
+        if len(patch_stores) != finer:
+            raise NcaTilesError(f"give one --patches store per level after the first ({finer}), got {len(patch_stores)}")
+        from nca_tiles.diffusion.schedule import NoiseSchedule, ScheduleConfig
+        from nca_tiles.training.patches import open_patch_store
+
+        chosen = []
+        for k, store_path in enumerate(patch_stores, start=1):
+            store = open_patch_store(store_path)
+            if abs(store.mpp - mpps[k]) > 0.05 * mpps[k]:
+                raise NcaTilesError(f"{store_path} holds {store.mpp:g} µm/px patches; level {k} needs {mpps[k]:g} µm/px")
+            rows = store.indices("train")[:512]
+            schedule = NoiseSchedule(ScheduleConfig.from_dict(metas[k]["schedule"]))
+            chosen.append(choose_t_start(np.asarray(store.images[np.sort(rows)]), factors[k - 1] // factors[k],
+                                         schedule.alphas_cumprod))
+    else:
+        raise NcaTilesError("give --t-start for each finer level, or --patches to measure it on real patches")
+    save_scale_space_model(out, level_paths, factors, [None, *chosen])
+    return load_synthesis_model(out, device="cpu")
+
+
+# -- steps per level --------------------------------------------------------------------------------
+def level_timesteps(model: SynthesisModel, sampler: str, steps: int | None) -> list[list[int]]:
+    """The timesteps each level visits. DDPM: every timestep of each level's span. DDIM: ``steps``
+    in all (default 50), shared in proportion to the span of t each level covers (the coarsest
+    covers T; a finer one t_start + 1), at least one each."""
+    spans = [lv.t_start + 1 if lv.t_start is not None else lv.pipeline.schedule.timesteps for lv in model.levels]
+    starts = [span - 1 for span in spans]
+    if sampler == "ddpm" or not model.is_scale_space:
+        return [lv.pipeline.schedule.sampling_timesteps(sampler, steps, start)
+                for lv, start in zip(model.levels, starts)]
+    total = 50 if steps is None else steps
+    if total < len(spans):
+        raise NcaTilesError(f"--steps {total} is fewer than the model's {len(spans)} levels: give at least one step a level")
+    if total > sum(spans):
+        raise NcaTilesError(f"--steps must be at most {sum(spans)} for this model's levels, got {total}")
+    shares = [max(1, min(span, round(total * span / sum(spans)))) for span in spans]
+    shares[0] += total - sum(shares)  # rounding goes to the (cheap) coarsest level
+    if not 1 <= shares[0] <= spans[0]:
+        raise NcaTilesError(f"cannot share --steps {total} among levels of spans {spans}: give another --steps")
+    return [lv.pipeline.schedule.sampling_timesteps(sampler, n, start)
+            for lv, n, start in zip(model.levels, shares, starts)]
+
+
+def macs_per_denoising_step(pipeline: Pipeline) -> int:
+    """Multiply-accumulates per cell of one denoising step (s NCA steps)."""
+    config = pipeline.model.config
+    return config.macs_per_pixel_step() * config.nca_steps
+
+
+def macs_per_output_pixel(model: SynthesisModel, timesteps: list[list[int]]) -> float:
+    """Multiply-accumulates per output pixel of the whole sampling run (coarse cells are f² pixels)."""
+    return sum(macs_per_denoising_step(lv.pipeline) * len(ts) / lv.factor**2 for lv, ts in zip(model.levels, timesteps))
+
+
+# -- the in-memory reference ------------------------------------------------------------------------
+@torch.no_grad()
+def generate_levels(model: SynthesisModel, height: int, width: int, seed: int = 0, steps: int | None = 50,
+                    sampler: str = "ddim", eta: float = 0.0) -> np.ndarray:
+    """Synthesize a whole (height, width) canvas in memory, level by level: uint8 (H, W, 3).
+
+    What tiled synthesis must equal, pixel for pixel up to float rounding, whatever its chunking.
+    """
+    if height < 2 or width < 2:
+        raise NcaTilesError("height and width must be at least 2 px")
+    previous = None
+    for index, (level, ts) in enumerate(zip(model.levels, level_timesteps(model, sampler, steps))):
+        p, s = level.pipeline, level_seed(seed, index)
+        h, w = level_size(height, level.factor), level_size(width, level.factor)
+        if previous is None:
+            x = initial_noise(s, 0, 0, h, w, p.device)
+        else:
+            ratio = model.levels[index - 1].factor // level.factor
+            up = upsample_window(previous, (0, 0), tuple(previous.shape[1:]), (0, 0), (h, w), ratio)
+            x = renoise(up, p.schedule.alpha_bar(level.t_start), seed, index, (0, 0))
+        for t, t_prev in zip(ts, [*ts[1:], -1]):
+            eps = predict_noise(p, x[None], t, [(0, 0)], [s])[0]
+            x = reverse_step(p, sampler, eps, x, t, t_prev, s, (0, 0), eta)
+        previous = x
+    return to_uint8(previous)
+
+
+def cost_ratio_to_single_scale(model: SynthesisModel, timesteps: list[list[int]]) -> float:
+    """FLOPs per output pixel of this run ÷ those of the finest level alone at the same step count."""
+    single = macs_per_denoising_step(model.finest) * sum(len(ts) for ts in timesteps)
+    return macs_per_output_pixel(model, timesteps) / single if single else math.nan

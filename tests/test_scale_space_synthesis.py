@@ -1,0 +1,201 @@
+"""Scale-space synthesis: every invariant of tiled synthesis holds across levels."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from nca_tiles.diffusion.levels import (
+    generate_levels,
+    level_timesteps,
+    load_synthesis_model,
+    save_scale_space_model,
+)
+from nca_tiles.diffusion.pipeline import generate_region
+from nca_tiles.errors import NcaTilesError
+from nca_tiles.synthesis.slide_job import SlideRequest, plan_job, synthesize_slide
+from tests.helpers import save_test_model
+
+W, H = 150, 230  # not multiples of the chunks, nor of the level factor
+
+
+def scale_space_model(folder: Path, factor: int = 2, timesteps: int = 300, t_start: int = 120) -> Path:
+    """Two tiny levels: a coarse rule at factor × 1 µm/px and a fine one at 1 µm/px."""
+    coarse = save_test_model(folder / "coarse", timesteps=timesteps, seed=3, mpp=float(factor))
+    fine = save_test_model(folder / "fine", timesteps=timesteps, seed=4, mpp=1.0)
+    return save_scale_space_model(folder / "model", [coarse, fine], [factor, 1], [None, t_start])
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return scale_space_model(tmp_path_factory.mktemp("ss"))
+
+
+@pytest.fixture(scope="module")
+def ddpm_model_dir(tmp_path_factory) -> Path:
+    return scale_space_model(tmp_path_factory.mktemp("ss_ddpm"), timesteps=12, t_start=5)
+
+
+def synthesize(model_dir: Path, out: Path, chunk: int, sampler="ddim", steps=6, **kw) -> np.ndarray:
+    req = SlideRequest(width=W, height=H, out=out, seed=7, chunk=chunk, sampler=sampler, steps=steps,
+                       compression="none", tile=64, **kw)
+    synthesize_slide(req, load_synthesis_model(model_dir, "cpu"), progress=False)
+    return tifffile.imread(out, level=0)
+
+
+def assert_same_image(a: np.ndarray, b: np.ndarray) -> None:
+    assert a.shape == b.shape
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert diff.max() <= 1, diff.max()
+    assert (diff == 0).mean() >= 0.999
+
+
+def test_a_scale_space_model_loads_as_levels(model_dir, tmp_path):
+    model = load_synthesis_model(model_dir, "cpu")
+    assert [lv.factor for lv in model.levels] == [2, 1] and [lv.t_start for lv in model.levels] == [None, 120]
+    assert model.mpp == 1.0 and model.is_scale_space and "1/2" in model.describe()
+    single = load_synthesis_model(save_test_model(tmp_path / "single"), "cpu")
+    assert [lv.factor for lv in single.levels] == [1] and not single.is_scale_space
+    assert single.hash == single.finest.hash  # single-scale jobs keep their identity
+
+
+def test_steps_are_shared_between_levels(model_dir):
+    model = load_synthesis_model(model_dir, "cpu")
+    coarse, fine = level_timesteps(model, "ddim", 20)
+    assert len(coarse) + len(fine) == 20 and coarse[0] == 299 and fine[0] == 120
+    assert len(coarse) == round(20 * 300 / 421) and min(coarse) >= 0 and min(fine) >= 0
+    with pytest.raises(NcaTilesError, match="fewer than the model's 2 levels"):
+        level_timesteps(model, "ddim", 1)
+
+
+def test_single_scale_levels_are_the_old_sampler(tmp_path):
+    model = load_synthesis_model(save_test_model(tmp_path / "m"), "cpu")
+    np.testing.assert_array_equal(generate_levels(model, 40, 30, seed=5, steps=3),
+                                  generate_region(model.finest, 40, 30, seed=5, steps=3))
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 6), ("ddpm", None)])
+def test_tiled_equals_whole_across_levels(model_dir, ddpm_model_dir, tmp_path, sampler, steps):
+    model = model_dir if sampler == "ddim" else ddpm_model_dir
+    whole = synthesize(model, tmp_path / "whole.ome.tif", chunk=max(W, H), sampler=sampler, steps=steps)
+    assert whole.std() > 5
+    in_memory = generate_levels(load_synthesis_model(model, "cpu"), H, W, seed=7, steps=steps, sampler=sampler)
+    assert_same_image(in_memory, whole)
+    for chunk in (32, 48, 100):
+        tiled = synthesize(model, tmp_path / f"tiled{chunk}.ome.tif", chunk=chunk, sampler=sampler, steps=steps)
+        assert_same_image(tiled, whole)
+
+
+def test_each_level_tiled_equals_whole(model_dir, tmp_path):
+    """The coarse level's result (kept with the canvas) is the same whatever the chunking."""
+    levels = {}
+    for chunk in (32, 230):
+        work = tmp_path / f"work{chunk}"
+        synthesize(model_dir, tmp_path / f"s{chunk}.ome.tif", chunk=chunk, work_dir=work, keep_canvas=True)
+        manifest = json.loads((work / "manifest.json").read_text())
+        coarse = manifest["job"]["levels"][0]
+        assert (coarse["width"], coarse["height"]) == (75, 115)
+        buffer = "x0" if (1 + len(coarse["timesteps"])) % 2 else "x1"  # written by the level's last sweep
+        levels[chunk] = zarr.open_array(work / "canvas.zarr" / "level0" / buffer, mode="r")[:]
+    np.testing.assert_allclose(levels[32], levels[230], atol=1e-5)
+    assert levels[32].std() > 0.05
+
+
+def test_scale_space_changes_the_picture(model_dir, tmp_path):
+    """The coarse level matters: the fine level alone from the same seed draws another slide."""
+    model = load_synthesis_model(model_dir, "cpu")
+    both = generate_levels(model, 64, 64, seed=1, steps=6)
+    fine_only = generate_region(model.finest, 64, 64, seed=1, steps=6)
+    assert np.abs(both.astype(int) - fine_only.astype(int)).mean() > 5
+
+
+def test_dask_cluster_equals_in_process_across_levels(model_dir, tmp_path):
+    in_process = synthesize(model_dir, tmp_path / "local.ome.tif", chunk=64)
+    distributed = synthesize(model_dir, tmp_path / "dask.ome.tif", chunk=64, workers=2)
+    assert_same_image(distributed, in_process)
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "nca_tiles_cli.main", "synthesize", *args]
+
+
+@pytest.mark.parametrize("kill_after_sweeps", [2, 6])  # in the coarse level (4 sweeps), in the fine one
+def test_kill_9_at_any_level_then_rerun_resumes_to_the_same_slide(model_dir, tmp_path, kill_after_sweeps):
+    args = ["--model", str(model_dir), "--width", "128", "--height", "96", "--chunk", "32", "--steps", "10",
+            "--seed", "3", "--compression", "none", "--tile", "64", "--no-progress"]
+    work, out = tmp_path / "work", tmp_path / "resumed.ome.tif"
+    proc = subprocess.Popen(cli(*args, "--out", str(out), "--work-dir", str(work)))
+    manifest = work / "manifest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if manifest.exists() and json.loads(manifest.read_text())["sweeps_done"] >= kill_after_sweeps:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = json.loads(manifest.read_text())
+    coarse_sweeps = 1 + len(state["job"]["levels"][0]["timesteps"])
+    done = state["sweeps_done"]
+    assert (done < coarse_sweeps) == (kill_after_sweeps < coarse_sweeps) and not out.exists()
+    subprocess.run(cli(*args, "--out", str(out), "--work-dir", str(work)), check=True)
+    straight = tmp_path / "straight.ome.tif"
+    subprocess.run(cli(*args, "--out", str(straight)), check=True)
+    assert np.array_equal(tifffile.imread(out, level=0), tifffile.imread(straight, level=0))
+
+
+def test_dry_run_shows_each_level_and_the_flop_saving(tmp_path):
+    model = load_synthesis_model(scale_space_model(tmp_path, factor=4, t_start=99), "cpu")
+    req = SlideRequest(width=4096, height=4096, out=tmp_path / "big.ome.tif", chunk=1024, steps=50)
+    text, problems = plan_job(req, model, calibrate=False)
+    assert "level 0 (1/4): 1024 × 1024 cells of 4 µm" in text and "level 1 (1/1): 4096 × 4096 cells" in text
+    ratio = float(text.split("single-scale sampling at the same 50 steps: ")[1].split()[0])
+    assert ratio <= 0.5  # at least 2× fewer FLOPs per output pixel
+    assert not problems
+
+
+def write_config(folder: Path, levels: list) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"format_version": 2, "kind": "scale-space", "levels": levels}))
+    return folder
+
+
+@pytest.mark.parametrize("levels,message", [
+    ([{"path": "a", "factor": 3}, {"path": "b", "factor": 1, "t_start": 9}], "power of two"),
+    ([{"path": "a", "factor": 1}, {"path": "b", "factor": 2, "t_start": 9}], "coarse to fine"),
+    ([{"path": "a", "factor": 2}, {"path": "b", "factor": 1}], "'t_start' must be a timestep"),
+    ([{"path": "a", "factor": 2, "t_start": 5}, {"path": "b", "factor": 1, "t_start": 9}], "must be absent"),
+    ([{"path": "a", "factor": 4}, {"path": "b", "factor": 2, "t_start": 9}], "finest"),
+    ([], "non-empty"),
+])
+def test_bad_scale_space_configs_are_refused(tmp_path, levels, message):
+    with pytest.raises(NcaTilesError, match=message):
+        load_synthesis_model(write_config(tmp_path / "m", levels), "cpu")
+
+
+def test_levels_must_be_trained_at_their_resolution(tmp_path):
+    coarse = save_test_model(tmp_path / "coarse", mpp=1.0)  # should be 2 µm/px for factor 2
+    fine = save_test_model(tmp_path / "fine", mpp=1.0)
+    with pytest.raises(NcaTilesError, match="needs 2 µm/px"):
+        save_scale_space_model(tmp_path / "m", [coarse, fine], [2, 1], [None, 50])
+    assert not (tmp_path / "m").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".m.")]
+
+
+def test_a_newer_scale_space_format_is_refused(model_dir, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(model_dir, tmp_path / "copy")
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "format_version": 99}))
+    with pytest.raises(NcaTilesError, match="upgrade nca-tiles"):
+        load_synthesis_model(copy, "cpu")
