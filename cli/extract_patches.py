@@ -43,7 +43,7 @@ def extract_patches(
     """Extract tissue patches from SLIDES (files, or folders searched recursively) into --out.
 
     Reads every format OpenSlide reads (svs, ndpi, mrxs, scn, bif, tiled TIFF), OME-TIFF, plain
-    TIFF, PNG and JPEG. Patches are area-averaged to --mpp and split train/val/test 80/10/10: by
+    TIFF, OME-Zarr, PNG and JPEG. Patches are area-averaged to --mpp and split train/val/test 80/10/10: by
     slide with 3 or more slides, else by region inside each slide. Unreadable slides are skipped
     and listed at the end.
     """

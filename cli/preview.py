@@ -16,8 +16,8 @@ from nca_tiles_cli.options import check_output, out_path_option, overwrite_optio
 @click.option("--size", type=int, default=1024, show_default=True, help="Longer side of the thumbnail, in pixels.")
 @overwrite_option()
 def preview(path: Path, out: Path, size: int, overwrite: bool) -> None:
-    """Write a thumbnail of FILE: an OME-TIFF or TIFF, an OME-Zarr directory, or any slide
-    OpenSlide reads (.svs, .ndpi, .mrxs, ...). It is read from the smallest pyramid level that is
+    """Write a thumbnail of FILE: an OME-TIFF or TIFF, an OME-Zarr directory, any slide
+    OpenSlide reads (.svs, .ndpi, .mrxs, ...), a PNG or JPEG. It is read from the smallest pyramid level that is
     at least --size pixels, and never upscaled."""
     if not path.exists():
         raise NcaTilesError(f"{path} does not exist")
