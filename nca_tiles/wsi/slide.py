@@ -474,7 +474,9 @@ class PillowSlide(Slide):
         self.level_dimensions = ((w, h),)
         # PNG/JPEG dpi fields are screen/print defaults, never a scanner's resolution.
         self.metadata = SlideMetadata(
-            format=f"{self.format_name} (read with Pillow)", pixels=f"Pillow mode {mode}", storage="one image, decoded whole"
+            format=f"{self.format_name} (read with Pillow)",
+            pixels=f"Pillow mode {mode}",
+            storage="one image, decoded whole",
         )
 
     def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
