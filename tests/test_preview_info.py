@@ -248,10 +248,12 @@ def test_cli_export_needs_a_pixel_size(tmp_path):
 
 
 def test_cli_export_refuses_unfinished_synthesis(tmp_path):
-    from nca_tiles.synthesis.workdir import Job, Manifest
+    from nca_tiles.synthesis.job import Job, LevelJob
+    from nca_tiles.synthesis.workdir import Manifest
 
     work_dir = write_canvas(tmp_path / "work", smooth_image(64, 64), chunk=64)
-    job = Job(model_hash="0" * 16, seed=0, width=64, height=64, chunk=64, sampler="ddim", timesteps=(299, 150, 0))
+    level = LevelJob(factor=1, width=64, height=64, model_hash="0" * 16, timesteps=(299, 150, 0))
+    job = Job(model_hash="0" * 16, seed=0, width=64, height=64, chunk=64, sampler="ddim", levels=(level,))
     manifest = Manifest(job, sweeps_done=3).to_dict()
     (work_dir / "manifest.json").write_text(json.dumps(manifest))
     assert_clean_error(run("export", work_dir, "--out", tmp_path / "x.ome.tif"), "has not finished (3 of 4 sweeps)")
