@@ -13,14 +13,21 @@ from nca_tiles_cli.options import out_path_option, overwrite_option, seed_option
 @click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
 @out_path_option("Patch store to write (a .zarr folder).")
 @click.option("--patch-size", type=int, default=64, show_default=True, help="Patch side in pixels (1..1024).")
-@click.option("--mpp", "target_mpp", type=float, default=1.0, show_default=True, help="Patch resolution in µm/px.")
+@click.option("--mpp", "target_mpp", default="1", show_default=True,
+              help="Patch resolution in µm/px; several, comma-separated (e.g. 1,4,16), write one store per "
+                   "resolution into the --out folder, for a scale-space model.")
 @click.option("--stride", type=int, default=None, help="Pixels between patches at --mpp.  [default: patch size]")
 @click.option(
     "--min-tissue", type=float, default=0.6, show_default=True, help="Least tissue fraction a patch must cover."
 )
 @click.option("--max-per-slide", type=int, default=None, help="Keep at most this many patches per slide (random).")
 @seed_option()
-@click.option("--source-mpp", type=float, default=None, help="µm/px of slides whose metadata has none.")
+@click.option("--source-mpp", multiple=True,
+              help="µm/px of slides whose metadata has none: a number for all, or PATTERN=µm/px per file name "
+                   "(e.g. 'ovary_*.jpg=0.25'); repeatable.")
+@click.option("--coarse-min-tissue", type=float, default=0.05, show_default=True,
+              help="With several --mpp: least tissue fraction at the coarser ones (they learn tissue borders and "
+                   "background).")
 @overwrite_option()
 @click.option("--allow-upsample", is_flag=True, help="Allow an --mpp finer than a slide's own resolution.")
 @click.option("--split-by", default="auto", show_default=True,
@@ -30,12 +37,13 @@ def extract_patches(
     slides: tuple[Path, ...],
     out: Path,
     patch_size: int,
-    target_mpp: float,
+    target_mpp: str,
     stride: int | None,
     min_tissue: float,
     max_per_slide: int | None,
     seed: int,
-    source_mpp: float | None,
+    source_mpp: tuple[str, ...],
+    coarse_min_tissue: float,
     overwrite: bool,
     allow_upsample: bool,
     split_by: str,
@@ -47,20 +55,42 @@ def extract_patches(
     slide with 3 or more slides, else by region inside each slide. Unreadable slides are skipped
     and listed at the end.
     """
+    from nca_tiles.training.levels import extract_patch_levels
     from nca_tiles.training.patches import extract_patches as run_extraction
 
-    result = run_extraction(
-        slides,
-        out,
-        patch_size=patch_size,
-        target_mpp=target_mpp,
-        stride=stride,
-        min_tissue=min_tissue,
-        max_per_slide=max_per_slide,
-        seed=seed,
-        source_mpp=source_mpp,
-        overwrite=overwrite,
-        allow_upsample=allow_upsample,
-        split_by=split_by,
-    )
-    click.echo(result.summary())
+    mpps = parse_floats("--mpp", target_mpp)
+    options = dict(patch_size=patch_size, stride=stride, min_tissue=min_tissue, max_per_slide=max_per_slide,
+                   seed=seed, source_mpp=parse_source_mpp(source_mpp), overwrite=overwrite,
+                   allow_upsample=allow_upsample, split_by=split_by)
+    if len(mpps) == 1:
+        click.echo(run_extraction(slides, out, target_mpp=mpps[0], **options).summary())
+        return
+    for result in extract_patch_levels(slides, out, mpps, coarse_min_tissue=coarse_min_tissue, **options):
+        click.echo(result.summary())
+
+
+def parse_floats(option: str, text: str) -> list[float]:
+    from nca_tiles.errors import NcaTilesError
+
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise NcaTilesError(f"{option} takes numbers separated by commas, got {text!r}") from None
+
+
+def parse_source_mpp(values: tuple[str, ...]):
+    """``0.5`` (all slides) or ``PATTERN=0.5`` items into what extract_patches takes."""
+    from nca_tiles.errors import NcaTilesError
+
+    if not values:
+        return None
+    mapping: dict[str, float] = {}
+    for value in values:
+        pattern, _, number = value.rpartition("=")
+        try:
+            mapping[pattern or "*"] = float(number)
+        except ValueError:
+            raise NcaTilesError(f"--source-mpp takes a number or PATTERN=number, got {value!r}") from None
+    if list(mapping) == ["*"]:
+        return mapping["*"]
+    return dict(sorted(mapping.items(), key=lambda item: item[0] == "*"))  # the catch-all last

@@ -219,7 +219,7 @@ class _Settings:
     min_tissue: float
     max_per_slide: int | None
     seed: int
-    source_mpp: float | None
+    source_mpp: "SourceMpp"
     progress: bool
 
 
@@ -238,6 +238,23 @@ class _SlidePlan:
     ys: np.ndarray
 
 
+# µm/px of slides whose metadata has none: one value for all, or {file-name pattern: µm/px}.
+SourceMpp = float | dict[str, float] | None
+
+
+def source_mpp_of(path: Path, source_mpp: SourceMpp) -> float | None:
+    """The --source-mpp that applies to ``path``: the first pattern (fnmatch on the file name, or on
+    the whole path) that matches it."""
+    if not isinstance(source_mpp, dict):
+        return source_mpp
+    import fnmatch
+
+    for pattern, mpp in source_mpp.items():
+        if fnmatch.fnmatch(Path(path).name, pattern) or fnmatch.fnmatch(str(path), pattern):
+            return mpp
+    return None
+
+
 def extract_patches(
     slides: Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str],
@@ -248,10 +265,11 @@ def extract_patches(
     min_tissue: float = 0.6,
     max_per_slide: int | None = None,
     seed: int = 0,
-    source_mpp: float | None = None,
+    source_mpp: "SourceMpp" = None,
     overwrite: bool = False,
     allow_upsample: bool = False,
     split_by: str = "auto",
+    skip_too_coarse: bool = False,
     progress: bool = True,
 ) -> ExtractionResult:
     """Extract tissue patches of ``patch_size`` px at ``target_mpp`` µm/px from ``slides`` (files
@@ -265,7 +283,10 @@ def extract_patches(
 
     ``split_by``: "slide" (whole slides per split: honest held-out data, but every tissue only in
     one split), "region" (square regions of every slide in every split: each tissue is trained
-    on), or "auto" (by slide with 3 or more usable slides, else by region).
+    on), or "auto" (by slide with 3 or more usable slides, else by region). ``skip_too_coarse``:
+    skip (and list) slides coarser than ``target_mpp`` instead of refusing the job, as a level of
+    a multi-resolution extraction does. ``source_mpp``: one µm/px for slides whose metadata has
+    none, or {file-name pattern: µm/px}.
     """
     from nca_tiles.runtime.outputs import output_lock, remove_stale_temporaries
 
@@ -280,17 +301,19 @@ def extract_patches(
     with output_lock(out, "--out"):
         remove_stale_temporaries(out)  # of an extraction killed with -9
         _check_output(out, overwrite)
-        return _extract(slides, out, split_by, allow_upsample, settings)
+        return _extract(slides, out, split_by, allow_upsample, settings, skip_too_coarse)
 
 
 def _extract(
-    slides: Sequence[str | os.PathLike[str]], out: Path, split_by: str, allow_upsample: bool, settings: _Settings
+    slides: Sequence[str | os.PathLike[str]], out: Path, split_by: str, allow_upsample: bool, settings: _Settings,
+    skip_too_coarse: bool = False,
 ) -> ExtractionResult:
     from nca_tiles.wsi.slide import find_slides
 
     files = find_slides(slides)
     skipped: list[SkippedSlide] = []
-    candidates = _check_resolutions(files, settings.target_mpp, settings.source_mpp, allow_upsample, skipped)
+    candidates = _check_resolutions(files, settings.target_mpp, settings.source_mpp, allow_upsample, skipped,
+                                    skip_too_coarse)
 
     with atomic_output(out) as partial:
         while True:
@@ -343,8 +366,10 @@ def _check_settings(
         raise NcaTilesError(f"--stride must be a positive number of pixels, got {stride}")
     if not (target_mpp > 0 and math.isfinite(target_mpp)):
         raise NcaTilesError(f"--mpp must be a positive µm/px, got {target_mpp}")
-    if source_mpp is not None and not (source_mpp > 0 and math.isfinite(source_mpp)):
-        raise NcaTilesError(f"--source-mpp must be a positive µm/px, got {source_mpp}")
+    values = source_mpp.values() if isinstance(source_mpp, dict) else [] if source_mpp is None else [source_mpp]
+    for value in values:
+        if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+            raise NcaTilesError(f"--source-mpp must be a positive µm/px, got {value}")
     if not 0 <= min_tissue <= 1:
         raise NcaTilesError(f"--min-tissue is a fraction in 0..1, got {min_tissue}")
     if max_per_slide is not None and max_per_slide < 1:
@@ -371,7 +396,8 @@ def _check_output(out: Path, overwrite: bool) -> None:
 
 
 def _check_resolutions(
-    files: list[Path], target_mpp: float, source_mpp: float | None, allow_upsample: bool, skipped: list[SkippedSlide]
+    files: list[Path], target_mpp: float, source_mpp: "SourceMpp", allow_upsample: bool, skipped: list[SkippedSlide],
+    skip_too_coarse: bool = False,
 ) -> list[tuple[int, Path]]:
     """Open every file once, cheaply. Unreadable ones join ``skipped``; a missing µm/px or an
     unwanted upsampling raises now, before minutes of reading. Returns (order, path) of the
@@ -381,12 +407,15 @@ def _check_resolutions(
     readable = []
     for order, path in enumerate(files):
         try:
-            with open_slide(path, source_mpp) as slide:
+            with open_slide(path, source_mpp_of(path, source_mpp)) as slide:
                 native = slide.mpp  # raises if neither metadata nor --source-mpp gives it
         except SlideReadError as exc:
             skipped.append(SkippedSlide(path, _strip_path(str(exc), path)))
             continue
         if target_mpp < native * (1 - UPSAMPLE_TOLERANCE) and not allow_upsample:
+            if skip_too_coarse:
+                skipped.append(SkippedSlide(path, f"its {native:g} µm/px is coarser than --mpp {target_mpp:g}"))
+                continue
             raise NcaTilesError(
                 f"--mpp {target_mpp:g} is finer than {path.name}'s {native:g} µm/px: use --mpp {native:g} "
                 "or coarser, or pass --allow-upsample to interpolate"
@@ -457,7 +486,7 @@ def _write_store(
     for order, path in candidates:
         n_before, stage = images.shape[0], ""
         try:
-            with open_slide(path, settings.source_mpp) as slide:
+            with open_slide(path, source_mpp_of(path, settings.source_mpp)) as slide:
                 plan = _plan_slide(slide, order, settings)
                 if isinstance(plan, str):
                     unusable.append(SkippedSlide(path, plan))
