@@ -47,11 +47,14 @@ def main(argv: list[str] | None = None) -> None:
                                     overwrite=True, progress=False)
     print(f"trained to step {trainer.step}: loss {last.get('loss', float('nan')):.4f}")
 
-    # 4. A slide of any size, chunk by chunk; the canvas is kept for step 5.
-    pipeline = nca_tiles.load_model(work / "run", device="cpu")
+    # 4. A region in memory (e.g. for a data loader), and a slide of any size, chunk by chunk; its
+    # canvas is kept for step 5.
+    region = nca_tiles.generate_region(nca_tiles.load_model(work / "run", device="cpu"), 64, 64, steps=args.steps)
+    print(f"a 64 x 64 region in memory: mean RGB {region.reshape(-1, 3).mean(axis=0).round(1).tolist()}")
+    model = nca_tiles.load_synthesis_model(work / "run", device="cpu")
     request = nca_tiles.SlideRequest(width=args.size, height=args.size, out=work / "slide.ome.tif", chunk=args.chunk,
                                      steps=args.steps, work_dir=work / "canvas", keep_canvas=True, overwrite=True)
-    slide_path = nca_tiles.synthesize_slide(pipeline, request, model_path=work / "run", device="cpu", progress=False)
+    slide_path = nca_tiles.synthesize_slide(request, model, progress=False)
     print(f"wrote {slide_path}")
 
     # 5. The kept canvas again, as OME-Zarr.

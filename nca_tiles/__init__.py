@@ -6,7 +6,9 @@ The public API, one function per stage (examples/api_end_to_end.py runs the pipe
     extract_patches(slides, out, ...)         tissue patches into a zarr store (training.patches)
     train(patches, out, preset, TrainConfig(...), device)   a training run (training.trainer.run_training)
     load_model(path=None, device="auto")      a model for sampling; None: the bundled one
-    synthesize_slide(pipeline, SlideRequest(...))           a slide of any size (synthesis.slide_job)
+    generate_region(pipeline, height, width)  a region in memory (diffusion.pipeline)
+    load_synthesis_model(path=None)           a single- or scale-space model for synthesis (diffusion.levels)
+    synthesize_slide(SlideRequest(...), model)             a slide of any size (synthesis.slide_job)
     export_canvas(work_dir, out, ...)         re-export a kept canvas (synthesis.export_job)
     evaluate_model(model, patches, ...)       metrics against held-out real patches (evaluation.protocol)
     evaluate_patches(train, heldout, synthetic), evaluate_slide(slide, chunk)
@@ -28,6 +30,7 @@ _API: dict[str, tuple[str, str]] = {
     "TrainConfig": ("nca_tiles.training.trainer", "TrainConfig"),
     "load_model": ("nca_tiles.diffusion.pipeline", "load_model"),
     "generate_region": ("nca_tiles.diffusion.pipeline", "generate_region"),
+    "load_synthesis_model": ("nca_tiles.diffusion.levels", "load_synthesis_model"),
     "synthesize_slide": ("nca_tiles.synthesis.slide_job", "synthesize_slide"),
     "SlideRequest": ("nca_tiles.synthesis.slide_job", "SlideRequest"),
     "export_canvas": ("nca_tiles.synthesis.export_job", "export_canvas"),

@@ -79,7 +79,7 @@ def run_demo(out: str | os.PathLike[str] = "demo", *, model: str | os.PathLike[s
     check_writable(out, "--out")  # before minutes of work
     import tifffile
 
-    from nca_tiles.diffusion.pipeline import load_model
+    from nca_tiles.diffusion.levels import load_synthesis_model
     from nca_tiles.errors import NcaTilesError
     from nca_tiles.synthesis.slide_job import SlideRequest, default_work_dir, synthesize_slide
     from nca_tiles.training.patches import extract_patches
@@ -87,8 +87,8 @@ def run_demo(out: str | os.PathLike[str] = "demo", *, model: str | os.PathLike[s
     from nca_tiles.wsi.thumbnail import write_preview
 
     say = say or (lambda line: None)
-    pipeline = load_model(model, device)
-    check_options(width, height, chunk, steps, seed, pipeline.halo, pipeline.schedule.timesteps)
+    loaded = load_synthesis_model(model, device)
+    check_options(width, height, chunk, steps, seed, loaded.max_halo, loaded.timesteps)
     paths = DemoPaths(out)
     if paths.figure.exists():
         if not overwrite:
@@ -98,8 +98,8 @@ def run_demo(out: str | os.PathLike[str] = "demo", *, model: str | os.PathLike[s
 
     say(f"1/4 extracting tissue patches from the sample slide ({SAMPLE_SLIDE.name}) ...")
     if not paths.patches.exists():
-        result = extract_patches([SAMPLE_SLIDE], paths.patches, target_mpp=pipeline.mpp, progress=False)
-        say(f"    {result.n_patches} patches of 64 px at {pipeline.mpp} µm/px -> {paths.patches}")
+        result = extract_patches([SAMPLE_SLIDE], paths.patches, target_mpp=loaded.mpp, progress=False)
+        say(f"    {result.n_patches} patches of 64 px at {loaded.mpp} µm/px -> {paths.patches}")
 
     say(f"2/4 synthesizing a {width} × {height} px slide in {chunk} px chunks, {steps} DDIM steps ...")
     # The slide appears only when complete, and its work dir goes only after that: a slide with
@@ -107,19 +107,19 @@ def run_demo(out: str | os.PathLike[str] = "demo", *, model: str | os.PathLike[s
     # manifest); with one, the job resumes, or finishes the clean-up a killed run left.
     if not paths.slide.exists() or default_work_dir(paths.slide).exists():
         req = SlideRequest(width=width, height=height, out=paths.slide, seed=seed, chunk=chunk, steps=steps)
-        synthesize_slide(pipeline, req, model_path=model, device=device, progress=progress)
+        synthesize_slide(req, loaded, progress=progress)
 
     say("3/4 drawing real vs synthetic tissue and a zoom across a chunk border ...")
     synthetic_full = tifffile.imread(paths.slide, level=0)
     side = min(PANEL, width, height)
-    real = densest_tissue_region(SAMPLE_SLIDE, pipeline.mpp, side)
+    real = densest_tissue_region(SAMPLE_SLIDE, loaded.mpp, side)
     y0, x0 = (height - side) // 2, (width - side) // 2
     figure = comparison_figure(real, synthetic_full[y0 : y0 + side, x0 : x0 + side], synthetic_full, chunk)
     save_png(figure, paths.figure)
 
     say("4/4 writing a thumbnail ...")
     write_preview(paths.slide, paths.thumbnail, size=1024)
-    return DemoResult(paths, width, height, pipeline.mpp)
+    return DemoResult(paths, width, height, loaded.mpp)
 
 
 def check_options(width: int, height: int, chunk: int, steps: int, seed: int, halo: int, timesteps: int) -> None:
