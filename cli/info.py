@@ -26,9 +26,12 @@ def info(path: Path | None, preset: str | None) -> None:
         raise NcaTilesError(f"{path} does not exist")
 
     from nca_tiles.diffusion.checkpoint import is_model_path
+    from nca_tiles.diffusion.levels import describe_scale_space_model, is_scale_space_model
     from nca_tiles.training.patches import is_patch_store
 
-    if is_patch_store(path):
+    if is_scale_space_model(path):
+        click.echo(describe_scale_space_model(path))
+    elif is_patch_store(path):
         from nca_tiles.training.patches import describe_store
 
         click.echo(describe_store(path))

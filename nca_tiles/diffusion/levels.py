@@ -261,6 +261,25 @@ def build_scale_space_model(out: Path, level_paths: list[Path], t_starts: list[i
     return load_synthesis_model(out, device="cpu")
 
 
+def is_scale_space_model(path: Path) -> bool:
+    return _read_scale_space_config(Path(path)) is not None
+
+
+def describe_scale_space_model(path: Path) -> str:
+    """``nca-tiles info`` of a scale-space model: each level's model, factor and t_start."""
+    from nca_tiles.diffusion.checkpoint import describe_model
+
+    model = load_synthesis_model(path, device="cpu")
+    config = _read_scale_space_config(Path(path))
+    lines = [f"scale-space model: {path}", f"levels: {model.describe()} (output {model.mpp:g} µm/px)",
+             f"hash: {model.hash}"]
+    for k, (spec, level) in enumerate(zip(config["levels"], model.levels)):
+        start = "from pure noise" if level.t_start is None else f"from the coarser level re-noised to t = {level.t_start}"
+        lines.append(f"level {k}: factor {level.factor} ({level.pipeline.mpp:g} µm/px), {start}")
+        lines += ["  " + line for line in describe_model(Path(path) / spec["path"]).splitlines()]
+    return "\n".join(lines)
+
+
 # -- steps per level --------------------------------------------------------------------------------
 def level_timesteps(model: SynthesisModel, sampler: str, steps: int | None) -> list[list[int]]:
     """The timesteps each level visits. DDPM: every timestep of each level's span. DDIM: ``steps``
