@@ -24,7 +24,7 @@ from nca_tiles.diffusion.levels import (
 from nca_tiles.diffusion.pipeline import generate_region
 from nca_tiles.errors import NcaTilesError
 from nca_tiles.synthesis.slide_job import SlideRequest, plan_job, synthesize_slide
-from tests.helpers import save_test_model
+from helpers import save_test_model
 
 W, H = 150, 230  # not multiples of the chunks, nor of the level factor
 
@@ -199,3 +199,37 @@ def test_a_newer_scale_space_format_is_refused(model_dir, tmp_path):
     (copy / "config.json").write_text(json.dumps({**config, "format_version": 99}))
     with pytest.raises(NcaTilesError, match="upgrade nca-tiles"):
         load_synthesis_model(copy, "cpu")
+
+
+def test_build_model_cli_and_info(tmp_path, sample_slide):
+    from click.testing import CliRunner
+
+    from nca_tiles.training.patches import extract_patches
+    from nca_tiles_cli.main import cli
+
+    coarse = save_test_model(tmp_path / "coarse", seed=3, mpp=4.0)
+    fine = save_test_model(tmp_path / "fine", seed=4, mpp=1.0)
+    run = CliRunner().invoke
+    result = run(cli, ["build-model", "--level", str(coarse), "--level", str(fine), "--t-start", "80",
+                       "--out", str(tmp_path / "given")])
+    assert result.exit_code == 0 and "scale space: 1/4, 1/1 from t=80" in result.output, result.output
+    info = run(cli, ["info", str(tmp_path / "given")])
+    assert info.exit_code == 0 and "level 0: factor 4 (4 µm/px)" in info.output and "re-noised to t = 80" in info.output
+    # t_start measured on real patches at the fine level's µm/px: between the first steps and the middle
+    extract_patches([sample_slide], tmp_path / "p.zarr", target_mpp=1.0, max_per_slide=64)
+    result = run(cli, ["build-model", "--level", str(coarse), "--level", str(fine), "--patches",
+                       str(tmp_path / "p.zarr"), "--out", str(tmp_path / "measured")])
+    assert result.exit_code == 0, result.output
+    t_start = load_synthesis_model(tmp_path / "measured", "cpu").levels[1].t_start
+    assert 30 <= t_start <= 200
+    for args, message in [
+        (["--level", str(fine), "--t-start", "5"], "at least two --level"),
+        (["--level", str(coarse), "--level", str(fine)], "give --t-start"),
+        (["--level", str(coarse), "--level", str(fine), "--t-start", "5", "--t-start", "6"], "one --t-start per level"),
+        (["--level", str(save_test_model(tmp_path / "odd", mpp=3.0)), "--level", str(fine), "--t-start", "5"],
+         "power of two"),
+        (["--level", str(coarse), "--level", str(fine), "--t-start", "5", "--out", str(tmp_path / "given")], "exists"),
+    ]:
+        out = [] if "--out" in args else ["--out", str(tmp_path / "x")]
+        result = run(cli, ["build-model", *args, *out])
+        assert result.exit_code != 0 and message in result.output and result.output.count("\n") == 1, result.output
