@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from nca_tiles.runtime.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 
 def make_canvas(work_dir: Path, size: int, chunk: int, mpp: float = 0.5) -> Path:
@@ -52,41 +53,6 @@ def make_canvas(work_dir: Path, size: int, chunk: int, mpp: float = 0.5) -> Path
             shifted = np.roll(texture, tuple(rng.integers(0, chunk, size=2)), axis=(0, 1))
             rgb[y : y + h, x : x + w] = shifted[:h, :w]
     return work_dir
-
-
-def rss_bytes() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def reset_peak_rss() -> None:
-    """Make the kernel's peak-RSS mark (VmHWM) the current RSS, where Linux allows it."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def vm_hwm_bytes() -> int | None:
-    """Peak RSS of this process's own address space (Linux VmHWM), or None where there is none."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_bytes() -> int:
-    """Peak RSS of this process: VmHWM on Linux (ru_maxrss would include the parent's peak, as
-    Linux carries it over fork and exec), else ru_maxrss."""
-    hwm = vm_hwm_bytes()
-    if hwm is not None:
-        return hwm
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, kilobytes on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def export_in_this_process(work_dir: Path, out: Path, fmt: str, compression: str, tile: int) -> dict:

@@ -26,14 +26,14 @@ The model: ``--model PATH``, else the bundled model if there is one, else random
 
 from __future__ import annotations
 
-# Only the standard library at module level: section 3 starts its child processes before this
-# process imports torch (see run_rss_children), and bench_presets.py imports helpers from here.
+# Only the standard library and light nca_tiles helpers at module level: section 3 starts its
+# child processes before this process imports torch (see run_rss_children), and bench_presets.py
+# imports helpers from here.
 import argparse
 import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,7 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench_export import vm_hwm_bytes  # benchmarks/ is on sys.path when a script here runs
+from nca_tiles.runtime.memory import peak_kib, rss_bytes, ru_maxrss_bytes
 
 MIB = 2**20
 QUICK = {"canvas": 512, "chunks": "128,256", "steps": 1, "rss_sizes": "256,512,1024", "rss_chunk": 128}
@@ -197,18 +197,6 @@ def format_table(headers: list[str], rows: list[list[Any]]) -> str:
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-# -- memory of this process ----------------------------------------------------------------------
-def rss_bytes() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def ru_maxrss_bytes() -> int:
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, kilobytes on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 # -- one synthesis through the real path -----------------------------------------------------------
@@ -380,14 +368,14 @@ def rss_child(args: argparse.Namespace) -> dict:
     root = Path(args.dir) if args.dir else None
     # One denoising step: every sweep does the same work, so more steps cannot raise the peak.
     seconds = synthesize(pipeline, size, chunk, 1, args.batch, args.seed, args.format, root)
-    peak, hwm = ru_maxrss_bytes(), vm_hwm_bytes()
+    peak, hwm = ru_maxrss_bytes(), peak_kib()
     return {
         "size": size,
         "chunk": chunk,
         "seconds": seconds,
         "rss_before_mib": round(before / MIB, 1),
         "ru_maxrss_mib": round(peak / MIB, 1),
-        "vm_hwm_mib": None if hwm is None else round(hwm / MIB, 1),
+        "vm_hwm_mib": None if hwm is None else round(hwm * 1024 / MIB, 1),
         "growth_mib": round((peak - before) / MIB, 1),
         "plan_host_mib": round(plan.host_bytes / MIB, 1),
         "plan_device_mib": round(plan.device_bytes / MIB, 1),

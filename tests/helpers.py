@@ -1,21 +1,33 @@
-"""Small real models for tests: the tiny preset with non-zero weights, saved as a model directory."""
+"""Everything the tests share but fixtures (those are in conftest.py): small real models,
+slides and canvases written on the spot, running the CLI and checking its error contract,
+read-only folders and small file systems, and peak memory measured in a fresh process."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tifffile
 import torch
+from click.testing import CliRunner, Result
+from PIL import Image
 
 from nca_tiles.diffusion.checkpoint import save_model_dir
 from nca_tiles.diffusion.model import PRESETS, DiffNCA, ModelConfig
 from nca_tiles.diffusion.schedule import ScheduleConfig
+from nca_tiles_cli.main import cli
 
 
+# -- models: the tiny preset with non-zero weights, saved as a model directory ---------------------
 def save_test_model(directory: Path, config: ModelConfig = PRESETS["tiny"], timesteps: int = 300,
                     seed: int = 0, mpp: float = 1.0) -> Path:
     """An untrained but non-trivial model (a fresh model's last layer is zero: its ε̂ would be 0)."""
@@ -33,6 +45,252 @@ def save_test_model(directory: Path, config: ModelConfig = PRESETS["tiny"], time
     return directory
 
 
+# -- slides: pyramidal OME-TIFFs, plain TIFFs, PNGs, damaged copies --------------------------------
+# Two stain-like colours: both saturated enough to count as tissue.
+PINK = (230, 130, 180)
+PURPLE = (110, 50, 140)
+
+
+def checkerboard(height: int, width: int, square: int, colors=(PINK, PURPLE)) -> np.ndarray:
+    """RGB uint8 checkerboard of ``square`` px squares, colour 0 at the top-left."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    parity = ((yy // square) + (xx // square)) % 2
+    return np.asarray(colors, np.uint8)[parity]
+
+
+def halve(image: np.ndarray) -> np.ndarray:
+    """2x2 block mean (rounded), cropping an odd last row/column: the next pyramid level."""
+    h, w = image.shape[0] // 2 * 2, image.shape[1] // 2 * 2
+    blocks = image[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).astype(np.uint32).sum(axis=(1, 3))
+    return ((blocks + 2) // 4).astype(np.uint8)
+
+
+def write_ome_pyramid(
+    path: Path,
+    image: np.ndarray,
+    physical_size: float,
+    unit: str = "µm",
+    levels: int = 3,
+    tile: int = 128,
+    compression: str | None = None,
+) -> list[np.ndarray]:
+    """Tiled OME-TIFF with PhysicalSizeX/Y, reduced levels stored as SubIFDs of level 0 (the
+    layout of current OME-TIFF writers). Returns the levels written."""
+    pyramid = [image]
+    for _ in range(levels - 1):
+        pyramid.append(halve(pyramid[-1]))
+    metadata = {
+        "axes": "YXS",
+        "PhysicalSizeX": physical_size,
+        "PhysicalSizeXUnit": unit,
+        "PhysicalSizeY": physical_size,
+        "PhysicalSizeYUnit": unit,
+    }
+    with tifffile.TiffWriter(path) as tif:
+        common = {"tile": (tile, tile), "photometric": "rgb", "compression": compression}
+        tif.write(pyramid[0], subifds=levels - 1, metadata=metadata, **common)
+        for level in pyramid[1:]:
+            tif.write(level, subfiletype=1, **common)
+    return pyramid
+
+
+def corrupt_fine_levels(path: Path, levels: int) -> None:
+    """Overwrite the middle of every tile of the first ``levels`` pyramid levels with noise: the
+    file still opens and its coarse levels read, but decoding finer pixels fails (needs a
+    compressed file)."""
+    with tifffile.TiffFile(path) as tif:
+        spans = [
+            span
+            for level in tif.series[0].levels[:levels]
+            for span in zip(level.keyframe.dataoffsets, level.keyframe.databytecounts, strict=True)
+        ]
+    noise = np.random.default_rng(0)
+    with open(path, "r+b") as f:
+        for offset, count in spans:
+            f.seek(offset + count // 4)
+            f.write(noise.integers(0, 256, count // 2, dtype=np.uint8).tobytes())
+
+
+def write_plain_tiff(path: Path, image: np.ndarray, mpp: float | None, unit: str = "CENTIMETER", tiled=False) -> None:
+    """Single-level TIFF; µm/px (if any) stored as XResolution/YResolution in ``unit``."""
+    kwargs: dict = {"photometric": "rgb", "metadata": None}
+    if tiled:
+        kwargs["tile"] = (128, 128)
+    if mpp is not None:
+        per_unit = {"CENTIMETER": 1e4, "INCH": 25400.0}[unit] / mpp
+        kwargs.update(resolution=(per_unit, per_unit), resolutionunit=unit)
+    tifffile.imwrite(path, image, **kwargs)
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    Image.fromarray(image).save(path)
+
+
+def truncated_copy(source: Path, target: Path, fraction: float) -> Path:
+    data = source.read_bytes()
+    target.write_bytes(data[: int(len(data) * fraction)])
+    return target
+
+
+def random_bytes(target: Path, size: int = 20_000, seed: int = 0) -> Path:
+    target.write_bytes(np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes())
+    return target
+
+
+def copy(source: Path, target: Path) -> Path:
+    shutil.copyfile(source, target)
+    return target
+
+
+# -- canvases for the export tests, laid out as the synthesis writes them --------------------------
+MPP = 0.5
+GENERATOR = {"model": "test-model", "model_hash": "abc123", "seed": 7, "sampler": "ddim", "steps": [999, 500, 0]}
+
+
+def smooth_image(height: int, width: int) -> np.ndarray:
+    """Low-frequency colour gradients: JPEG reproduces them within a few grey levels."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    red = 128 + 100 * np.sin(xx / 97.0) * np.cos(yy / 131.0)
+    green = 40 + 180 * yy / max(height - 1, 1)
+    blue = 220 - 180 * xx / max(width - 1, 1)
+    return np.clip(np.rint(np.stack([red, green, blue], axis=-1)), 0, 255).astype(np.uint8)
+
+
+def noisy_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Random pixels: every rounding case of the 2x2 average shows up."""
+    return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def write_canvas(
+    work_dir: Path,
+    image: np.ndarray,
+    *,
+    chunk: int = 256,
+    inner: int | None = None,
+    mpp: float | None = MPP,
+    generator: dict | None = GENERATOR,
+) -> Path:
+    """Write ``image`` as WORK_DIR/canvas.zarr/rgb (sharded when ``inner`` is given, like the
+    synthesis) with the attributes the synthesis records; return the work directory."""
+    import zarr
+
+    attrs: dict = {}
+    if mpp is not None:
+        attrs["mpp"] = mpp
+    if generator is not None:
+        attrs["generator"] = generator
+    group = zarr.open_group(str(work_dir / "canvas.zarr"), mode="w")
+    if inner is None:
+        rgb = group.create_array("rgb", shape=image.shape, chunks=(chunk, chunk, 3), dtype="uint8", attributes=attrs)
+    else:
+        rgb = group.create_array(
+            "rgb",
+            shape=image.shape,
+            chunks=(inner, inner, 3),
+            shards=(chunk, chunk, 3),
+            dtype="uint8",
+            attributes=attrs,
+        )
+    rgb[:] = image
+    return work_dir
+
+
+def reference_pyramid(image: np.ndarray, levels: int) -> list[np.ndarray]:
+    """Levels by the definition: each the mean (float64, rounded half to even) of the 2x2
+    blocks of the one above, an odd last row/column averaged over the pixels that exist."""
+    result = [image]
+    for _ in range(levels - 1):
+        above = result[-1].astype(np.float64)
+        h, w = above.shape[:2]
+        rows, cols = np.arange(0, h, 2), np.arange(0, w, 2)
+        sums = np.add.reduceat(np.add.reduceat(above, rows, axis=0), cols, axis=1)
+        counts = np.add.reduceat(np.add.reduceat(np.ones((h, w)), rows, axis=0), cols, axis=1)
+        result.append(np.rint(sums / counts[..., None]).astype(np.uint8))
+    return result
+
+
+def corrupt_last_chunk(work_dir: Path) -> Path:
+    """Overwrite the canvas' last chunk file with garbage, so a full read fails near the end."""
+    files = sorted(
+        (p for p in (work_dir / "canvas.zarr" / "rgb" / "c").rglob("*") if p.is_file()),
+        key=lambda p: [int(part) for part in p.relative_to(work_dir / "canvas.zarr" / "rgb" / "c").parts],
+    )
+    files[-1].write_bytes(b"not a zstd frame" * 10)
+    return files[-1]
+
+
+# -- the CLI in-process (click's CliRunner) and its error contract --------------------------------
+def run_cli(*args) -> Result:
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_ok(result: Result) -> None:
+    assert result.exit_code == 0, (result.output, result.exception)
+
+
+def assert_one_line_error(result: Result, *fragments: str) -> str:
+    """The command failed the way a user error should: one line on stderr that starts with
+    ``Error:``, a non-zero exit, no traceback. Returns the message."""
+    assert result.exit_code != 0, result.output
+    # A user error exits through click (SystemExit), never an uncaught exception.
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+# -- jobs in real processes: CLI subprocesses, one-line errors, waiting on their files -------------
+W, H = 70, 52
+
+
+def command(*args) -> list[str]:
+    return [sys.executable, "-m", "nca_tiles_cli.main", *(str(a) for a in args)]
+
+
+def synth_args(model: Path, out: Path, *args, width=W, height=H, steps=2, chunk=32) -> list:
+    return ["synthesize", "--model", model, "--width", width, "--height", height, "--out", out, "--chunk", chunk,
+            "--steps", steps, "--device", "cpu", "--compression", "none", "--tile", 32, "--no-progress", *args]
+
+
+def one_line_error(stderr: str, *fragments: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("Error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def entries(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def wait_for(condition, timeout: float = 120, what: str = "condition") -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def sweeps_done(work: Path) -> int:
+    try:
+        return json.loads((work / "manifest.json").read_text())["sweeps_done"]
+    except (OSError, ValueError):
+        return -1
+
+
+def canvas_paths(work: Path) -> list:
+    """Every way to name a work dir's canvas: the work dir, canvas.zarr (with and without a
+    trailing slash), the rgb array."""
+    return [work, work / "canvas.zarr", f"{work / 'canvas.zarr'}/", work / "canvas.zarr" / "rgb"]
+
+
+# -- folders nobody can write to, and small file systems -----------------------------------------
 @contextmanager
 def read_only_dir(path: Path) -> Iterator[Path]:
     """A folder nobody can write to, root included: a read-only tmpfs mounted there (root), or
@@ -52,3 +310,34 @@ def read_only_dir(path: Path) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", str(path)], check=True)
+
+
+@contextmanager
+def small_file_system(path: Path, size: str) -> Iterator[Path]:
+    """A real file system of ``size`` (a tmpfs) mounted at ``path``; skips unless root may mount."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+# -- peak memory of a snippet in a fresh Python process ------------------------------------------
+# Read from VmHWM (Linux), the peak of the child's own address space: ru_maxrss would report the
+# pytest parent's peak, which Linux carries over fork and exec and which can hide the child's.
+needs_proc = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmHWM needs Linux /proc")
+
+PRELUDE = "from nca_tiles.runtime.memory import peak_kib, status_kib\n"
+
+
+def run_measuring(script: str, *args: object) -> list[int]:
+    """Run ``script`` (which may call ``peak_kib()`` or ``status_kib(field)`` and prints integers) in a child; its integers."""
+    result = subprocess.run([sys.executable, "-c", PRELUDE + script, *map(str, args)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [int(v) for v in result.stdout.split()]

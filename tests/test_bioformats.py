@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from export_support import MPP, noisy_image, reference_pyramid, smooth_image, write_canvas
+from helpers import MPP, noisy_image, reference_pyramid, smooth_image, write_canvas
 
 from nca_tiles.export.ometiff import write_ome_tiff
 

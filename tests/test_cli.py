@@ -12,9 +12,8 @@ import time
 import click
 import numpy as np
 import pytest
-from cli_support import assert_one_line_error
 from click.testing import CliRunner
-from helpers import read_only_dir
+from helpers import assert_one_line_error, read_only_dir
 
 from nca_tiles import __version__
 from nca_tiles_cli.main import COMMANDS, cli
@@ -202,7 +201,7 @@ def test_demo_refuses_a_read_only_out_before_any_work(tmp_path):
 
 @pytest.fixture(scope="module")
 def damaged_slides(tmp_path_factory, sample_slide):
-    from _slides import corrupt_fine_levels, truncated_copy, write_ome_pyramid
+    from helpers import corrupt_fine_levels, truncated_copy, write_ome_pyramid
 
     folder = tmp_path_factory.mktemp("damaged")
     tiles = folder / "tiles.ome.tif"

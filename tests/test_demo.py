@@ -14,7 +14,7 @@ from PIL import Image
 from nca_tiles.demo import chunk_corner_crop
 from nca_tiles_cli.demo import demo as demo_command
 from nca_tiles_cli.main import cli
-from tests.cli_support import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, run_cli
 
 ARGS = ["--width", "160", "--height", "128", "--chunk", "64", "--steps", "2"]
 

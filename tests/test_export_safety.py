@@ -14,10 +14,10 @@ import subprocess
 
 import pytest
 
-from tests.cli_support import assert_ok, assert_one_line_error, run_cli
-from tests.export_support import corrupt_last_chunk, noisy_image, write_canvas
-from tests.helpers import read_only_dir, save_test_model
-from tests.job_support import canvas_paths, command, entries, small_file_system, sweeps_done, synth_args, wait_for
+from helpers import (
+    assert_ok, assert_one_line_error, canvas_paths, command, corrupt_last_chunk, entries, noisy_image,
+    read_only_dir, run_cli, save_test_model, small_file_system, sweeps_done, synth_args, wait_for, write_canvas,
+)
 
 
 @pytest.fixture(scope="module")

@@ -16,18 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from _slides import (
-    checkerboard,
-    copy,
-    corrupt_fine_levels,
-    random_bytes,
-    truncated_copy,
-    write_ome_pyramid,
-    write_png,
-)
-from cli_support import assert_one_line_error
 from click.testing import CliRunner
-from helpers import read_only_dir
+from helpers import (
+    assert_one_line_error, checkerboard, copy, corrupt_fine_levels, random_bytes, read_only_dir, truncated_copy,
+    write_ome_pyramid, write_png,
+)
 
 from nca_tiles import __version__
 from nca_tiles.errors import NcaTilesError
@@ -543,6 +536,7 @@ def test_second_extraction_to_the_same_out_is_refused_while_the_first_runs(tmp_p
     store = open_patch_store(out)
     assert len(store) == result.n_patches == 20 and store.mpp == 2.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.zarr"]  # the lock went with the extraction
+
 
 # kill -9 once the store is written, just before it is renamed into place.
 KILLED_EXTRACTION = """

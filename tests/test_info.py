@@ -13,8 +13,7 @@ from nca_tiles.errors import NcaTilesError
 from nca_tiles.diffusion.model import PRESETS, DiffNCA
 from nca_tiles.training.patches import extract_patches
 from nca_tiles.diffusion.pipeline import load_model
-from tests.cli_support import assert_ok, assert_one_line_error, run_cli
-from tests.helpers import save_test_model
+from helpers import assert_ok, assert_one_line_error, run_cli, save_test_model
 
 
 def parameters(text: str) -> int:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.peak_memory import needs_proc, run_measuring
+from helpers import needs_proc, run_measuring
 
 glibc_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
 

@@ -5,7 +5,7 @@ import torch
 
 from nca_tiles.errors import NcaTilesError
 from nca_tiles.diffusion.model import PRESETS, CounterFireMask, DiffNCA, ModelConfig, describe_preset, preset, reflect_pad_rows
-from tests.peak_memory import needs_proc, run_measuring
+from helpers import needs_proc, run_measuring
 
 CONFIG = ModelConfig(channels=12, hidden=24, nca_steps=5, embedding_hidden=16, encoding_dim=8)
 S = CONFIG.nca_steps

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import tifffile
-from export_support import (
+from helpers import (
     GENERATOR,
     MPP,
     corrupt_last_chunk,

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import tifffile
-from _slides import corrupt_fine_levels, truncated_copy, write_ome_pyramid
-from cli_support import assert_one_line_error
 from click.testing import CliRunner
-from export_support import MPP, corrupt_last_chunk, smooth_image, write_canvas
-from helpers import read_only_dir
+from helpers import (
+    MPP, assert_one_line_error, corrupt_fine_levels, corrupt_last_chunk, read_only_dir, smooth_image,
+    truncated_copy, write_canvas, write_ome_pyramid,
+)
 from PIL import Image
 
 from nca_tiles.errors import NcaTilesError
@@ -324,7 +324,7 @@ def test_cli_info_files(slides, sample_slide):
 def test_info_and_preview_of_every_format_the_reader_reads(tmp_path):
     """info and preview go through the one reader: a PNG reads too, and a 72 dpi TIFF has no µm/px
     for info as for extract-patches."""
-    from _slides import write_plain_tiff
+    from helpers import write_plain_tiff
 
     image = smooth_image(120, 90)
     Image.fromarray(image).save(tmp_path / "flat.png")

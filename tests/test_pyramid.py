@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import zarr
-from export_support import GENERATOR, MPP, noisy_image, reference_pyramid, write_canvas
+from helpers import GENERATOR, MPP, noisy_image, reference_pyramid, write_canvas
 
 from nca_tiles.errors import NcaTilesError
 from nca_tiles.export.pyramid import (

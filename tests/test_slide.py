@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _slides import (
+from helpers import (
     PINK,
     PURPLE,
     checkerboard,
@@ -300,7 +300,7 @@ def test_truncated_ome_tiff_says_truncated(tmp_path, ome_pyramid, fraction, capl
 
 
 def test_damaged_tiles_say_corrupt(tmp_path, ome_pyramid):
-    from _slides import corrupt_fine_levels
+    from helpers import corrupt_fine_levels
 
     path = tmp_path / "tiles.ome.tif"
     write_ome_pyramid(path, ome_pyramid[1][0], 0.5, compression="jpeg")
@@ -431,7 +431,7 @@ def test_corrupt_tiles_leave_no_tracebacks_behind(tmp_path):
     import subprocess
     import sys
 
-    from _slides import corrupt_fine_levels
+    from helpers import corrupt_fine_levels
 
     path = tmp_path / "tiles.ome.tif"
     # Large enough for zarr to leave tile reads behind (80 tiles at level 0; 48 are not).

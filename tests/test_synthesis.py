@@ -19,8 +19,7 @@ from nca_tiles.diffusion.levels import load_synthesis_model
 from nca_tiles.diffusion.pipeline import generate_region, load_model
 from nca_tiles.synthesis.job import batches, chunk_grid
 from nca_tiles.synthesis.slide_job import SlideRequest, synthesize_slide
-from tests.helpers import save_test_model
-from tests.peak_memory import needs_proc, run_measuring
+from helpers import needs_proc, run_measuring, save_test_model
 
 W, H = 150, 230  # sides that are not multiples of any chunk size below
 

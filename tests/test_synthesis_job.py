@@ -21,17 +21,9 @@ import pytest
 import tifffile
 
 from nca_tiles.synthesis.diskspace import canvas_bytes, ome_tiff_bytes
-from tests.cli_support import assert_ok, assert_one_line_error, run_cli
-from tests.helpers import read_only_dir, save_test_model
-from tests.job_support import (
-    canvas_paths,
-    command,
-    entries,
-    one_line_error,
-    small_file_system,
-    sweeps_done,
-    synth_args,
-    wait_for,
+from helpers import (
+    assert_ok, assert_one_line_error, canvas_paths, command, entries, one_line_error, read_only_dir, run_cli,
+    save_test_model, small_file_system, sweeps_done, synth_args, wait_for,
 )
 
 

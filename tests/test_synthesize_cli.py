@@ -12,8 +12,7 @@ import tifffile
 import zarr
 
 from nca_tiles.diffusion.checkpoint import DEFAULT_MODEL_DIR, is_model_path
-from tests.cli_support import assert_ok, assert_one_line_error, run_cli
-from tests.helpers import save_test_model
+from helpers import assert_ok, assert_one_line_error, run_cli, save_test_model
 
 W, H = 70, 52  # not multiples of the chunk
 

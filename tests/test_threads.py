@@ -12,7 +12,7 @@ import torch
 
 from nca_tiles.errors import NcaTilesError
 from nca_tiles.runtime.threads import ThreadShare, env_thread_limit, rebalance_threads, thread_share, usable_cores
-from tests.helpers import read_only_dir
+from helpers import read_only_dir
 
 HOLD = """
 import sys, time

@@ -12,8 +12,7 @@ import torch
 
 from nca_tiles.runtime.threads import claims_dir
 from nca_tiles.training.patches import extract_patches
-from tests.cli_support import assert_ok, assert_one_line_error, run_cli
-from tests.helpers import save_test_model
+from helpers import assert_ok, assert_one_line_error, run_cli, save_test_model
 
 COMMANDS = {  # each command with its required options, all pointing at nothing that exists
     "train": ["--patches", "missing.zarr", "--out", "{out}"],

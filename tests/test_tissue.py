@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _slides import PINK, write_png
+from helpers import PINK, write_png
 
 from nca_tiles.wsi.slide import open_slide, read_level0_region
 from nca_tiles.wsi.tissue import TissueMask, saturation_and_value, tissue_from_rgb, tissue_mask

@@ -23,8 +23,7 @@ from nca_tiles.diffusion.model import PRESETS, DiffNCA
 from nca_tiles.training.patches import extract_patches, open_patch_store
 from nca_tiles.diffusion.pipeline import load_model
 from nca_tiles.diffusion.schedule import ScheduleConfig
-from tests.cli_support import assert_ok, assert_one_line_error, run_cli
-from tests.helpers import read_only_dir
+from helpers import assert_ok, assert_one_line_error, read_only_dir, run_cli
 
 BASE = ["--preset", "tiny", "--batch-size", 4, "--device", "cpu", "--no-progress"]
 FAST = [*BASE, "--sample-every", 0]

@@ -18,7 +18,8 @@ default 128 KiB every band's freed temporaries were handed back to the system an
 again by the next band: 2–3× slower inference. The trim threshold is therefore set far above
 any band's work; ``release_free_heap`` does the trimming, between groups.
 
-Measured with benchmarks/bench_synthesis.py --sections 3: see the README.
+Measured with benchmarks/bench_synthesis.py --sections 3: see the README. The functions that
+measure (``status_kib``, ``peak_rss_bytes``...) serve the benchmarks and the bounded-memory tests.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import ctypes
 import ctypes.util
 import functools
 import sys
+from pathlib import Path
 
 M_TRIM_THRESHOLD = -1  # from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
@@ -59,3 +61,46 @@ def release_free_heap() -> bool:
     Costs about a millisecond: call it between groups of chunks. Returns whether memory was released."""
     libc = _glibc()
     return libc is not None and bool(libc.malloc_trim(0))
+
+
+# -- measuring this process's memory -----------------------------------------------------------
+def status_kib(field: str) -> int | None:
+    """A field of /proc/self/status in KiB (``VmRSS``, ``VmHWM``...), or None without one (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith(field + ":")), None)
+    except OSError:
+        return None
+
+
+def peak_kib() -> int | None:
+    """Peak RSS of this process's own address space (VmHWM): unlike ru_maxrss, not the peak of
+    the parent it was forked from, which Linux carries over fork and exec."""
+    return status_kib("VmHWM")
+
+
+def reset_peak_rss() -> None:
+    """Make the peak-RSS mark (VmHWM) the current RSS, where Linux allows it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def ru_maxrss_bytes() -> int:
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, kilobytes on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def peak_rss_bytes() -> int:
+    """Peak RSS of this process: VmHWM where there is one, else ru_maxrss."""
+    hwm = peak_kib()
+    return hwm * 1024 if hwm is not None else ru_maxrss_bytes()
