@@ -174,4 +174,7 @@ def describe_plan(plan: Plan, model: SynthesisModel, job: Job, batch: int, work_
             f"time (estimate from a calibration run on {model.device}): {format_seconds(plan.estimated_seconds)} "
             f"({plan.seconds_per_megapixel_step:.3f} s per megapixel per denoising step at full resolution)"
         )
+        if model.device.type == "cpu" and plan.estimated_seconds > 86400:
+            lines.append("this is more than a day on this CPU: a GPU (--device cuda --batch 4) or a dask cluster "
+                         "(--workers N, --scheduler tcp://HOST:8786) is the way")
     return "\n".join(lines)
