@@ -233,3 +233,22 @@ def test_build_model_cli_and_info(tmp_path, sample_slide):
         out = [] if "--out" in args else ["--out", str(tmp_path / "x")]
         result = run(cli, ["build-model", *args, *out])
         assert result.exit_code != 0 and message in result.output and result.output.count("\n") == 1, result.output
+
+
+def test_dry_run_beyond_a_day_on_a_cpu_points_to_a_gpu_or_cluster(tmp_path):
+    from dataclasses import replace
+
+    from nca_tiles.synthesis.job import make_job
+    from nca_tiles.synthesis.plan import describe_plan, make_plan
+
+    model = load_synthesis_model(save_test_model(tmp_path / "m"), "cpu")
+    job = make_job(model, 0, 100_000, 100_000, 1024, "ddim", 50)
+    plan = make_plan(model, job, 1, calibrate=False)
+
+    def at(seconds_per_mp: float) -> str:
+        timed = replace(plan, levels=[replace(level, seconds_per_megapixel_step=seconds_per_mp) for level in plan.levels])
+        return describe_plan(timed, model, job, 1, tmp_path)
+
+    slow = at(1.0)  # 1e4 MP × 50 steps: about 6 days
+    assert "days" in slow and "--device cuda" in slow and "--workers" in slow
+    assert "--device cuda" not in at(1e-4)
