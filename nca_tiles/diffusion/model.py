@@ -25,13 +25,13 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nca_tiles.diffusion import rng
+from nca_tiles.diffusion import compiled, rng
 from nca_tiles.errors import NcaTilesError
 
 
@@ -178,12 +178,49 @@ class PixelNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        centered = x - x.mean(dim=1, keepdim=True)
-        # Two-pass variance: the same as x.var(unbiased=False), whose CPU kernel over the channel
-        # dimension took half of all inference time.
-        var = centered.square().mean(dim=1, keepdim=True)
-        x = centered * torch.rsqrt(var + self.eps)
-        return x * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return pixel_norm(x, self.weight, self.bias, self.eps)
+
+
+def pixel_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    centered = x - x.mean(dim=1, keepdim=True)
+    # Two-pass variance: the same as x.var(unbiased=False), whose CPU kernel over the channel
+    # dimension took half of all inference time.
+    var = centered.square().mean(dim=1, keepdim=True)
+    x = centered * torch.rsqrt(var + eps)
+    return x * weight[None, :, None, None] + bias[None, :, None, None]
+
+
+def cell_rule(padded: torch.Tensor, fire: torch.Tensor, weights: "RuleWeights", perceive_bias: torch.Tensor,
+              scale0: torch.Tensor, hidden_bias: torch.Tensor, scale1: torch.Tensor) -> torch.Tensor:
+    """The cell rule as a pure function of tensors (see :meth:`DiffNCA.rule`): one compiled copy
+    serves every model in the process, whatever its weights."""
+    w = weights
+    # The state is the padded region's interior: the compiled rule then only ever sees fresh,
+    # contiguous inputs (a band sliced out of the state would have other strides: another compile).
+    state = padded[:, :, 1:-1, 1:-1]
+    perceived = F.conv2d(padded, w.perceive) + perceive_bias[:, :, None, None]
+    z = torch.cat([perceived, state], dim=1) * scale0[:, :, None, None]
+    hidden = F.conv2d(z, w.to_hidden) + hidden_bias[:, :, None, None]
+    hidden = F.leaky_relu(pixel_norm(hidden, w.norm_weight, w.norm_bias, w.norm_eps)) * scale1[:, :, None, None]
+    return state + F.conv2d(hidden, w.to_update, w.update_bias) * (fire * w.writable)
+
+
+def padded_cell_rule(state: torch.Tensor, fire: torch.Tensor, weights: "RuleWeights", *cond: torch.Tensor) -> torch.Tensor:
+    """The cell rule on a whole image, reflect-padded: the training step's unit of compilation."""
+    return cell_rule(F.pad(state, (1, 1, 1, 1), mode="reflect"), fire, weights, *cond)
+
+
+class RuleWeights(NamedTuple):
+    """The weights the cell rule reads, sliced out of the modules once per forward."""
+
+    perceive: torch.Tensor  # (c, c, 3, 3): the state part of the 3×3 kernel
+    to_hidden: torch.Tensor  # (h, 2c, 1, 1)
+    to_update: torch.Tensor
+    update_bias: torch.Tensor
+    norm_weight: torch.Tensor
+    norm_bias: torch.Tensor
+    writable: torch.Tensor
+    norm_eps: float
 
 
 class DiffNCA(nn.Module):
@@ -216,6 +253,9 @@ class DiffNCA(nn.Module):
         writable = torch.ones(1, c, 1, 1)
         writable[:, : config.image_channels] = 0
         self.register_buffer("writable", writable, persistent=False)
+        # Run the rule through torch.compile (nca_tiles.diffusion.compiled); numbers equal the
+        # eager ones up to float rounding. Not saved: a property of this process, not the model.
+        self.compiled = False
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -244,19 +284,33 @@ class DiffNCA(nn.Module):
             scale1=self.mul_cond1(e),
         )
 
-    def rule(self, padded: torch.Tensor, state: torch.Tensor, cond: "StepConditioning", fire: torch.Tensor) -> torch.Tensor:
-        """The cell rule on a region: ``state`` (B, c, H, W), ``padded`` the same region with a
-        one-pixel border of its neighbours (B, c, H + 2, W + 2), ``fire`` (B, 1, H, W)."""
+    def rule_weights(self) -> RuleWeights:
         c = self.config.channels
-        perceived = F.conv2d(padded, self.perceive.weight[:, :c]) + cond.perceive_bias[:, :, None, None]
-        z = torch.cat([perceived, state], dim=1) * cond.scale0[:, :, None, None]
-        hidden = F.conv2d(z, self.to_hidden.weight[:, : 2 * c]) + cond.hidden_bias[:, :, None, None]
-        hidden = F.leaky_relu(self.norm(hidden)) * cond.scale1[:, :, None, None]
-        return state + self.to_update(hidden) * (fire * self.writable)
+        return RuleWeights(
+            perceive=self.perceive.weight[:, :c].contiguous(),
+            to_hidden=self.to_hidden.weight[:, : 2 * c].contiguous(),
+            to_update=self.to_update.weight,
+            update_bias=self.to_update.bias,
+            norm_weight=self.norm.weight,
+            norm_bias=self.norm.bias,
+            writable=self.writable,
+            norm_eps=self.norm.eps,
+        )
 
-    def nca_step(self, state: torch.Tensor, e: torch.Tensor, fire: torch.Tensor) -> torch.Tensor:
+    def rule(self, padded: torch.Tensor, cond: "StepConditioning", fire: torch.Tensor,
+             weights: RuleWeights | None = None) -> torch.Tensor:
+        """The cell rule on a region of H × W pixels: ``padded`` is the region's state with a
+        one-pixel border of its neighbours (B, c, H + 2, W + 2), ``fire`` (B, 1, H, W)."""
+        args = (padded, fire, weights if weights is not None else self.rule_weights(), *cond.tensors())
+        # Symbolic sizes: every window and band shares one compiled rule.
+        return compiled.run(cell_rule, *args, enabled=self.compiled, dynamic=True)
+
+    def nca_step(self, state: torch.Tensor, e: torch.Tensor, fire: torch.Tensor,
+                 weights: RuleWeights | None = None) -> torch.Tensor:
         """One application of the cell rule to a whole image. state (B, c, H, W), e (B, E), fire (B, 1, H, W)."""
-        return self.rule(F.pad(state, (1, 1, 1, 1), mode="reflect"), state, self.conditioning(e), fire)
+        args = (state, fire, weights if weights is not None else self.rule_weights(), *self.conditioning(e).tensors())
+        # Training: one batch shape per run, compiled for it (forward and backward).
+        return compiled.run(padded_cell_rule, *args, enabled=self.compiled)
 
     @staticmethod
     def band_pixels(device: torch.device) -> int:
@@ -270,9 +324,10 @@ class DiffNCA(nn.Module):
         state = torch.cat([x_t, x_t.new_zeros(b, cfg.channels - cfg.image_channels, h, w)], dim=1)
         embeddings = self.embedding(timesteps.to(x_t.device))
         ic = cfg.image_channels
+        weights = self.rule_weights()
         if torch.is_grad_enabled():  # training: whole tensors, which autograd keeps anyway
             for k in range(cfg.nca_steps):
-                state = self.nca_step(state, embeddings[k], fire(k, (b, 1, h, w), x_t.device))
+                state = self.nca_step(state, embeddings[k], fire(k, (b, 1, h, w), x_t.device), weights)
             return state[:, ic : 2 * ic]
         # Inference: the rule runs on bands of rows whose temporaries stay in cache, writing into
         # one spare state buffer; the two buffers swap roles every NCA step. The only window-sized
@@ -280,15 +335,24 @@ class DiffNCA(nn.Module):
         # and the allocator sees the same few sizes on every window (no heap fragmentation).
         # Same numbers as the whole-tensor path, up to float rounding.
         spare = torch.empty_like(state)
-        rows = max(1, self.band_pixels(x_t.device) // w)
+        bands = band_rows(h, max(1, self.band_pixels(x_t.device) // w))
         for k in range(cfg.nca_steps):
             cond = self.conditioning(embeddings[k])
-            for r0 in range(0, h, rows):
-                r1 = min(h, r0 + rows)
-                spare[:, :, r0:r1] = self.rule(reflect_pad_rows(state, r0, r1), state[:, :, r0:r1], cond,
-                                               fire(k, (b, 1, r1 - r0, w), x_t.device, row0=r0))
+            for r0, r1 in bands:
+                spare[:, :, r0:r1] = self.rule(reflect_pad_rows(state, r0, r1), cond,
+                                               fire(k, (b, 1, r1 - r0, w), x_t.device, row0=r0), weights)
             state, spare = spare, state
         return state[:, ic : 2 * ic].clone()  # not a view: the state buffers can go now
+
+
+def band_rows(height: int, rows: int) -> list[tuple[int, int]]:
+    """Bands [r0, r1) of about ``rows`` rows covering ``height``, none of one row where height ≥ 2:
+    the compiled rule treats sizes symbolically except 1, which would cost another compile."""
+    rows = max(rows, 2)
+    bands = [(r0, min(height, r0 + rows)) for r0 in range(0, height, rows)]
+    if len(bands) > 1 and bands[-1][1] - bands[-1][0] == 1:
+        bands[-2:] = [(bands[-2][0], height)]
+    return bands
 
 
 @dataclass(frozen=True)
@@ -299,6 +363,9 @@ class StepConditioning:
     scale0: torch.Tensor
     hidden_bias: torch.Tensor
     scale1: torch.Tensor
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.perceive_bias, self.scale0, self.hidden_bias, self.scale1
 
 
 def reflect_pad_rows(state: torch.Tensor, r0: int, r1: int) -> torch.Tensor:

@@ -13,16 +13,17 @@ synthesis must equal, and the API for small images (e.g. to feed a data loader).
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from nca_tiles.diffusion import rng
+from nca_tiles.diffusion import compiled, rng
 from nca_tiles.diffusion.checkpoint import load_model_files, load_weights, model_hash, resolve_model_path, validate_model_meta
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.diffusion.model import CounterFireMask, DiffNCA, ModelConfig
+from nca_tiles.diffusion.model import CounterFireMask, DiffNCA, ModelConfig, cell_rule
 from nca_tiles.diffusion.schedule import NoiseSchedule, ScheduleConfig
 
 
@@ -37,6 +38,10 @@ class Pipeline:
     meta: dict
     device: torch.device
     precision: str = "fp32"  # "fp32" | "bf16" (CUDA autocast)
+    # torch.compile of the cell rule: "on", "off", or "auto" — eager until this pipeline's model
+    # calls have taken about as long as compiling would (COMPILE_PAYS_AFTER_S), then compiled.
+    compile: str = "off"
+    eager_seconds: float = 0.0  # model time spent eager so far, while compile is "auto"
 
     @property
     def halo(self) -> int:
@@ -71,8 +76,11 @@ def resolve_device(device: str) -> torch.device:
 
 
 def build_pipeline(meta: dict, state_dict: dict, device: str | torch.device = "cpu", precision: str = "auto",
-                   source: str | Path = "the model") -> Pipeline:
-    """A pipeline from a model's metadata and weights; ``source`` names where they came from in errors."""
+                   source: str | Path = "the model", compile: str | bool | None = None) -> Pipeline:
+    """A pipeline from a model's metadata and weights; ``source`` names where they came from in errors.
+
+    ``compile``: True/"on", False/"off", "auto", or None for the process default
+    (nca_tiles.diffusion.compiled.default_mode: "auto" unless set)."""
     device = resolve_device(device) if isinstance(device, str) else device
     validate_model_meta(meta, source)  # cheap, and callers may build meta themselves
     config = ModelConfig.from_dict(meta["model"])
@@ -80,6 +88,10 @@ def build_pipeline(meta: dict, state_dict: dict, device: str | torch.device = "c
     load_weights(model, state_dict, source)
     model.eval().requires_grad_(False).to(device)
     precision = resolve_precision(device, precision)
+    mode = compiled.resolve_mode(compile)
+    if mode == "on":
+        model.compiled = compiled.available(device)
+        mode = "on" if model.compiled else "off"
     return Pipeline(
         model=model,
         schedule=NoiseSchedule(ScheduleConfig.from_dict(meta["schedule"])),
@@ -88,14 +100,19 @@ def build_pipeline(meta: dict, state_dict: dict, device: str | torch.device = "c
         meta=meta,
         device=device,
         precision=precision,
+        compile=mode,
     )
 
 
-def load_model(path: Path | str | None = None, device: str = "auto", precision: str = "auto") -> Pipeline:
-    """Load a model for sampling: a run directory, model directory or checkpoint file; None = bundled."""
+def load_model(path: Path | str | None = None, device: str = "auto", precision: str = "auto",
+               compile: str | bool | None = None) -> Pipeline:
+    """Load a model for sampling: a run directory, model directory or checkpoint file; None = bundled.
+
+    ``compile`` as for :func:`build_pipeline`; dask workers load with the default, which a CLI's
+    --compile/--no-compile sets for the workers it starts (compiled.set_default_mode)."""
     files = resolve_model_path(None if path is None else Path(path))
     meta, state = load_model_files(files)
-    return build_pipeline(meta, state, device, precision, source=files.checkpoint or files.weights)
+    return build_pipeline(meta, state, device, precision, source=files.checkpoint or files.weights, compile=compile)
 
 
 def initial_noise(seed: int, y0: int, x0: int, height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -110,8 +127,31 @@ def predict_noise(pipeline: Pipeline, x_t: torch.Tensor, t: int, origins: list[t
     fire = CounterFireMask(pipeline.model.config.fire_rate, seeds, [t] * b, origins)
     timesteps = torch.full((b,), t, dtype=torch.long, device=pipeline.device)
     with pipeline.autocast():
-        eps = pipeline.model(x_t.to(pipeline.device), timesteps, fire)
+        eps = run_model(pipeline, x_t.to(pipeline.device), timesteps, fire)
     return eps.float()
+
+
+# Seconds of eager model calls after which compile="auto" compiles: about what compiling the rule
+# costs (≈ 5–10 s on 2 CPU cores, measured; Triton on CUDA is slower to compile, an estimate), so
+# a job never spends more than about twice the better choice's time.
+COMPILE_PAYS_AFTER_S = {"cpu": 10.0, "cuda": 30.0}
+
+
+def run_model(pipeline: Pipeline, *args) -> torch.Tensor:
+    """The pipeline's model on ``args``, compiling its rule once compile="auto" finds it pays."""
+    model = pipeline.model
+    if pipeline.compile != "auto":
+        return model(*args)
+    start = time.perf_counter()
+    out = model(*args)
+    if pipeline.device.type == "cuda":
+        torch.cuda.synchronize(pipeline.device)  # only while deciding: queued kernels are time too
+    pipeline.eager_seconds += time.perf_counter() - start
+    # Compiled already in this process (another pipeline, another job): new models reuse it.
+    if compiled.is_warm(cell_rule) or pipeline.eager_seconds >= COMPILE_PAYS_AFTER_S.get(pipeline.device.type, 30.0):
+        model.compiled = compiled.available(pipeline.device)
+        pipeline.compile = "on" if model.compiled else "off"
+    return out
 
 
 def reverse_step(pipeline: Pipeline, sampler: str, eps: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int,

@@ -1,0 +1,144 @@
+"""torch.compile for the cell rule: one compiled copy per process, eager where it cannot be used.
+
+The rule is compiled as a pure function of tensors (``model.cell_rule``), so every model in a
+process — each pipeline a dask worker or the trainer's sample grids load — shares one compiled
+copy. Inference compiles the rule on one band of rows with symbolic shapes: windows and bands of
+any size reuse it (sizes of 1 are specialised by torch, so bands are never 1 row high). Training
+compiles the whole-image rule, forward and backward, for its one batch shape. Numbers equal the
+eager ones up to float rounding, so tiled still equals whole (docs/design.md §3).
+
+Without a C++ compiler (CPU) or Triton and a C compiler (CUDA), or if compiling fails, the rule
+runs eager, and the process says so in one line on stderr, once.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+from collections.abc import Callable
+
+import torch
+
+from nca_tiles.errors import NcaTilesError
+
+MODES = ("auto", "on", "off")
+# The default mode of this process and of the processes it starts (local dask workers load the
+# model themselves, with load_model's default).
+MODE_ENV = "NCA_TILES_COMPILE"
+
+_compiled: dict[tuple[Callable, bool | None], Callable] = {}
+_warm: set[Callable] = set()  # eager functions whose compiled copy has run once in this process
+_disabled: str | None = None  # why compiling is off in this process, once it failed
+
+
+def default_mode() -> str:
+    mode = os.environ.get(MODE_ENV, "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise NcaTilesError(f"{MODE_ENV}={mode!r}: choose one of {', '.join(MODES)}")
+    return mode
+
+
+def set_default_mode(mode: str | bool | None) -> None:
+    """Set the default for this process and the worker processes it starts (True: on, False:
+    off, None: leave it)."""
+    if mode is None:
+        return
+    mode = {True: "on", False: "off"}.get(mode, mode)
+    if mode not in MODES:
+        raise NcaTilesError(f"compile mode {mode!r}: choose one of {', '.join(MODES)}")
+    os.environ[MODE_ENV] = mode
+
+
+def resolve_mode(mode: str | bool | None) -> str:
+    """None: the process default; True/False: on/off."""
+    if mode is None:
+        return default_mode()
+    mode = {True: "on", False: "off"}.get(mode, mode)
+    if mode not in MODES:
+        raise NcaTilesError(f"compile mode {mode!r}: choose one of {', '.join(MODES)}")
+    return mode
+
+
+def available(device: torch.device | str) -> bool:
+    """Whether torch.compile can be used on ``device`` here; if not, says why once and turns
+    compiling off for this process and the processes it starts."""
+    if _disabled is not None:
+        return False
+    problem = _missing_toolchain(torch.device(device).type)
+    if problem is not None:
+        disable(problem)
+        return False
+    return True
+
+
+@functools.cache
+def _missing_toolchain(device_type: str) -> str | None:
+    if device_type == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()  # what inductor itself runs: $CXX, else g++, checked with --version
+        except Exception:
+            return f"no working C++ compiler ({os.environ.get('CXX', 'g++')}; set CXX or install g++)"
+        return None
+    if device_type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "Triton is not installed"
+        cc = os.environ.get("CC")
+        if not (shutil.which(cc) if cc else any(shutil.which(c) for c in ("gcc", "clang", "cc"))):
+            return f"no C compiler for Triton ({cc or 'gcc, clang or cc'}; set CC or install gcc)"
+        return None
+    return f"torch.compile is not set up for {device_type} here"
+
+
+def disable(reason: str) -> None:
+    """Run eager from now on, saying why in one line (once per process)."""
+    global _disabled
+    if _disabled is None:
+        _disabled = reason
+        os.environ[MODE_ENV] = "off"  # worker processes started later need not find out again
+        print(f"warning: torch.compile unavailable, running eager (slower): {reason}; "
+              "pass --no-compile to skip it", file=sys.stderr, flush=True)
+
+
+def is_warm(fn: Callable) -> bool:
+    """Whether the compiled copy of ``fn`` already ran in this process (compiling it again is
+    almost free: new sizes reuse it)."""
+    return fn in _warm
+
+
+def run(fn: Callable, *args, enabled: bool, dynamic: bool | None = None):
+    """``fn(*args)``, through its compiled copy when ``enabled`` (and compiling works here)."""
+    if not enabled or _disabled is not None:
+        return fn(*args)
+    compiled = _compiled.get((fn, dynamic))
+    if compiled is None:
+        compiled = _compiled[(fn, dynamic)] = torch.compile(fn, dynamic=dynamic)
+    try:
+        if dynamic:
+            # Without duck sizing: a first window that happens to be square must not make
+            # height == width a condition of the compiled rule (another compile for the others).
+            with torch.fx.experimental._config.patch(use_duck_shape=False):
+                out = compiled(*args)
+        else:
+            out = compiled(*args)
+    except torch._dynamo.exc.BackendCompilerFailed as error:  # the compiler itself, not the numbers
+        disable(str(error).strip().splitlines()[0][:200])
+        return fn(*args)
+    _warm.add(fn)
+    return out
+
+
+def reset() -> None:
+    """Forget this process's compiled copies and any failure (tests: one test's compiling must not
+    change what the next one runs)."""
+    global _disabled
+    _compiled.clear()
+    _warm.clear()
+    _disabled = None
+    _missing_toolchain.cache_clear()
+    torch._dynamo.reset()
