@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from nca_tiles_cli.options import device_option, overwrite_option, seed_option, threads_option
+from nca_tiles_cli.options import compile_option, device_option, overwrite_option, seed_option, threads_option
 
 
 @click.command(short_help="Run the whole pipeline on the bundled sample slide.")
@@ -20,6 +20,7 @@ from nca_tiles_cli.options import device_option, overwrite_option, seed_option, 
 @seed_option()
 @device_option()
 @overwrite_option()
+@compile_option()
 @threads_option()
 def demo(out, model, width, height, chunk, steps, seed, device, overwrite) -> None:
     """Extract patches from the bundled H&E sample slide, synthesize a slide with the bundled

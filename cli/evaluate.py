@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from nca_tiles.errors import NcaTilesError
-from nca_tiles_cli.options import device_option, seed_option, threads_option
+from nca_tiles_cli.options import compile_option, device_option, seed_option, threads_option
 
 
 @click.command(short_help="Quality metrics of a model against real patches, or a slide's seam score.")
@@ -22,6 +22,7 @@ from nca_tiles_cli.options import device_option, seed_option, threads_option
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the results as JSON to this file.")
 @click.option("--slide", type=click.Path(path_type=Path), help="Score the seams of this synthesized slide (OME-TIFF or OME-Zarr) instead.")
 @click.option("--chunk", type=int, help="With --slide: the chunk size the slide was synthesized with, in pixels.")
+@compile_option()
 @threads_option()
 def evaluate(
     model: Path | None,

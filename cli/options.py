@@ -50,6 +50,40 @@ def threads_option():
     return decorator
 
 
+def compile_option():
+    """``--compile/--no-compile``: torch.compile of the cell rule (nca_tiles.diffusion.compiled).
+    Neither: "auto", compiled where it pays. Set as the process default for the command's run, so
+    that every model it loads, and the local dask workers it starts, follow it; its function does
+    not see the option."""
+
+    def decorator(command):
+        @functools.wraps(command)
+        def run_with_compile(*args, compile_mode: bool | None = None, **kwargs):
+            if compile_mode is None:
+                return command(*args, **kwargs)
+            import os
+
+            from nca_tiles.diffusion.compiled import MODE_ENV, set_default_mode
+
+            previous = os.environ.get(MODE_ENV)
+            set_default_mode(compile_mode)
+            try:
+                return command(*args, **kwargs)
+            finally:  # in-process callers (tests, scripts) keep their own default
+                if previous is None:
+                    os.environ.pop(MODE_ENV, None)
+                else:
+                    os.environ[MODE_ENV] = previous
+
+        return click.option(
+            "--compile/--no-compile", "compile_mode", default=None,
+            help="torch.compile the model (CPU: needs a C++ compiler; CUDA: Triton). Default: where it pays "
+                 "(long training runs; sampling once eager has taken about as long as compiling would).",
+        )(run_with_compile)
+
+    return decorator
+
+
 def out_path_option(help: str, required: bool = True):
     return click.option("--out", "out", type=click.Path(path_type=Path), required=required, help=help)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from nca_tiles_cli.export import COMPRESSION_NAMES
-from nca_tiles_cli.options import device_option, overwrite_option, seed_option, threads_option
+from nca_tiles_cli.options import compile_option, device_option, overwrite_option, seed_option, threads_option
 
 
 @click.command(short_help="Synthesize a whole-slide image of any size, chunk by chunk.")
@@ -39,6 +39,7 @@ from nca_tiles_cli.options import device_option, overwrite_option, seed_option, 
               help="Print the plan (grid, halo overhead, disk per file system, memory, time) and the pre-flight "
                    "checks, and stop; exits non-zero if the job would be refused.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@compile_option()
 @threads_option()
 def synthesize(model, width, height, out, chunk, seed, sampler, steps, eta, device, precision, batch, work_dir,
                keep_canvas, overwrite, workers, scheduler, format_, tile, compression, quality, dry_run,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from nca_tiles_cli.options import device_option, seed_option, threads_option
+from nca_tiles_cli.options import compile_option, device_option, seed_option, threads_option
 
 
 # The names of nca_tiles.diffusion.model.PRESETS (a test keeps them equal), written out so --help imports no
@@ -29,7 +29,7 @@ PRESETS = ("paper", "small", "tiny")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Start afresh in an existing --out.")
 @seed_option()
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (CUDA).")
+@compile_option()
 @click.option("--val-every", type=int, default=500, show_default=True, help="Steps between validation losses.")
 @click.option("--sample-every", type=int, default=2000, show_default=True,
               help="Steps between sample PNGs; the last step always gets one (0: never).")
@@ -37,7 +37,7 @@ PRESETS = ("paper", "small", "tiny")
               help="Steps between checkpoints (--resume starts from the last; the end of a run and Ctrl-C save one too).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @threads_option()
-def train(patches, out, preset, steps, batch_size, lr, device, precision, resume, overwrite, seed, compile_,
+def train(patches, out, preset, steps, batch_size, lr, device, precision, resume, overwrite, seed,
           val_every, sample_every, checkpoint_every, no_progress) -> None:
     """Train Diff-NCA with the paper's recipe (MSE + L1 on ε, Adam, ExponentialLR, EMA 0.99).
 
@@ -53,7 +53,7 @@ def train(patches, out, preset, steps, batch_size, lr, device, precision, resume
     precision = resolve_precision(torch_device, precision)
     if precision == "bf16" and torch_device.type == "cpu":
         raise NcaTilesError("bf16 on a CPU is hundreds of times slower than fp32: use --precision fp32")
-    trainer, last = run_training(patches, out, preset, config, torch_device, precision, compile=compile_,
+    trainer, last = run_training(patches, out, preset, config, torch_device, precision,
                                  resume=resume, overwrite=overwrite, progress=not no_progress,
                                  on_resume=lambda step: click.echo(f"resuming at step {step}"))
     click.echo(f"trained to step {trainer.step}: loss {last.get('loss', float('nan')):.4f}; model in {out / 'model'}")
