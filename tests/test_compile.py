@@ -1,0 +1,182 @@
+"""torch.compile of the cell rule: the same numbers as eager (inference and a training step), tiled
+still equals whole, windows of any shape share a few compiled graphs, and without a compiler the
+rule runs eager after one warning line."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from nca_tiles.diffusion import compiled
+from nca_tiles.diffusion.model import PRESETS, CounterFireMask, DiffNCA
+from nca_tiles.diffusion.pipeline import COMPILE_PAYS_AFTER_S, generate_region, load_model
+from nca_tiles.diffusion.schedule import NoiseSchedule
+from nca_tiles.synthesis.job import chunk_grid
+from nca_tiles.training.trainer import COMPILE_MIN_STEPS, Trainer, TrainConfig, diffusion_loss
+from helpers import save_test_model
+from test_synthesis import H, W, assert_same_image, synthesize
+
+TINY = PRESETS["tiny"]
+pytestmark = pytest.mark.skipif(not compiled.available("cpu"), reason="no C++ compiler for torch.compile")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def forget_compiled():
+    # Pipelines in later test modules compile as soon as the rule is warm in the process: start
+    # and leave them as if this module had not run.
+    compiled.reset()
+    yield
+    compiled.reset()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_test_model(tmp_path_factory.mktemp("model"))
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def tiny_model(seed: int = 0) -> DiffNCA:
+    torch.manual_seed(seed)
+    model = DiffNCA(TINY)
+    for p in model.to_update.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return model
+
+
+def predict(model: DiffNCA, x: torch.Tensor, origin=(0, 0)) -> torch.Tensor:
+    b = x.shape[0]
+    fire = CounterFireMask(TINY.fire_rate, [5] * b, [77] * b, [origin] * b)
+    with torch.no_grad():
+        return model(x, torch.full((b,), 77), fire)
+
+
+def test_compiled_inference_equals_eager():
+    model = tiny_model().eval()
+    # One band; several bands (300 px wide: 27-row bands); a last band of one row merged away.
+    for shape in [(1, 3, 40, 50), (1, 3, 70, 300), (2, 3, 55, 300)]:
+        x = torch.randn(shape)
+        model.compiled = False
+        eager = predict(model, x)
+        model.compiled = True
+        torch.testing.assert_close(predict(model, x), eager, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_training_step_equals_eager():
+    eager = tiny_model(1).train()
+    comp = copy.deepcopy(eager)
+    comp.compiled = True
+    schedule = NoiseSchedule()
+    x0 = torch.rand(2, 3, 24, 24) * 2 - 1
+    results = []
+    for model in (eager, comp):
+        generator = torch.Generator().manual_seed(3)  # the same t, ε and fire masks for both
+        loss, _ = diffusion_loss(model, schedule, x0, generator, torch.device("cpu"), contextlib.nullcontext)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_e, grads_e), (loss_c, grads_c) = results
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    assert grads_e.keys() == grads_c.keys()
+    for name in grads_e:
+        assert grads_e[name].abs().max() > 0, name
+        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_tiled_equals_whole_compiled(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(compiled.MODE_ENV, "on")  # every pipeline the job loads compiles
+    eager = generate_region(load_model(model_dir, "cpu", compile=False), H, W, seed=7, steps=4)
+    pipeline = load_model(model_dir, "cpu")
+    assert pipeline.compile == "on" and pipeline.model.compiled
+    assert_same_image(generate_region(pipeline, H, W, seed=7, steps=4), eager)
+    whole = synthesize(model_dir, tmp_path / "whole.ome.tif", chunk=max(W, H))
+    assert_same_image(whole, eager)
+    for chunk in (32, 64):
+        assert_same_image(synthesize(model_dir, tmp_path / f"tiled{chunk}.ome.tif", chunk=chunk), whole)
+
+
+def test_windows_of_many_shapes_share_a_few_graphs(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(compiled.MODE_ENV, "on")
+    halo = TINY.halo
+    chunks = (24, 40, 48, 100)
+    shapes = {c.window_shape for chunk in chunks for c in chunk_grid(H, W, chunk, halo)}
+    assert len(shapes) >= 15
+    before = graphs()
+    for chunk in chunks:
+        synthesize(model_dir, tmp_path / f"c{chunk}.ome.tif", chunk=chunk, steps=1)
+    # Never one per window or shape: torch picks a convolution kernel by the input's size, so
+    # bands below a few thousand values get their own graphs, at most one per such size class.
+    assert graphs() - before <= 3, graphs() - before
+    before = graphs()
+    synthesize(model_dir, tmp_path / "c56.ome.tif", chunk=56, steps=1)  # new shapes again
+    assert graphs() == before
+
+
+def test_auto_compiles_once_eager_time_would_pay(model_dir, monkeypatch):
+    compiled.reset()  # not warm from the tests above: those would make compiling free
+    pipeline = load_model(model_dir, "cpu", compile="auto")
+    assert pipeline.compile == "auto" and not pipeline.model.compiled
+    generate_region(pipeline, 16, 16, steps=2)
+    assert not pipeline.model.compiled  # tiny work: compiling would not pay
+    monkeypatch.setitem(COMPILE_PAYS_AFTER_S, "cpu", 0.0)
+    generate_region(pipeline, 16, 16, steps=2)
+    assert pipeline.compile == "on" and pipeline.model.compiled
+    assert not load_model(model_dir, "cpu", compile=False).model.compiled
+
+
+def test_training_compiles_long_runs_of_large_enough_models():
+    class Run:  # the attributes Trainer._use_compile reads
+        device = torch.device("cpu")
+
+        def __init__(self, steps):
+            self.cfg = TrainConfig(steps=steps)
+
+    use = Trainer._use_compile
+    assert use(Run(COMPILE_MIN_STEPS), None, PRESETS["small"])
+    assert not use(Run(COMPILE_MIN_STEPS - 1), None, PRESETS["small"])  # tests, smoke runs
+    assert not use(Run(COMPILE_MIN_STEPS), None, TINY)  # measured slower compiled
+    assert use(Run(10), True, TINY) and not use(Run(10**6), False, PRESETS["paper"])
+
+
+NO_COMPILER = """
+import sys
+import numpy as np
+from nca_tiles.diffusion.pipeline import generate_region, load_model
+compiled_pipeline = load_model(sys.argv[1], "cpu", compile=True)
+eager = generate_region(load_model(sys.argv[1], "cpu", compile=False), 24, 24, steps=2)
+assert not compiled_pipeline.model.compiled
+assert np.array_equal(generate_region(compiled_pipeline, 24, 24, steps=2), eager)
+load_model(sys.argv[1], "cpu", compile=True)  # a second model: no second warning
+"""
+
+
+def test_no_compiler_runs_eager_after_one_warning_line(model_dir, tmp_path):
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler")}
+    result = subprocess.run([sys.executable, "-c", NO_COMPILER, str(model_dir)], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: torch.compile unavailable"), result.stderr
+    assert "C++ compiler" in lines[0] and "--no-compile" in lines[0]
+
+
+def test_cli_compile_flag_without_compiler_warns_once(model_dir, tmp_path):
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler")}
+    out = tmp_path / "slide.ome.tif"
+    args = [sys.executable, "-m", "nca_tiles_cli.main", "synthesize", "--model", str(model_dir), "--width", "40",
+            "--height", "30", "--chunk", "32", "--steps", "1", "--compression", "none", "--tile", "64",
+            "--device", "cpu", "--no-progress", "--compile", "--out", str(out)]
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line.lower()]
+    assert len(warnings) == 1 and "torch.compile unavailable" in warnings[0], result.stderr
+    assert out.exists()
