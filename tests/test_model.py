@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.diffusion.model import PRESETS, CounterFireMask, DiffNCA, ModelConfig, describe_preset, preset, reflect_pad_rows
+from nca_tiles.diffusion.model import (PRESETS, CounterFireMask, DiffNCA, ModelConfig, band_rows, describe_preset, preset,
+                                      reflect_pad_rows)
 from helpers import needs_proc, run_measuring
 
 CONFIG = ModelConfig(channels=12, hidden=24, nca_steps=5, embedding_hidden=16, encoding_dim=8)
@@ -145,6 +146,15 @@ def test_banded_inference_equals_unbanded():
     with torch.enable_grad():
         whole = model(x, torch.full((2,), 123), fire).detach()
     torch.testing.assert_close(banded, whole, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("height,rows", [(70, 27), (55, 27), (28, 27), (2, 1), (5, 1), (100, 8192)])
+def test_bands_cover_the_rows_once_none_one_row_high(height, rows):
+    # A one-row band would cost the compiled rule another graph (torch specialises sizes of 1).
+    bands = band_rows(height, rows)
+    assert bands[0][0] == 0 and bands[-1][1] == height
+    assert all(a[1] == b[0] for a, b in zip(bands, bands[1:]))
+    assert all(r1 - r0 >= 2 for r0, r1 in bands)
 
 
 @pytest.mark.parametrize("height", [2, 3, 7])
