@@ -134,6 +134,7 @@ def random_model(preset_name: str, seed: int = 0) -> tuple[dict, dict]:
     its last layer made non-zero so that ε̂ is not identically 0 (the cost is the same)."""
     import torch
 
+    from nca_tiles.diffusion.checkpoint import FORMAT_VERSION
     from nca_tiles.diffusion.model import DiffNCA, preset
     from nca_tiles.diffusion.schedule import ScheduleConfig
 
@@ -143,6 +144,7 @@ def random_model(preset_name: str, seed: int = 0) -> tuple[dict, dict]:
     for p in model.to_update.parameters():
         torch.nn.init.normal_(p, std=0.2)
     meta = {
+        "format_version": FORMAT_VERSION,
         "model": config.to_dict(),
         "schedule": ScheduleConfig().to_dict(),
         "data": {"mpp": 1.0, "patch_size": 64, "patch_store": "benchmark"},
@@ -202,13 +204,14 @@ def format_table(headers: list[str], rows: list[list[Any]]) -> str:
 # -- one synthesis through the real path -----------------------------------------------------------
 def synthesize(pipeline, size: int, chunk: int, steps: int, batch: int, seed: int, fmt: str, root: Path) -> float:
     """Seconds of one ``synthesize_slide`` of a size × size canvas (work dir and output in root)."""
+    from nca_tiles.diffusion.levels import SynthesisModel
     from nca_tiles.synthesis.slide_job import SlideRequest, synthesize_slide
 
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         out = Path(tmp) / ("slide.ome.tif" if fmt == "ome-tiff" else "slide.ome.zarr")
         req = SlideRequest(width=size, height=size, out=out, seed=seed, chunk=chunk, steps=steps, batch=batch,
                            format=fmt)
-        seconds, _ = timed(lambda: synthesize_slide(pipeline, req, progress=False), pipeline.device)
+        seconds, _ = timed(lambda: synthesize_slide(req, SynthesisModel.single(pipeline), progress=False), pipeline.device)
     return seconds
 
 
@@ -284,7 +287,7 @@ def sweep_compute_seconds(pipeline, canvas_tensor, chunk: int, batch: int, seed:
     import torch
 
     from nca_tiles.diffusion.pipeline import predict_noise
-    from nca_tiles.synthesis.sweeps import batches, chunk_grid
+    from nca_tiles.synthesis.job import batches, chunk_grid
 
     _, _, height, width = canvas_tensor.shape
     chunks = chunk_grid(height, width, chunk, pipeline.halo)
@@ -309,7 +312,8 @@ def random_canvas(pipeline, size: int, seed: int):
 def section_halo(pipeline, canvas: int, chunks: list[int], batch: int, seed: int, repeats: int,
                  cache: dict) -> dict:
     from nca_tiles.synthesis.plan import make_plan
-    from nca_tiles.synthesis.sweeps import make_job
+    from nca_tiles.diffusion.levels import SynthesisModel
+    from nca_tiles.synthesis.job import make_job
 
     x = random_canvas(pipeline, canvas, seed)
     whole_seconds = whole_compute_seconds(pipeline, canvas, seed, repeats, cache)
@@ -318,8 +322,8 @@ def section_halo(pipeline, canvas: int, chunks: list[int], batch: int, seed: int
     for chunk in chunks:
         log(f"[2] predict_noise over the windows of a {canvas}² sweep, chunk {chunk}")
         seconds, windows, window_pixels = sweep_compute_seconds(pipeline, x, chunk, batch, seed, repeats)
-        job = make_job(pipeline, seed, canvas, canvas, chunk, "ddim", 1)
-        predicted = make_plan(pipeline, job, batch, calibrate=False).halo_overhead
+        job = make_job(SynthesisModel.single(pipeline), seed, canvas, canvas, chunk, "ddim", 1)
+        predicted = make_plan(SynthesisModel.single(pipeline), job, batch, calibrate=False).halo_overhead
         measured = seconds / whole_seconds
         rows.append({"chunk": chunk, "windows": windows, "window_pixels": window_pixels, "seconds": seconds,
                      "predicted": predicted, "interior": ((chunk + 2 * s) / chunk) ** 2, "measured": measured,
@@ -356,13 +360,14 @@ def print_halo(result: dict) -> None:
 def rss_child(args: argparse.Namespace) -> dict:
     """In a fresh process: one synthesis of an rss_child² canvas; its memory before and peak after."""
     from nca_tiles.synthesis.plan import make_plan
-    from nca_tiles.synthesis.sweeps import make_job
+    from nca_tiles.diffusion.levels import SynthesisModel
+    from nca_tiles.synthesis.job import make_job
 
     pipeline, _ = load_pipeline(args.model, args.preset, args.device, args.precision)
     import_synthesis_modules(args.format)
     size, chunk = args.rss_child, args.rss_chunk
-    job = make_job(pipeline, args.seed, size, size, chunk, "ddim", 1)
-    plan = make_plan(pipeline, job, args.batch, calibrate=False)
+    job = make_job(SynthesisModel.single(pipeline), args.seed, size, size, chunk, "ddim", 1)
+    plan = make_plan(SynthesisModel.single(pipeline), job, args.batch, calibrate=False)
     reset_gpu_peak(pipeline.device)
     before = rss_bytes()
     root = Path(args.dir) if args.dir else None

@@ -63,6 +63,11 @@ class SynthesisModel:
     path: Path | None
     hash: str
 
+    @classmethod
+    def single(cls, pipeline: Pipeline, path: Path | None = None) -> "SynthesisModel":
+        """A single-scale model: one level, factor 1, from pure noise (its hash is the pipeline's)."""
+        return cls([Level(pipeline, 1, None)], path, pipeline.hash)
+
     @property
     def finest(self) -> Pipeline:
         return self.levels[-1].pipeline
@@ -151,7 +156,7 @@ def load_synthesis_model(path: Path | str | None = None, device: str = "auto", p
         files = resolve_model_path(path)
         meta, state = load_model_files(files)
         pipeline = build_pipeline(meta, state, device, precision, source=files.checkpoint or files.weights)
-        return SynthesisModel([Level(pipeline, 1, None)], path, pipeline.hash)
+        return SynthesisModel.single(pipeline, path)
     levels = []
     for i, spec in enumerate(_check_levels(config, path)):
         files = resolve_model_path(path / spec["path"])
