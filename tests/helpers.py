@@ -291,6 +291,15 @@ def canvas_paths(work: Path) -> list:
 
 
 # -- folders nobody can write to, and small file systems -----------------------------------------
+def save_test_scale_space_model(folder: Path, factor: int = 2, timesteps: int = 300, t_start: int = 120) -> Path:
+    """Two tiny levels: a coarse rule at factor × 1 µm/px and a fine one at 1 µm/px."""
+    from nca_tiles.diffusion.levels import save_scale_space_model
+
+    coarse = save_test_model(folder / "coarse", timesteps=timesteps, seed=3, mpp=float(factor))
+    fine = save_test_model(folder / "fine", timesteps=timesteps, seed=4, mpp=1.0)
+    return save_scale_space_model(folder / "model", [coarse, fine], [factor, 1], [None, t_start])
+
+
 @contextmanager
 def read_only_dir(path: Path) -> Iterator[Path]:
     """A folder nobody can write to, root included: a read-only tmpfs mounted there (root), or

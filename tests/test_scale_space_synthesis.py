@@ -24,16 +24,9 @@ from nca_tiles.diffusion.levels import (
 from nca_tiles.diffusion.pipeline import generate_region
 from nca_tiles.errors import NcaTilesError
 from nca_tiles.synthesis.slide_job import SlideRequest, plan_job, synthesize_slide
-from helpers import save_test_model
+from helpers import save_test_model, save_test_scale_space_model as scale_space_model
 
 W, H = 150, 230  # not multiples of the chunks, nor of the level factor
-
-
-def scale_space_model(folder: Path, factor: int = 2, timesteps: int = 300, t_start: int = 120) -> Path:
-    """Two tiny levels: a coarse rule at factor × 1 µm/px and a fine one at 1 µm/px."""
-    coarse = save_test_model(folder / "coarse", timesteps=timesteps, seed=3, mpp=float(factor))
-    fine = save_test_model(folder / "fine", timesteps=timesteps, seed=4, mpp=1.0)
-    return save_scale_space_model(folder / "model", [coarse, fine], [factor, 1], [None, t_start])
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from nca_tiles.diffusion.levels import load_synthesis_model
 from nca_tiles.diffusion.pipeline import generate_region, load_model
 from nca_tiles.synthesis.job import batches, chunk_grid
 from nca_tiles.synthesis.slide_job import SlideRequest, synthesize_slide
-from helpers import needs_proc, run_measuring, save_test_model
+from helpers import needs_proc, run_measuring, save_test_model, save_test_scale_space_model
 
 W, H = 150, 230  # sides that are not multiples of any chunk size below
 
@@ -132,16 +132,21 @@ from nca_tiles.synthesis.slide_job import SlideRequest, synthesize_slide
 model = load_synthesis_model(sys.argv[1], "cpu")
 before = peak_kib()
 side = int(sys.argv[2])
-req = SlideRequest(width=side, height=side, out=Path(sys.argv[3]), chunk=256, steps=1, compression="none", tile=256)
+req = SlideRequest(width=side, height=side, out=Path(sys.argv[3]), chunk=256, steps=int(sys.argv[4]),
+                   compression="none", tile=256)
 synthesize_slide(req, model, progress=False)
 print(before, peak_kib())
 """
 
 
 @needs_proc
-def test_memory_is_bounded_by_chunk_not_canvas(model_dir, tmp_path):
-    small_before, small = run_measuring(PEAK_RSS, model_dir, 256, tmp_path / "small.ome.tif")
-    large_before, large = run_measuring(PEAK_RSS, model_dir, 2048, tmp_path / "large.ome.tif")
+@pytest.mark.parametrize("kind", ["single-scale", "scale-space"])
+def test_memory_is_bounded_by_chunk_not_canvas(model_dir, tmp_path, kind):
+    """Also across the levels of a scale-space model: its coarse level and the move between levels
+    (one denoising step a level) stay within the bound."""
+    model, steps = (model_dir, 1) if kind == "single-scale" else (save_test_scale_space_model(tmp_path / "ss"), 2)
+    small_before, small = run_measuring(PEAK_RSS, model, 256, tmp_path / "small.ome.tif", steps)
+    large_before, large = run_measuring(PEAK_RSS, model, 2048, tmp_path / "large.ome.tif", steps)
     assert small > small_before  # the measurement sees the run (no inherited peak hides it)
     assert large <= 1.5 * small, (small, large)
     # Stronger: the larger canvas adds far less than one of its float buffers (48 MiB) to the peak.
