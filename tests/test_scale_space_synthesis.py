@@ -245,3 +245,24 @@ def test_dry_run_beyond_a_day_on_a_cpu_points_to_a_gpu_or_cluster(tmp_path):
     slow = at(1.0)  # 1e4 MP × 50 steps: about 6 days
     assert "days" in slow and "--device cuda" in slow and "--workers" in slow
     assert "--device cuda" not in at(1e-4)
+
+
+def test_evaluate_scores_a_scale_space_model(model_dir, tmp_path, sample_slide):
+    from nca_tiles.diffusion.levels import generate_level_patches
+    from nca_tiles.evaluation.protocol import evaluate_model
+    from nca_tiles.training.patches import extract_patches
+
+    model = load_synthesis_model(model_dir, "cpu")
+    patches = generate_level_patches(model, 3, size=32, seed=2, steps=4)
+    assert patches.shape == (3, 32, 32, 3)
+    assert np.array_equal(patches[1], generate_levels(model, 32, 32, seed=rng_seed(2, 1), steps=4))
+    extract_patches([sample_slide], tmp_path / "p.zarr", target_mpp=1.0, max_per_slide=40, patch_size=32)
+    results = evaluate_model(model_dir, tmp_path / "p.zarr", split="test", n=8, seed=0, steps=4, sampler="ddim",
+                             device="cpu")
+    assert set(results["results"]) == {"floor", "synthetic", "ceiling"} and "nuclei_area_um2" in results["results"]["synthetic"]
+
+
+def rng_seed(seed: int, i: int) -> int:
+    from nca_tiles.diffusion.rng import derive_seed
+
+    return derive_seed(seed, i)

@@ -346,6 +346,17 @@ def generate_levels(model: SynthesisModel, height: int, width: int, seed: int = 
     return to_uint8(previous)
 
 
+def generate_level_patches(model: SynthesisModel, n: int, size: int = 64, seed: int = 0, steps: int | None = 50,
+                           sampler: str = "ddim", eta: float = 0.0) -> np.ndarray:
+    """n independent size × size samples, uint8 (n, size, size, 3); sample i uses seed (seed, i).
+    A single-scale model samples them in batches (``generate_patches``)."""
+    from nca_tiles.diffusion.pipeline import generate_patches
+
+    if not model.is_scale_space:
+        return generate_patches(model.finest, n, size=size, seed=seed, steps=steps, sampler=sampler, eta=eta)
+    return np.stack([generate_levels(model, size, size, rng.derive_seed(seed, i), steps, sampler, eta) for i in range(n)])
+
+
 def cost_ratio_to_single_scale(model: SynthesisModel, timesteps: list[list[int]]) -> float:
     """FLOPs per output pixel of this run ÷ those of the finest level alone at the same step count."""
     single = macs_per_denoising_step(model.finest) * sum(len(ts) for ts in timesteps)

@@ -205,7 +205,7 @@ def evaluate_model(
     ``evaluate_patches`` against ``n`` real patches of the store's ``split`` ("val" or "test"),
     the floor being ``n`` of its training patches. Fewer patches in the store: n shrinks to
     fit. ``say`` receives progress lines. Returns ``evaluate_patches``' results plus the inputs."""
-    from nca_tiles.diffusion.pipeline import generate_patches, load_model
+    from nca_tiles.diffusion.levels import generate_level_patches, load_synthesis_model
     from nca_tiles.training.patches import open_patch_store
 
     say = say or (lambda line: None)
@@ -234,14 +234,14 @@ def evaluate_model(
     real_train, real_heldout = _read_rows(store.images, picked["train"]), _read_rows(store.images, picked[split])
     size = real_heldout.shape[1]
 
-    pipeline = load_model(model, device)
-    if abs(pipeline.mpp - store.mpp) > 0.01 * store.mpp:
+    loaded = load_synthesis_model(model, device)
+    if abs(loaded.mpp - store.mpp) > 0.01 * store.mpp:
         raise NcaTilesError(
-            f"the model was trained at {pipeline.mpp:g} µm/px but {patches} holds {store.mpp:g} µm/px patches: "
-            f"compare at the same resolution (extract-patches --mpp {pipeline.mpp:g})"
+            f"the model was trained at {loaded.mpp:g} µm/px but {patches} holds {store.mpp:g} µm/px patches: "
+            f"compare at the same resolution (extract-patches --mpp {loaded.mpp:g})"
         )
     say(f"sampling {n_used} synthetic {size} x {size} patches ({sampler})...")
-    synthetic = generate_patches(pipeline, n_used, size=size, seed=seed, steps=steps, sampler=sampler)
+    synthetic = generate_level_patches(loaded, n_used, size=size, seed=seed, steps=steps, sampler=sampler)
 
     say("computing metrics...")
     results = evaluate_patches(real_train, real_heldout, synthetic, seed=seed, mpp=store.mpp)
