@@ -21,7 +21,12 @@ from nca_tiles_cli.options import compile_option, device_option, seed_option, th
 @device_option()
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the results as JSON to this file.")
 @click.option("--slide", type=click.Path(path_type=Path), help="Score the seams of this synthesized slide (OME-TIFF or OME-Zarr) instead.")
-@click.option("--chunk", type=int, help="With --slide: the chunk size the slide was synthesized with, in pixels.")
+@click.option("--chunk", type=int, help="With --slide: the chunk size it was synthesized with. Default: as the slide records.")
+@click.option("--real", "real_slides", type=click.Path(path_type=Path), multiple=True,
+              help="With --slide: real slides to compare its tissue layout with (repeatable).")
+@click.option("--layout-mpp", type=float, default=8.0, show_default=True,
+              help="With --real: µm/px at which tissue fraction, tissue regions and lumina are measured.")
+@click.option("--real-source-mpp", type=float, help="With --real: µm/px of real slides whose metadata has none.")
 @compile_option()
 @threads_option()
 def evaluate(
@@ -36,6 +41,9 @@ def evaluate(
     json_path: Path | None,
     slide: Path | None,
     chunk: int | None,
+    real_slides: tuple[Path, ...],
+    layout_mpp: float,
+    real_source_mpp: float | None,
 ) -> None:
     """Measure how close a model's patches are to real held-out patches, or score a slide's seams.
 
@@ -49,23 +57,23 @@ def evaluate(
     two-sample test (AUC 0.5 = real and synthetic cannot be told apart).
 
     \b
-    With --slide FILE --chunk C: the seam score, mean gradient across chunk
+    With --slide FILE [--chunk C]: the seam score, mean gradient across chunk
     borders / inside chunks (1.00 = no seam), and a control on a shifted grid
     (JPEG blocks lift both; a seam lifts only the score). The slide is read
-    in strips, so any size fits in memory.
+    in strips, so any size fits in memory. With --real SLIDE...: the slide's
+    tissue layout at --layout-mpp (tissue fraction, areas of tissue regions
+    and lumina) against the real slides', beside a real-vs-real floor.
     """
     if slide is not None:
         if patches is not None or model is not None:
             raise NcaTilesError("give either --slide with --chunk (seam score) or --patches with --model, not both")
-        if chunk is None:
-            raise NcaTilesError("--slide needs --chunk: the chunk size the slide was synthesized with")
         from nca_tiles.evaluation.protocol import evaluate_slide, format_seam_report
 
-        results = evaluate_slide(slide, chunk)
+        results = evaluate_slide(slide, chunk, real_slides, layout_mpp, real_source_mpp)
         click.echo(format_seam_report(results))
     else:
-        if chunk is not None:
-            raise NcaTilesError("--chunk goes with --slide: give the slide to score")
+        if chunk is not None or real_slides:
+            raise NcaTilesError("--chunk and --real go with --slide: give the slide to score")
         if patches is None:
             raise NcaTilesError("give --patches STORE (and --model) to evaluate a model, or --slide FILE --chunk C")
         from nca_tiles.evaluation.protocol import evaluate_model, format_table

@@ -162,3 +162,17 @@ def test_cli_errors_are_one_line(args, message, sample_slide):
     assert result.exit_code != 0
     assert "Error:" in result.output and message in result.output, result.output
     assert "Traceback" not in result.output
+
+
+def test_slide_evaluation_reads_its_chunk_and_compares_layout_with_real_slides(tmp_path, sample_slide):
+    from helpers import save_test_model
+
+    model = save_test_model(tmp_path / "m")
+    out = tmp_path / "s.ome.tif"
+    result = CliRunner().invoke(cli, ["synthesize", "--model", str(model), "--width", "200", "--height", "150",
+                                      "--chunk", "48", "--steps", "2", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(cli, ["evaluate", "--slide", str(out), "--real", str(sample_slide), "--layout-mpp", "4"])
+    assert result.exit_code == 0, result.output
+    assert "chunk 48 px" in result.output  # from the slide's generator record
+    assert "layout at 4 µm/px" in result.output and "W1 log10 tissue region area" in result.output

@@ -14,7 +14,7 @@ all depend on n.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -250,10 +250,34 @@ def evaluate_model(
     return results
 
 
-def evaluate_slide(slide: str | os.PathLike[str], chunk: int) -> dict[str, Any]:
-    """The seam score of a slide synthesized in ``chunk`` px chunks, and its shifted-grid
-    control (``metrics.seam_statistics``), with the slide's path."""
-    return {"slide": str(slide), **metrics.seam_statistics(Path(slide), chunk)}
+def recorded_chunk(slide: str | os.PathLike[str]) -> int | None:
+    """The chunk side an nca-tiles slide was synthesized with, from its generator record."""
+    from nca_tiles.wsi.slide import open_slide
+
+    with open_slide(slide) as opened:
+        chunk = (opened.metadata.generator or {}).get("chunk")
+    try:
+        return int(chunk) if chunk is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def evaluate_slide(slide: str | os.PathLike[str], chunk: int | None = None, real: Sequence[str | os.PathLike[str]] = (),
+                   layout_mpp: float = 8.0, real_source_mpp: float | None = None) -> dict[str, Any]:
+    """The seam score of a synthesized slide and its shifted-grid control
+    (``metrics.seam_statistics``); ``chunk`` defaults to the one the slide records. With ``real``
+    slides, also its layout at ``layout_mpp`` µm/px against theirs (``layout.evaluate_layout``)."""
+    if chunk is None:
+        chunk = recorded_chunk(slide)
+        if chunk is None:
+            raise NcaTilesError(f"{slide} records no chunk size: give --chunk, the chunk it was synthesized with")
+    results = {"slide": str(slide), **metrics.seam_statistics(Path(slide), chunk)}
+    if real:
+        from nca_tiles.evaluation.layout import evaluate_layout, slide_layout
+
+        results["layout"] = evaluate_layout([slide_layout(slide, layout_mpp)],
+                                            [slide_layout(path, layout_mpp, real_source_mpp) for path in real])
+    return results
 
 
 def format_seam_report(results: dict[str, Any]) -> str:
@@ -269,4 +293,8 @@ def format_seam_report(results: dict[str, Any]) -> str:
             f"control {results['control_score']:.3f}: the same ratio on a grid shifted by {results['control_shift']} px; "
             "JPEG blocks lift both, a seam only the first"
         )
+    if "layout" in results:
+        from nca_tiles.evaluation.layout import format_layout_table
+
+        lines += ["", format_layout_table(results["layout"])]
     return "\n".join(lines)
