@@ -20,9 +20,10 @@ from nca_tiles.diffusion.model import PRESETS, CounterFireMask, DiffNCA
 from nca_tiles.diffusion.pipeline import COMPILE_PAYS_AFTER_S, generate_region, load_model
 from nca_tiles.diffusion.schedule import NoiseSchedule
 from nca_tiles.synthesis.job import chunk_grid
-from nca_tiles.training.trainer import COMPILE_MIN_STEPS, Trainer, TrainConfig, diffusion_loss
-from helpers import save_test_model
+from nca_tiles.training.trainer import COMPILE_FROM_STEP, COMPILE_MIN_STEPS, Trainer, TrainConfig, diffusion_loss
+from helpers import assert_ok, save_test_model
 from test_synthesis import H, W, assert_same_image, synthesize
+from test_training import metrics, store, train  # noqa: F401 (store: a fixture)
 
 TINY = PRESETS["tiny"]
 pytestmark = pytest.mark.skipif(not compiled.available("cpu"), reason="no C++ compiler for torch.compile")
@@ -133,18 +134,30 @@ def test_auto_compiles_once_eager_time_would_pay(model_dir, monkeypatch):
     assert not load_model(model_dir, "cpu", compile=False).model.compiled
 
 
-def test_training_compiles_long_runs_of_large_enough_models():
-    class Run:  # the attributes Trainer._use_compile reads
+def test_training_compiles_long_runs_after_their_first_steps():
+    class Run:  # the attributes Trainer._compile_from reads
         device = torch.device("cpu")
 
         def __init__(self, steps):
             self.cfg = TrainConfig(steps=steps)
 
-    use = Trainer._use_compile
-    assert use(Run(COMPILE_MIN_STEPS), None, PRESETS["small"])
-    assert not use(Run(COMPILE_MIN_STEPS - 1), None, PRESETS["small"])  # tests, smoke runs
-    assert not use(Run(COMPILE_MIN_STEPS), None, TINY)  # measured slower compiled
-    assert use(Run(10), True, TINY) and not use(Run(10**6), False, PRESETS["paper"])
+    first = Trainer._compile_from
+    assert first(Run(COMPILE_MIN_STEPS), None) == first(Run(10**6), "auto") == COMPILE_FROM_STEP
+    assert first(Run(COMPILE_MIN_STEPS - 1), None) is None  # tests, smoke runs
+    assert first(Run(10), True) == 0 and first(Run(10**6), False) is None
+
+
+def test_train_compile_flag_matches_eager(store, tmp_path):
+    # nca-tiles train --compile: every step compiled, from the first; the losses are eager's.
+    assert_ok(train(store, tmp_path / "eager", "--steps", 2, "--no-compile"))
+    before, default = graphs(), os.environ.get(compiled.MODE_ENV)
+    assert_ok(train(store, tmp_path / "compiled", "--steps", 2, "--compile"))
+    assert graphs() > before  # this batch shape was new: it compiled
+    assert os.environ.get(compiled.MODE_ENV) == default  # the flag held for the command only
+    eager, comp = metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")
+    assert [m["step"] for m in comp] == [1, 2]
+    for a, b in zip(eager, comp):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
 
 
 NO_COMPILER = """

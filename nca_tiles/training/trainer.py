@@ -54,11 +54,13 @@ MAX_IN_MEMORY_BYTES = 4 << 30  # larger patch stores would need a streaming load
 MAX_STEPS = 10_000_000
 MAX_BATCH_SIZE = 4096  # 256× the paper's 16: beyond it a typo, not a plan
 INIT_SEED_KEY = 0x1417  # derives the seed of the initial weights from --seed
-# compile=None ("auto") compiles the training step for runs this long and models this large. The
-# compile costs ≈ 30–45 s on 2 CPU cores and the small preset's step got ≈ 1.6–2.8× faster: it
-# pays after tens of steps. The tiny preset's step (960 MAC/px) measured slower compiled.
+# compile=None ("auto") compiles the training step of runs this long, from step COMPILE_FROM_STEP
+# on: the compile costs ≈ 30–45 s on 2 CPU cores and the small preset's step got ≈ 1.6–2.8× faster,
+# so it pays after tens of steps (benchmarks/bench_compile.py measures it). Short runs, and runs
+# stopped within their first steps (tests, smoke runs), never wait for a compile. Keyed by the step
+# index, so a resumed run uses the kernels the uninterrupted one used at every step.
 COMPILE_MIN_STEPS = 500
-COMPILE_MIN_MACS = 10_000  # per pixel per NCA step
+COMPILE_FROM_STEP = 50
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,7 @@ class Trainer:
         self.step = 0
         # The cell rule's forward and backward through torch.compile (nca_tiles.diffusion.compiled):
         # the same numbers as eager up to float rounding. The EMA model (validation) stays eager.
-        self.model.compiled = self._use_compile(compile, model_config)
+        self.compile_from = self._compile_from(compile)  # None: never
         self.ema.compiled = False
         self.forward = self.model
         self.train_images, self.val_images = self._load_splits("train", "val")
@@ -152,14 +154,16 @@ class Trainer:
         self._stop_requested = False
         self.saved_step: int | None = None  # step of the checkpoint on disk, if any
 
-    def _use_compile(self, mode: bool | str | None, model_config: ModelConfig) -> bool:
+    def _compile_from(self, mode: bool | str | None) -> int | None:
+        """The first step whose forward and backward run compiled (None: none)."""
         mode = compiled.resolve_mode(mode)
         if mode == "auto":
-            # Decided by the run's total steps, not those left: a resumed run compiles as the
-            # uninterrupted one did, so it continues with the same kernels.
-            pays = self.cfg.steps >= COMPILE_MIN_STEPS and model_config.macs_per_pixel_step() >= COMPILE_MIN_MACS
-            mode = "on" if pays else "off"
-        return mode == "on" and compiled.available(self.device)
+            if self.cfg.steps < COMPILE_MIN_STEPS:
+                return None
+            first = COMPILE_FROM_STEP
+        else:
+            first = 0
+        return first if mode != "off" and compiled.available(self.device) else None
 
     # -- data ---------------------------------------------------------------------------------
     def _load_splits(self, *splits: str) -> list[np.ndarray]:
@@ -258,6 +262,7 @@ class Trainer:
     def train_step(self) -> dict:
         generator = torch.Generator().manual_seed(rng.derive_seed(self.cfg.seed, self.step))
         self.model.train()
+        self.model.compiled = self.compile_from is not None and self.step >= self.compile_from
         x0 = self._batch(generator)
         loss, parts = diffusion_loss(self.forward, self.schedule, x0, generator, self.device, self._autocast)
         if not math.isfinite(loss.item()):
