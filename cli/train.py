@@ -35,10 +35,15 @@ PRESETS = ("paper", "small", "tiny")
               help="Steps between sample PNGs; the last step always gets one (0: never).")
 @click.option("--checkpoint-every", type=int, default=500, show_default=True,
               help="Steps between checkpoints (--resume starts from the last; the end of a run and Ctrl-C save one too).")
+@click.option("--max-timestep", type=int, default=None,
+              help="Train only timesteps t ≤ N: for a finer level of a scale-space model, which starts at its "
+                   "t_start (see build-model). Default: every t.")
+@click.option("--init-from", type=click.Path(path_type=Path), default=None,
+              help="Start from this model's weights (same --preset) instead of random ones; a new run only.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @threads_option()
 def train(patches, out, preset, steps, batch_size, lr, device, precision, resume, overwrite, seed,
-          val_every, sample_every, checkpoint_every, no_progress) -> None:
+          val_every, sample_every, checkpoint_every, max_timestep, init_from, no_progress) -> None:
     """Train Diff-NCA with the paper's recipe (MSE + L1 on ε, Adam, ExponentialLR, EMA 0.99).
 
     Ctrl-C saves a checkpoint; rerun with --resume to continue exactly where it stopped.
@@ -47,13 +52,15 @@ def train(patches, out, preset, steps, batch_size, lr, device, precision, resume
     from nca_tiles.diffusion.pipeline import resolve_device, resolve_precision
     from nca_tiles.training.trainer import TrainConfig, run_training
 
+    if init_from is not None and resume:
+        raise NcaTilesError("--init-from starts a new run: drop it with --resume")
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, val_every=val_every,
-                         sample_every=sample_every, checkpoint_every=checkpoint_every)
+                         sample_every=sample_every, checkpoint_every=checkpoint_every, max_timestep=max_timestep)
     torch_device = resolve_device(device)
     precision = resolve_precision(torch_device, precision)
     if precision == "bf16" and torch_device.type == "cpu":
         raise NcaTilesError("bf16 on a CPU is hundreds of times slower than fp32: use --precision fp32")
     trainer, last = run_training(patches, out, preset, config, torch_device, precision,
-                                 resume=resume, overwrite=overwrite, progress=not no_progress,
+                                 resume=resume, overwrite=overwrite, progress=not no_progress, init_from=init_from,
                                  on_resume=lambda step: click.echo(f"resuming at step {step}"))
     click.echo(f"trained to step {trainer.step}: loss {last.get('loss', float('nan')):.4f}; model in {out / 'model'}")

@@ -3,6 +3,7 @@ resume, what a run directory holds, metrics and samples, Ctrl-C, and refused inp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -19,6 +20,7 @@ import zarr
 from PIL import Image
 
 from nca_tiles.diffusion.checkpoint import FORMAT_VERSION
+from nca_tiles.errors import NcaTilesError
 from nca_tiles.diffusion.model import PRESETS, DiffNCA
 from nca_tiles.training.patches import extract_patches, open_patch_store
 from nca_tiles.diffusion.pipeline import load_model
@@ -443,3 +445,60 @@ def test_out_is_a_file(store, tmp_path):
     (tmp_path / "run").write_text("mine")
     assert_one_line_error(train(store, tmp_path / "run", "--steps", 1), "is a file")
     assert (tmp_path / "run").read_text() == "mine"
+
+
+def test_max_timestep_draws_only_early_timesteps():
+    from nca_tiles.diffusion.model import PRESETS, DiffNCA
+    from nca_tiles.diffusion.schedule import NoiseSchedule
+    from nca_tiles.training.trainer import diffusion_loss
+
+    seen = []
+
+    class Spy(DiffNCA):
+        def forward(self, x, t, fire):
+            seen.extend(t.tolist())
+            return super().forward(x, t, fire)
+
+    model, schedule = Spy(PRESETS["tiny"]), NoiseSchedule()
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.zeros(64, 3, 8, 8)
+    diffusion_loss(model, schedule, x0, generator, torch.device("cpu"), contextlib.nullcontext, max_timestep=20)
+    assert max(seen) <= 20 and min(seen) >= 0 and len(set(seen)) > 10
+
+
+def test_max_timestep_is_recorded_and_must_be_kept_on_resume(store, tmp_path):
+    out = tmp_path / "run"
+    assert_ok(train(store, out, "--steps", 2, "--max-timestep", 40))
+    assert load_checkpoint(out)["meta"]["training"]["max_timestep"] == 40
+    assert json.loads((out / "model" / "config.json").read_text())["training"]["max_timestep"] == 40
+    assert_one_line_error(train(store, out, "--steps", 3, "--resume"), "--max-timestep 40")
+    assert_ok(train(store, out, "--steps", 3, "--resume", "--max-timestep", 40))
+    assert_one_line_error(train(store, tmp_path / "r2", "--steps", 2, "--max-timestep", 300), "--max-timestep")
+
+
+def test_a_level_trained_below_its_t_start_is_refused(store, tmp_path):
+    from helpers import save_test_model
+
+    from nca_tiles.diffusion.levels import save_scale_space_model
+
+    fine = tmp_path / "fine"
+    assert_ok(train(store, fine, "--steps", 1, "--max-timestep", 40, "--preset", "tiny"))
+    coarse = save_test_model(tmp_path / "coarse", mpp=2.0)
+    with pytest.raises(NcaTilesError, match="trained only up to t = 40"):
+        save_scale_space_model(tmp_path / "m", [coarse, fine], [2, 1], [None, 99])
+    save_scale_space_model(tmp_path / "ok", [coarse, fine], [2, 1], [None, 40])
+
+
+def test_init_from_starts_from_another_models_weights(one_step, store, tmp_path):
+    out = tmp_path / "warm"
+    assert_ok(train(store, out, "--steps", 1, "--init-from", one_step, "--lr", "1e-30"))
+    start = load_checkpoint(one_step)
+    warm = load_checkpoint(out)
+    # With a vanishing learning rate one step leaves the weights where they started: the EMA of
+    # the model they were taken from.
+    for name, tensor in start["ema"].items():
+        torch.testing.assert_close(warm["model"][name], tensor)
+    assert warm["meta"]["training"]["initialized_from"]["step"] == start["step"]
+    assert_one_line_error(train(store, out, "--steps", 2, "--resume", "--init-from", one_step), "--init-from")
+    assert_one_line_error(train(store, tmp_path / "w2", "--steps", 1, "--init-from", one_step, "--preset", "small"),
+                          "another model or schedule")

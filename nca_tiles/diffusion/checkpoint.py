@@ -157,7 +157,8 @@ def validate_model_meta(meta: Any, source: str | Path) -> dict:
     data.number("mpp", f"a positive number of µm per pixel (at most {_MAX_MPP:g})", lambda v: 0 < v <= _MAX_MPP)
     data.whole("patch_size", 1, 1 << 16, required=False)
     if "training" in meta:
-        _Fields(source, "training", meta["training"])
+        training = _Fields(source, "training", meta["training"])
+        training.whole("max_timestep", 0, 1 << 20, required=False)
     return meta
 
 

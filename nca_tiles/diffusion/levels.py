@@ -180,6 +180,11 @@ def _check_consistent(levels: list[Level], where: Path | str) -> None:
                                 f"finest level's {finest.mpp:g} µm/px needs {expected:g} µm/px")
         if level.t_start is not None and not 0 <= level.t_start < p.schedule.timesteps:
             raise NcaTilesError(f"{where}: level {i} t_start {level.t_start} is outside 0..{p.schedule.timesteps - 1}")
+        trained_up_to = (p.meta.get("training") or {}).get("max_timestep")
+        starts_at = p.schedule.timesteps - 1 if level.t_start is None else level.t_start
+        if trained_up_to is not None and trained_up_to < starts_at:
+            raise NcaTilesError(f"{where}: level {i} starts at t = {starts_at} but was trained only up to t = "
+                                f"{trained_up_to} (train --max-timestep): train it further up, or start it later")
 
 
 def choose_t_start(patches: np.ndarray, ratio: int, alpha_bars: np.ndarray) -> int:

@@ -34,6 +34,7 @@ from nca_tiles.diffusion.checkpoint import (
     atomic_torch_save,
     atomic_write_bytes,
     check_format_version,
+    model_hash,
     save_model_dir,
     torch_load,
 )
@@ -78,6 +79,9 @@ class TrainConfig:
     sample_every: int = 2000
     checkpoint_every: int = 500
     sample_steps: int = 50
+    # Train only t ≤ max_timestep: a finer level of a scale-space model starts at its t_start, so
+    # its capacity is better spent below it (docs/design.md §7). None: every t.
+    max_timestep: int | None = None
 
     def __post_init__(self) -> None:
         check_int("--steps", self.steps, 1, MAX_STEPS)
@@ -87,6 +91,8 @@ class TrainConfig:
         check_int("--val-every", self.val_every, 1, MAX_STEPS)
         check_int("--checkpoint-every", self.checkpoint_every, 1, MAX_STEPS)
         check_int("--sample-every", self.sample_every, 0, MAX_STEPS, " (0: never)")
+        if self.max_timestep is not None:
+            check_int("--max-timestep", self.max_timestep, 0, MAX_STEPS)
 
 
 def to_model_space(images: np.ndarray) -> torch.Tensor:
@@ -107,10 +113,10 @@ def dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def diffusion_loss(model: DiffNCA, schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generator,
-                   device: torch.device, autocast) -> tuple[torch.Tensor, dict]:
-    """Draw t and ε, noise x_0, predict ε: loss = MSE + L1 (the paper's)."""
+                   device: torch.device, autocast, max_timestep: int | None = None) -> tuple[torch.Tensor, dict]:
+    """Draw t ≤ max_timestep (default T − 1) and ε, noise x_0, predict ε: loss = MSE + L1 (the paper's)."""
     b = x0.shape[0]
-    t = torch.randint(schedule.timesteps, (b,), generator=generator)
+    t = torch.randint(schedule.timesteps if max_timestep is None else max_timestep + 1, (b,), generator=generator)
     noise = torch.randn(x0.shape, generator=generator)
     x_t = schedule.add_noise(x0, noise, t)
     fire = TorchFireMask(model.config.fire_rate, generator)
@@ -142,7 +148,11 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train_config.lr,
                                           betas=train_config.adam_betas, eps=train_config.adam_eps)
         self.lr_scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=train_config.lr_gamma)
+        if train_config.max_timestep is not None and train_config.max_timestep >= self.schedule.timesteps:
+            raise NcaTilesError(f"--max-timestep must be below the schedule's {self.schedule.timesteps} timesteps, "
+                                f"got {train_config.max_timestep}")
         self.step = 0
+        self.initialized_from: dict | None = None
         # The cell rule's forward and backward through torch.compile (nca_tiles.diffusion.compiled):
         # the same numbers as eager up to float rounding. The EMA model (validation) stays eager.
         self.compile_from = self._compile_from(compile)  # None: never
@@ -193,7 +203,9 @@ class Trainer:
             "model": self.model.config.to_dict(),
             "schedule": self.schedule.config.to_dict(),
             "data": {"mpp": self.store.mpp, "patch_size": self.store.patch_size, "patch_store": self.store.identity},
-            "training": {"step": self.step, "preset": self.preset_name, "seed": self.cfg.seed},
+            "training": {"step": self.step, "preset": self.preset_name, "seed": self.cfg.seed,
+                         **({} if self.cfg.max_timestep is None else {"max_timestep": self.cfg.max_timestep}),
+                         **({} if self.initialized_from is None else {"initialized_from": self.initialized_from})},
             "nca_tiles_version": __version__,
         }
 
@@ -225,6 +237,19 @@ class Trainer:
             where = f"the last good checkpoint is {self.out / CHECKPOINT_NAME} (step {self.saved_step})"
         return NcaTilesError(f"{what}: stopped; {where} (try a lower --lr)")
 
+    def initialize_from(self, model_path: Path) -> None:
+        """Start from another model's sampling (EMA) weights instead of random ones — e.g. to carry a
+        run over to a re-extracted patch store; the optimizer starts afresh."""
+        from nca_tiles.diffusion.checkpoint import load_model_files, load_weights, resolve_model_path
+
+        files = resolve_model_path(Path(model_path))
+        meta, state = load_model_files(files)
+        if meta["model"] != self.model.config.to_dict() or meta["schedule"] != self.schedule.config.to_dict():
+            raise NcaTilesError(f"--init-from {model_path} has another model or schedule config: use its --preset")
+        load_weights(self.model, state, files.weights or files.checkpoint)
+        self.ema.load_state_dict(self.model.state_dict())
+        self.initialized_from = {"model": model_hash(meta, state), "step": (meta.get("training") or {}).get("step")}
+
     def resume(self) -> None:
         path = self.out / CHECKPOINT_NAME
         if not path.exists():
@@ -236,6 +261,10 @@ class Trainer:
             raise NcaTilesError(f"--resume: {path} was trained with a different model or schedule config (use the same --preset)")
         if saved["data"]["patch_store"] != self.store.identity:
             raise NcaTilesError(f"--resume: {path} was trained on a different patch store (use the same --patches)")
+        saved_max_t = (saved.get("training") or {}).get("max_timestep")
+        if saved_max_t != self.cfg.max_timestep:
+            raise NcaTilesError(f"--resume: {path} was trained with --max-timestep {saved_max_t}: give the same")
+        self.initialized_from = (saved.get("training") or {}).get("initialized_from")
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -264,7 +293,8 @@ class Trainer:
         self.model.train()
         self.model.compiled = self.compile_from is not None and self.step >= self.compile_from
         x0 = self._batch(generator)
-        loss, parts = diffusion_loss(self.forward, self.schedule, x0, generator, self.device, self._autocast)
+        loss, parts = diffusion_loss(self.forward, self.schedule, x0, generator, self.device, self._autocast,
+                                     self.cfg.max_timestep)
         if not math.isfinite(loss.item()):
             raise self._diverged(f"loss became {loss.item()} at step {self.step}")
         self.optimizer.zero_grad(set_to_none=True)
@@ -292,7 +322,8 @@ class Trainer:
         for i in range(self.cfg.val_batches):
             start = (i * self.cfg.batch_size) % len(self.val_images)
             x0 = to_model_space(self.val_images[start : start + self.cfg.batch_size])
-            loss, _ = diffusion_loss(self.ema, self.schedule, x0, generator, self.device, self._autocast)
+            loss, _ = diffusion_loss(self.ema, self.schedule, x0, generator, self.device, self._autocast,
+                                     self.cfg.max_timestep)
             losses.append(loss.item())
         return float(np.mean(losses))
 
@@ -363,7 +394,7 @@ def _logged_step(line: str) -> int | None:
 
 def run_training(patches: Path, out: Path, preset: str, config: TrainConfig, device: torch.device,
                  precision: str = "fp32", *, compile: bool | str | None = None, resume: bool = False,
-                 overwrite: bool = False, progress: bool = True,
+                 overwrite: bool = False, progress: bool = True, init_from: Path | None = None,
                  on_resume: Callable[[int], None] | None = None) -> tuple[Trainer, dict]:
     """A whole training run: new, resumed (``resume``) or started afresh over an old one
     (``overwrite``). The run directory is locked from the first look at it to the last write, so a
@@ -389,5 +420,7 @@ def run_training(patches: Path, out: Path, preset: str, config: TrainConfig, dev
             trainer.resume()
             if on_resume is not None:
                 on_resume(trainer.step)
+        elif init_from is not None:
+            trainer.initialize_from(init_from)
         last = trainer.run(progress=progress)
     return trainer, last
