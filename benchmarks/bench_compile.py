@@ -1,0 +1,246 @@
+"""Eager vs compiled (torch.compile of the cell rule, nca_tiles.diffusion.compiled): inference
+seconds per denoising step of a 512² canvas and training steps per hour, each also in units of one
+2048² fp32 matmul on the same cores, and end-to-end figures that count the compile time.
+
+    python benchmarks/bench_compile.py --quick                  # tiny preset, small sizes: ~1–2 min
+    python benchmarks/bench_compile.py                          # small preset: 512², batch 16 of 64²
+    python benchmarks/bench_compile.py --preset paper --device cuda --json compile.json
+
+Inference: ``generate_region`` of one denoising step on a size² canvas (whole canvas in memory,
+banded rule), eager and compiled, the median of ``--repeats`` calls; the compiled pipeline's first
+call (which compiles) is timed apart: compile seconds = first call − median call. Training: the
+trainer's ``diffusion_loss`` + backward + Adam step on random data, batch ``--batch-size`` of
+``--patch``² patches, eager and compiled, timed the same way. Compile times are cold: inductor's
+on-disk cache is a fresh temporary folder unless ``--warm-cache`` (then a rerun reuses kernels and
+compiles in a fraction of the time, as a second nca-tiles process on this machine would).
+
+fp32 on a CPU (bf16 is far slower there: docs/design.md §4); ``--precision auto`` is bf16 autocast
+on CUDA. Torch uses one thread per core unless OMP_NUM_THREADS says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_synthesis, beside this file
+
+from bench_synthesis import format_table, header_lines, log, machine_info, matmul_flops, random_model, timed  # noqa: E402
+
+QUICK = {"preset": "tiny", "size": 64, "batch_size": 4, "patch": 32, "repeats": 2, "train_steps": 2}
+FULL = {"preset": "small", "size": 512, "batch_size": 16, "patch": 64, "repeats": 5, "train_steps": 10}
+JOB_STEPS = 50  # denoising steps of the end-to-end inference figure (DDIM's default)
+
+
+def graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def measure_inference(args: argparse.Namespace, device, compile: bool) -> dict:
+    """Seconds per denoising step of a size² canvas; compiled: also the first call's seconds."""
+    from nca_tiles.diffusion.pipeline import build_pipeline, generate_region
+
+    meta, state = random_model(args.preset)
+    pipeline = build_pipeline(meta, state, device, args.precision, compile=compile)
+    if compile and not pipeline.model.compiled:
+        return {}
+    if not compile:
+        generate_region(pipeline, 32, 32, steps=1)  # libraries and thread pools up
+    before = graphs()
+    first, _ = timed(lambda: generate_region(pipeline, args.size, args.size, seed=0, steps=1), device)
+    times = [timed(lambda: generate_region(pipeline, args.size, args.size, seed=n, steps=1), device)[0]
+             for n in range(1, args.repeats + 1)]
+    result = {"s_per_step": statistics.median(times), "first_s": first, "graphs": graphs() - before}
+    if compile:  # another canvas size, other window and band shapes: should reuse the graphs
+        before = graphs()
+        other = max(16, args.size - 37)
+        generate_region(pipeline, other, other + 11, seed=0, steps=1)
+        result["graphs_other_size"] = graphs() - before
+    return result
+
+
+def measure_training(args: argparse.Namespace, device, compile: bool) -> dict:
+    """Seconds per training step; compiled: also the first step's seconds."""
+    import torch
+
+    from nca_tiles.diffusion import compiled
+    from nca_tiles.diffusion.model import DiffNCA, preset
+    from nca_tiles.diffusion.pipeline import autocast
+    from nca_tiles.diffusion.schedule import NoiseSchedule
+    from nca_tiles.training.trainer import TrainConfig, diffusion_loss
+
+    if compile and not compiled.available(device):
+        return {}
+    torch.manual_seed(0)
+    model = DiffNCA(preset(args.preset)).to(device).train()
+    model.compiled = compile
+    schedule = NoiseSchedule()
+    cfg = TrainConfig()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+
+    def step(n: int) -> None:
+        generator = torch.Generator().manual_seed(n)  # as the trainer: every draw of step n from (seed, n)
+        x0 = torch.rand((args.batch_size, 3, args.patch, args.patch), generator=generator) * 2 - 1
+        loss, _ = diffusion_loss(model, schedule, x0, generator, device, lambda: autocast(device, args.precision))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    before = graphs()
+    first, _ = timed(lambda: step(0), device)
+    times = [timed(lambda: step(n), device)[0] for n in range(1, args.train_steps + 1)]
+    return {"s_per_step": statistics.median(times), "first_s": first, "graphs": graphs() - before}
+
+
+def summarize(results: dict) -> dict:
+    """Ratios, compile seconds and end-to-end figures from the raw timings."""
+    mm = results["matmul_s"]
+    out: dict[str, Any] = {}
+    for kind in ("inference", "training"):
+        eager, comp = results[kind]["eager"], results[kind]["compiled"]
+        row = {"eager_s": eager["s_per_step"], "eager_matmuls": eager["s_per_step"] / mm}
+        if comp:
+            compile_s = max(0.0, comp["first_s"] - comp["s_per_step"])
+            saved = eager["s_per_step"] - comp["s_per_step"]
+            row.update(compiled_s=comp["s_per_step"], compiled_matmuls=comp["s_per_step"] / mm,
+                       speedup=eager["s_per_step"] / comp["s_per_step"], compile_s=compile_s,
+                       break_even_steps=compile_s / saved if saved > 0 else None, graphs=comp["graphs"])
+        out[kind] = row
+    inf, tr = out["inference"], out["training"]
+    inf["job_eager_s"] = JOB_STEPS * inf["eager_s"]
+    tr["eager_steps_per_hour"] = 3600 / tr["eager_s"]
+    if "compiled_s" in inf:
+        inf["job_compiled_s"] = inf["compile_s"] + JOB_STEPS * inf["compiled_s"]
+        inf["graphs_other_size"] = results["inference"]["compiled"]["graphs_other_size"]
+    if "compiled_s" in tr:
+        tr["compiled_steps_per_hour"] = 3600 / tr["compiled_s"]
+        tr["compiled_steps_first_hour"] = max(0.0, 3600 - tr["compile_s"]) / tr["compiled_s"]
+    return out
+
+
+def print_results(results: dict) -> None:
+    a, s = results["settings"], results["summary"]
+    inf, tr = s["inference"], s["training"]
+    print("# nca-tiles: eager vs torch.compile")
+    print("\n".join(header_lines(results["machine"])))
+    print(f"preset {a['preset']}, {a['precision']}; inference: generate_region, one denoising step of a "
+          f"{a['size']}² canvas, median of {a['repeats']}; training: batch {a['batch_size']} of {a['patch']}², "
+          f"diffusion_loss + backward + Adam, median of {a['train_steps']} steps; compile: "
+          f"{'warm' if a['warm_cache'] else 'cold'} inductor cache")
+    print(f"yardstick: one 2048² fp32 matmul = {results['matmul_s'] * 1e3:.1f} ms "
+          f"({results['matmul_gflops']:.1f} GFLOP/s)\n")
+    if "compiled_s" not in inf or "compiled_s" not in tr:
+        print(f"torch.compile unavailable here: {results.get('compile_problem') or 'see the warning above'}\n")
+
+    def pair(row: dict, key: str) -> list:
+        return [row.get(f"eager_{key}"), row.get(f"compiled_{key}")]
+
+    rows = [
+        [f"inference s per {a['size']}² denoising step", *pair(inf, "s"), inf.get("speedup")],
+        ["  in 2048² fp32 matmuls", *pair(inf, "matmuls"), None],
+        [f"  end to end, {JOB_STEPS} steps incl. compile (s)", inf["job_eager_s"], inf.get("job_compiled_s"),
+         inf["job_eager_s"] / inf["job_compiled_s"] if inf.get("job_compiled_s") else None],
+        ["training s per step", *pair(tr, "s"), tr.get("speedup")],
+        ["  in 2048² fp32 matmuls", *pair(tr, "matmuls"), None],
+        ["  steps per hour, steady", *pair(tr, "steps_per_hour"), tr.get("speedup")],
+        ["  steps in the first hour incl. compile", tr["eager_steps_per_hour"], tr.get("compiled_steps_first_hour"),
+         tr["compiled_steps_first_hour"] / tr["eager_steps_per_hour"] if tr.get("compiled_steps_first_hour") else None],
+    ]
+    print(format_table(["", "eager", "compiled", "eager / compiled time"], rows))
+    if "compile_s" in inf:
+        print(f"\ninference: compile {inf['compile_s']:.1f} s ({inf['graphs']} graph(s); another canvas size: "
+              f"{inf['graphs_other_size']} more); " + pays(inf["break_even_steps"], f"denoising steps of {a['size']}²"))
+    if "compile_s" in tr:
+        print(f"training: compile {tr['compile_s']:.1f} s ({tr['graphs']} graph(s), forward and backward); "
+              f"{pays(tr['break_even_steps'], 'steps')}")
+
+
+def pays(steps: float | None, unit: str) -> str:
+    return "never pays (not faster)" if steps is None else f"pays after {steps:.0f} {unit}"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", help=f"model preset (default {FULL['preset']}, quick {QUICK['preset']})")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="auto: bf16 autocast on CUDA, fp32 on a CPU")
+    parser.add_argument("--size", type=int, help=f"inference canvas side (default {FULL['size']}, quick {QUICK['size']})")
+    parser.add_argument("--repeats", type=int, help="timed inference calls per variant")
+    parser.add_argument("--batch-size", type=int, help="training batch")
+    parser.add_argument("--patch", type=int, help="training patch side")
+    parser.add_argument("--train-steps", type=int, help="timed training steps per variant")
+    parser.add_argument("--warm-cache", action="store_true", help="use inductor's usual on-disk cache (warm compiles)")
+    parser.add_argument("--quick", action="store_true", help="tiny preset, small sizes: checks that the script runs")
+    parser.add_argument("--json", type=Path, help="also save the numbers to this JSON file")
+    args = parser.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cache = None
+    if not args.warm_cache:  # before torch reads it
+        cache = tempfile.mkdtemp(prefix="bench-compile-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    try:
+        return run(args)
+    finally:
+        if cache:
+            shutil.rmtree(cache, ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from nca_tiles.diffusion import compiled
+    from nca_tiles.diffusion.model import preset
+    from nca_tiles.diffusion.pipeline import resolve_device, resolve_precision
+    from nca_tiles.errors import NcaTilesError
+
+    import torch
+
+    preset(args.preset)  # an unknown name fails now
+    device = resolve_device(args.device)
+    args.precision = resolve_precision(device, args.precision)
+    if args.precision == "bf16" and device.type == "cpu":
+        raise NcaTilesError("bf16 on a CPU is hundreds of times slower than fp32: use --precision fp32")
+    started = time.perf_counter()
+    log("2048² fp32 matmul")
+    flops = matmul_flops(device, torch.float32)
+    results: dict[str, Any] = {
+        "machine": machine_info(device),
+        "settings": {k: getattr(args, k) for k in ("preset", "precision", "size", "repeats", "batch_size", "patch",
+                                                   "train_steps", "warm_cache")},
+        "matmul_s": 2 * 2048**3 / flops, "matmul_gflops": flops / 1e9,
+        "inference": {}, "training": {},
+    }
+    for compile in (False, True):
+        name = "compiled" if compile else "eager"
+        log(f"inference, {name}, {args.size}²")
+        results["inference"][name] = measure_inference(args, device, compile)
+        log(f"training, {name}, batch {args.batch_size} of {args.patch}²")
+        results["training"][name] = measure_training(args, device, compile)
+    results["compile_problem"] = compiled._disabled
+    results["summary"] = summarize(results)
+    log(f"done in {time.perf_counter() - started:.0f} s")
+    print_results(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
