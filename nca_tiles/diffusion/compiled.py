@@ -122,7 +122,9 @@ def run(fn: Callable, *args, enabled: bool, dynamic: bool | None = None):
         if dynamic:
             # Without duck sizing: a first window that happens to be square must not make
             # height == width a condition of the compiled rule (another compile for the others).
-            with torch.fx.experimental._config.patch(use_duck_shape=False):
+            from torch.fx.experimental import _config as fx_config
+
+            with fx_config.patch(use_duck_shape=False):
                 out = compiled(*args)
         else:
             out = compiled(*args)
