@@ -300,6 +300,28 @@ def save_test_scale_space_model(folder: Path, factor: int = 2, timesteps: int = 
     return save_scale_space_model(folder / "model", [coarse, fine], [factor, 1], [None, t_start])
 
 
+def synthesize_test_slide(model_dir: Path, out: Path, width: int, height: int, chunk: int, sampler: str = "ddim",
+                          steps: int | None = 4, **request) -> "np.ndarray":
+    """Synthesize a slide in this process (seed 7, uncompressed) and read its full resolution back."""
+    import tifffile
+
+    from nca_tiles.diffusion.levels import load_synthesis_model
+    from nca_tiles.synthesis.slide_job import SlideRequest, synthesize_slide
+
+    req = SlideRequest(width=width, height=height, out=out, seed=7, chunk=chunk, sampler=sampler, steps=steps,
+                       compression="none", tile=64, **request)
+    synthesize_slide(req, load_synthesis_model(model_dir, "cpu"), progress=False)
+    return tifffile.imread(out, level=0)
+
+
+def assert_same_image(a: "np.ndarray", b: "np.ndarray") -> None:
+    """Equal up to float rounding: at most 1 level apart, and 99.9 % of the pixels identical."""
+    assert a.shape == b.shape
+    diff = abs(a.astype(int) - b.astype(int))
+    assert diff.max() <= 1, diff.max()
+    assert (diff == 0).mean() >= 0.999
+
+
 @contextmanager
 def read_only_dir(path: Path) -> Iterator[Path]:
     """A folder nobody can write to, root included: a read-only tmpfs mounted there (root), or

@@ -24,7 +24,8 @@ from nca_tiles.diffusion.levels import (
 from nca_tiles.diffusion.pipeline import generate_region
 from nca_tiles.errors import NcaTilesError
 from nca_tiles.synthesis.slide_job import SlideRequest, plan_job, synthesize_slide
-from helpers import save_test_model, save_test_scale_space_model as scale_space_model
+from helpers import assert_same_image, save_test_model, synthesize_test_slide
+from helpers import save_test_scale_space_model as scale_space_model
 
 W, H = 150, 230  # not multiples of the chunks, nor of the level factor
 
@@ -40,17 +41,7 @@ def ddpm_model_dir(tmp_path_factory) -> Path:
 
 
 def synthesize(model_dir: Path, out: Path, chunk: int, sampler="ddim", steps=6, **kw) -> np.ndarray:
-    req = SlideRequest(width=W, height=H, out=out, seed=7, chunk=chunk, sampler=sampler, steps=steps,
-                       compression="none", tile=64, **kw)
-    synthesize_slide(req, load_synthesis_model(model_dir, "cpu"), progress=False)
-    return tifffile.imread(out, level=0)
-
-
-def assert_same_image(a: np.ndarray, b: np.ndarray) -> None:
-    assert a.shape == b.shape
-    diff = np.abs(a.astype(int) - b.astype(int))
-    assert diff.max() <= 1, diff.max()
-    assert (diff == 0).mean() >= 0.999
+    return synthesize_test_slide(model_dir, out, W, H, chunk, sampler, steps, **kw)
 
 
 def test_a_scale_space_model_loads_as_levels(model_dir, tmp_path):

@@ -19,7 +19,14 @@ from nca_tiles.diffusion.levels import load_synthesis_model
 from nca_tiles.diffusion.pipeline import generate_region, load_model
 from nca_tiles.synthesis.job import batches, chunk_grid
 from nca_tiles.synthesis.slide_job import SlideRequest, synthesize_slide
-from helpers import needs_proc, run_measuring, save_test_model, save_test_scale_space_model
+from helpers import (
+    assert_same_image,
+    needs_proc,
+    run_measuring,
+    save_test_model,
+    save_test_scale_space_model,
+    synthesize_test_slide,
+)
 
 W, H = 150, 230  # sides that are not multiples of any chunk size below
 
@@ -36,17 +43,7 @@ def ddpm_model_dir(tmp_path_factory) -> Path:
 
 
 def synthesize(model_dir: Path, out: Path, chunk: int, sampler="ddim", steps=4, **kw) -> np.ndarray:
-    req = SlideRequest(width=W, height=H, out=out, seed=7, chunk=chunk, sampler=sampler, steps=steps,
-                       compression="none", tile=64, **kw)
-    synthesize_slide(req, load_synthesis_model(model_dir, "cpu"), progress=False)
-    return tifffile.imread(out, level=0)
-
-
-def assert_same_image(a: np.ndarray, b: np.ndarray) -> None:
-    assert a.shape == b.shape
-    diff = np.abs(a.astype(int) - b.astype(int))
-    assert diff.max() <= 1, diff.max()
-    assert (diff == 0).mean() >= 0.999
+    return synthesize_test_slide(model_dir, out, W, H, chunk, sampler, steps, **kw)
 
 
 def test_chunk_grid_covers_canvas_once():
