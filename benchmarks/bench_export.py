@@ -63,7 +63,7 @@ def export_in_this_process(work_dir: Path, out: Path, fmt: str, compression: str
 
     from nca_tiles.export.ometiff import write_ome_tiff
     from nca_tiles.export.omezarr import write_ome_zarr
-    from nca_tiles.export.pyramid import open_canvas
+    from nca_tiles.synthesis.export_job import open_source_canvas as open_canvas
 
     canvas = open_canvas(work_dir)
     reset_peak_rss()

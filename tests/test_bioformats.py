@@ -80,7 +80,7 @@ def canvases(tmp_path_factory):
 
 def test_bioformats_reads_one_pyramidal_rgb_series_with_pixel_size(canvases, tmp_path):
     work_dir, image = canvases["smooth"]
-    out = write_ome_tiff(work_dir, tmp_path / "slide.ome.tif", mpp=MPP, tile=256, progress=False)
+    out = write_ome_tiff(work_dir / "canvas.zarr" / "rgb", tmp_path / "slide.ome.tif", mpp=MPP, tile=256, progress=False)
 
     output = run_java("ImageInfo", "-nopix", "-noflat", "-omexml", out)
     assert "Checking file format [OME-TIFF]" in output
@@ -114,7 +114,7 @@ def test_bioformats_decodes_lossless_levels_exactly(canvases, tmp_path, compress
     # zstd (the newest codec Bio-Formats reads) in a BigTIFF; deflate with predictor 2
     work_dir, image = canvases["noisy"]
     out = write_ome_tiff(
-        work_dir, tmp_path / "s.ome.tif", mpp=MPP, tile=256, compression=compression, bigtiff=bigtiff, progress=False
+        work_dir / "canvas.zarr" / "rgb", tmp_path / "s.ome.tif", mpp=MPP, tile=256, compression=compression, bigtiff=bigtiff, progress=False
     )
     levels = bioformats_levels(out, tmp_path)
     for got, want in zip(levels, reference_pyramid(image, len(LEVEL_SIZES)), strict=True):

@@ -37,7 +37,7 @@ def test_a_failed_clean_up_does_not_hide_the_first_error(tmp_path):
     must be the decode error, not the clean-up's "Operation not permitted"; a later export of the
     same output removes the temporary that was left."""
     from nca_tiles.export.ometiff import write_ome_tiff
-    from nca_tiles.export.pyramid import open_canvas
+    from nca_tiles.synthesis.export_job import open_source_canvas as open_canvas
 
     if os.geteuid() != 0 or subprocess.run(["which", "chattr"], capture_output=True).returncode:
         pytest.skip("needs root and chattr")
@@ -73,7 +73,7 @@ def test_a_failed_clean_up_does_not_hide_the_first_error(tmp_path):
     left = entries(out_dir) - {".s.ome.tif.lock"}  # immutable folder: the lock file stays too (and blocks nothing)
     assert len(left) == 1 and next(iter(left)).startswith(".s.ome.tif.nca-tiles-new-"), left
     good = write_canvas(tmp_path / "good", noisy_image(60, 50), chunk=128)
-    write_ome_tiff(good, out_dir / "s.ome.tif", mpp=1.0, tile=128, compression="none", progress=False)
+    write_ome_tiff(open_canvas(good), out_dir / "s.ome.tif", mpp=1.0, tile=128, compression="none", progress=False)
     assert entries(out_dir) == {"s.ome.tif"}
 
 
@@ -85,7 +85,7 @@ def test_a_full_disk_during_export_is_a_one_line_error(tmp_path):
     canvas = write_canvas(tmp_path / "canvas", noisy_image(1024, 1024), chunk=256)
     with small_file_system(tmp_path / "small", "1m") as small:
         with pytest.raises(NcaTilesError, match=r"writing .*s.ome.tif failed: .*free under .*small: free space or choose another --out"):
-            write_ome_tiff(canvas, small / "s.ome.tif", mpp=1.0, tile=256, compression="none", progress=False,
+            write_ome_tiff(canvas / "canvas.zarr" / "rgb", small / "s.ome.tif", mpp=1.0, tile=256, compression="none", progress=False,
                            scratch_dir=tmp_path)
         assert entries(small) == set()
 

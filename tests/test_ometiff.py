@@ -46,7 +46,7 @@ def read_levels(path):
 def test_lossless_levels_equal_canvas_and_area_average(noisy_work_dir, tmp_path, compression):
     work_dir, image = noisy_work_dir
     out = tmp_path / "slide.ome.tif"
-    write_ome_tiff(work_dir, out, mpp=MPP, tile=256, compression=compression, progress=False)
+    write_ome_tiff(work_dir / "canvas.zarr" / "rgb", out, mpp=MPP, tile=256, compression=compression, progress=False)
     levels = read_levels(out)
     assert [level.shape for level in levels] == [(1000, 777, 3), (500, 389, 3), (250, 195, 3)]
     for got, want in zip(levels, reference_pyramid(image, 3), strict=True):
@@ -55,7 +55,7 @@ def test_lossless_levels_equal_canvas_and_area_average(noisy_work_dir, tmp_path,
 
 def test_jpeg_within_tolerance_and_lower_levels_from_area_average(smooth_work_dir, tmp_path):
     work_dir, image = smooth_work_dir
-    out = write_ome_tiff(work_dir, tmp_path / "slide.ome.tif", mpp=MPP, tile=256, progress=False)
+    out = write_ome_tiff(work_dir / "canvas.zarr" / "rgb", tmp_path / "slide.ome.tif", mpp=MPP, tile=256, progress=False)
     levels = read_levels(out)
     for got, want in zip(levels, reference_pyramid(image, 3), strict=True):
         error = np.abs(got.astype(int) - want.astype(int))
@@ -67,7 +67,7 @@ def test_jpeg_within_tolerance_and_lower_levels_from_area_average(smooth_work_di
 
 def test_tiff_structure_is_what_bioformats_expects(smooth_work_dir, tmp_path):
     work_dir, _ = smooth_work_dir
-    out = write_ome_tiff(work_dir, tmp_path / "slide.ome.tif", mpp=MPP, tile=256, progress=False)
+    out = write_ome_tiff(work_dir / "canvas.zarr" / "rgb", tmp_path / "slide.ome.tif", mpp=MPP, tile=256, progress=False)
     with tifffile.TiffFile(out) as tif:
         assert tif.is_ome and not tif.is_bigtiff
         assert len(tif.pages) == 1  # one top-level IFD: the lower levels are its SubIFDs
@@ -91,7 +91,7 @@ def test_tiff_structure_is_what_bioformats_expects(smooth_work_dir, tmp_path):
 
 def test_lossless_compressions_use_predictor_2(noisy_work_dir, tmp_path):
     work_dir, _ = noisy_work_dir
-    out = write_ome_tiff(work_dir, tmp_path / "s.ome.tif", mpp=MPP, tile=256, compression="deflate", progress=False)
+    out = write_ome_tiff(work_dir / "canvas.zarr" / "rgb", tmp_path / "s.ome.tif", mpp=MPP, tile=256, compression="deflate", progress=False)
     with tifffile.TiffFile(out) as tif:
         page = tif.pages[0]
         assert page.predictor == 2 and page.photometric == tifffile.PHOTOMETRIC.RGB
@@ -103,7 +103,7 @@ def test_ome_xml_validates_and_records_size_name_and_generator(smooth_work_dir, 
     from ome_types.model import UnitsLength
 
     work_dir, _ = smooth_work_dir
-    out = write_ome_tiff(work_dir, tmp_path / "synthetic.ome.tif", mpp=MPP, tile=256, progress=False)
+    out = write_ome_tiff(work_dir / "canvas.zarr" / "rgb", tmp_path / "synthetic.ome.tif", mpp=MPP, tile=256, progress=False)
     with tifffile.TiffFile(out) as tif:
         xml = tif.ome_metadata
     ome = from_xml(xml, validate=True)  # raises on any schema violation
@@ -129,7 +129,7 @@ def test_explicit_arguments_override_canvas_attributes(smooth_work_dir, tmp_path
 
     work_dir, _ = smooth_work_dir
     out = write_ome_tiff(
-        work_dir,
+        work_dir / "canvas.zarr" / "rgb",
         tmp_path / "a.ome.tif",
         mpp=0.25,
         generator={"seed": 1, "Description": "<&>", "Namespace": "x"},
@@ -158,7 +158,7 @@ def test_numpy_canvas_single_level(tmp_path):
 def test_bigtiff_above_threshold(noisy_work_dir, tmp_path, monkeypatch):
     work_dir, image = noisy_work_dir
     monkeypatch.setattr(ometiff, "BIGTIFF_ABOVE_BYTES", image.nbytes // 2)  # pretend it is huge
-    out = write_ome_tiff(work_dir, tmp_path / "big.ome.tif", mpp=MPP, tile=256, compression="lzw", progress=False)
+    out = write_ome_tiff(work_dir / "canvas.zarr" / "rgb", tmp_path / "big.ome.tif", mpp=MPP, tile=256, compression="lzw", progress=False)
     with tifffile.TiffFile(out) as tif:
         assert tif.is_bigtiff
         assert np.array_equal(tif.series[0].levels[1].asarray(), reference_pyramid(image, 2)[1])
@@ -168,7 +168,7 @@ def test_replaces_existing_output_and_leaves_no_temporary_files(smooth_work_dir,
     work_dir, _ = smooth_work_dir
     out = tmp_path / "slide.ome.tif"
     out.write_bytes(b"old")
-    write_ome_tiff(work_dir, out, mpp=MPP, tile=256, progress=False)
+    write_ome_tiff(work_dir / "canvas.zarr" / "rgb", out, mpp=MPP, tile=256, progress=False)
     assert tifffile.TiffFile(out).is_ome
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slide.ome.tif"]
 
@@ -179,7 +179,7 @@ def test_failure_midway_leaves_no_output(tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     with pytest.raises(Exception):  # noqa: B017 - whatever the codec raises
-        write_ome_tiff(work_dir, out_dir / "slide.ome.tif", mpp=MPP, tile=128, compression="none", progress=False)
+        write_ome_tiff(work_dir / "canvas.zarr" / "rgb", out_dir / "slide.ome.tif", mpp=MPP, tile=128, compression="none", progress=False)
     assert list(out_dir.iterdir()) == []  # no output, no temporary file, no scratch folder
 
 
@@ -206,16 +206,16 @@ def test_bad_arguments(smooth_work_dir, tmp_path, kwargs, message):
     work_dir, _ = smooth_work_dir
     arguments = {"mpp": MPP, "progress": False, **kwargs}
     with pytest.raises(NcaTilesError, match=message):
-        write_ome_tiff(work_dir, tmp_path / "x.ome.tif", **arguments)
+        write_ome_tiff(work_dir / "canvas.zarr" / "rgb", tmp_path / "x.ome.tif", **arguments)
     assert not (tmp_path / "x.ome.tif").exists()
 
 
 def test_bad_inputs_and_outputs(smooth_work_dir, tmp_path):
     work_dir, _ = smooth_work_dir
     with pytest.raises(NcaTilesError, match="directory"):
-        write_ome_tiff(work_dir, tmp_path, mpp=MPP, progress=False)
+        write_ome_tiff(work_dir / "canvas.zarr" / "rgb", tmp_path, mpp=MPP, progress=False)
     with pytest.raises(NcaTilesError, match="canvas itself"):
-        write_ome_tiff(work_dir, work_dir / "canvas.zarr" / "rgb" / "x.ome.tif", mpp=MPP, progress=False)
+        write_ome_tiff(work_dir / "canvas.zarr" / "rgb", work_dir / "canvas.zarr" / "rgb" / "x.ome.tif", mpp=MPP, progress=False)
     with pytest.raises(NcaTilesError, match=r"\(H, W, 3\) uint8"):
         write_ome_tiff(np.zeros((10, 10), np.uint8), tmp_path / "x.ome.tif", mpp=MPP, progress=False)
     with pytest.raises(NcaTilesError, match="does not exist"):

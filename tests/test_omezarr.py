@@ -16,7 +16,7 @@ from nca_tiles.export.omezarr import write_ome_zarr
 @pytest.fixture(scope="module")
 def work_dir(tmp_path_factory):
     image = noisy_image(600, 389, seed=2)
-    return write_canvas(tmp_path_factory.mktemp("work"), image, chunk=256, inner=64), image
+    return write_canvas(tmp_path_factory.mktemp("work"), image, chunk=256, inner=64) / "canvas.zarr" / "rgb", image
 
 
 def test_multiscales_metadata(work_dir, tmp_path):
@@ -81,8 +81,9 @@ def test_numpy_canvas_and_explicit_metadata(tmp_path):
 
 
 def test_failure_midway_leaves_no_output(tmp_path):
-    source = write_canvas(tmp_path / "work", noisy_image(300, 300), chunk=64)
-    corrupt_last_chunk(source)
+    work = write_canvas(tmp_path / "work", noisy_image(300, 300), chunk=64)
+    corrupt_last_chunk(work)
+    source = work / "canvas.zarr" / "rgb"
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     with pytest.raises(Exception):  # noqa: B017 - whatever the codec raises
@@ -107,8 +108,8 @@ def test_bad_arguments(work_dir, tmp_path, kwargs, message):
 
 
 def test_refuses_to_overwrite_the_canvas(work_dir):
-    source, _ = work_dir
-    for target in (source, source / "canvas.zarr", source / "canvas.zarr" / "rgb"):
+    source, _ = work_dir  # WORK/canvas.zarr/rgb
+    for target in (source.parents[1], source.parent, source):
         with pytest.raises(NcaTilesError, match="canvas itself"):
             write_ome_zarr(source, target, mpp=MPP, progress=False)
-    assert (source / "canvas.zarr" / "rgb").is_dir()
+    assert source.is_dir()

@@ -34,8 +34,8 @@ def canvas(tmp_path_factory):
 def slides(canvas, tmp_path_factory):
     work_dir, _ = canvas
     folder = tmp_path_factory.mktemp("slides")
-    tiff = write_ome_tiff(work_dir, folder / "slide.ome.tif", mpp=MPP, tile=256, progress=False)
-    zarr_dir = write_ome_zarr(work_dir, folder / "slide.ome.zarr", mpp=MPP, chunk=256, progress=False)
+    tiff = write_ome_tiff(work_dir / "canvas.zarr" / "rgb", folder / "slide.ome.tif", mpp=MPP, tile=256, progress=False)
+    zarr_dir = write_ome_zarr(work_dir / "canvas.zarr" / "rgb", folder / "slide.ome.zarr", mpp=MPP, chunk=256, progress=False)
     return {"tiff": tiff, "zarr": zarr_dir}
 
 

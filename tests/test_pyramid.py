@@ -99,15 +99,18 @@ def test_tee_downsample_builds_the_next_level_while_streaming(tmp_path):
         list(tee_downsample(iter([(1, 0, image[:2, :2])]), below))
 
 
-def test_open_canvas_from_work_dir_group_array_and_numpy(tmp_path):
+def test_open_canvas_from_a_work_dir_its_group_its_array_and_numpy(tmp_path):
+    from nca_tiles.synthesis.export_job import open_source_canvas
+
     image = noisy_image(40, 30)
     work = write_canvas(tmp_path, image, chunk=16)
     for source in (work, work / "canvas.zarr", work / "canvas.zarr" / "rgb", str(work)):
-        canvas = open_canvas(source)
+        canvas = open_source_canvas(source)
         assert canvas.mpp == MPP and canvas.generator == GENERATOR
         assert (canvas.height, canvas.width) == (40, 30)
         assert canvas.path == work / "canvas.zarr" / "rgb"
         assert np.array_equal(canvas.array[:], image)
+    assert np.array_equal(open_canvas(work / "canvas.zarr" / "rgb").array[:], image)  # any zarr array
     from_numpy = open_canvas(image)
     assert from_numpy.mpp is None and from_numpy.path is None and from_numpy.chunk == 1024
 
@@ -118,11 +121,11 @@ def test_open_canvas_errors(tmp_path):
     with pytest.raises(NcaTilesError, match="no canvas"):
         open_canvas(tmp_path)  # an empty folder
     group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
-    with pytest.raises(NcaTilesError, match="without an 'rgb' array"):
+    with pytest.raises(NcaTilesError, match="is a zarr group, not an array"):
         open_canvas(tmp_path / "g.zarr")
     group.create_array("rgb", shape=(4, 4), dtype="uint8")
     with pytest.raises(NcaTilesError, match=r"\(H, W, 3\) uint8"):
-        open_canvas(tmp_path / "g.zarr")
+        open_canvas(tmp_path / "g.zarr" / "rgb")
     with pytest.raises(NcaTilesError, match=r"\(H, W, 3\) uint8"):
         open_canvas(np.zeros((4, 4, 3), np.float32))
     with pytest.raises(NcaTilesError):

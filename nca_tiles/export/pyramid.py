@@ -26,8 +26,6 @@ import numpy as np
 
 from nca_tiles.errors import NcaTilesError
 
-CANVAS_ARRAY = "rgb"  # array name inside WORK_DIR/canvas.zarr
-CANVAS_STORE = "canvas.zarr"
 DEFAULT_CHUNK = 1024  # block side for a canvas that has no chunking (NumPy input)
 SMALL_BLOCK = 512  # read sharded canvases in blocks of about this side
 # Largest tile (OME-TIFF) or chunk (OME-Zarr) side: beyond it a tile costs hundreds of MB per
@@ -87,20 +85,15 @@ def chunk_side(array: Any) -> int:
 
 
 def open_canvas(source: Any) -> Canvas:
-    """Open a canvas from a work directory, a ``canvas.zarr`` group, a zarr array path, a zarr
-    array or a NumPy array, and check it is (H, W, 3) uint8. A path into a synthesis work
-    directory whose job has not finished is refused."""
+    """Open a canvas from a zarr array's path, a zarr array or a NumPy array, and check it is
+    (H, W, 3) uint8. (Where synthesis keeps its canvas is synthesis' business:
+    ``nca_tiles.synthesis.export_job.open_source_canvas`` resolves work dirs.)"""
     if isinstance(source, Canvas):
         return source
     path: Path | None = None
     attrs: dict[str, Any] = {}
     if isinstance(source, (str, os.PathLike)):
-        from nca_tiles.synthesis.workdir import find_work_dir
-
-        work = find_work_dir(Path(source))
-        if work is not None:
-            work.check_finished()  # an unfinished canvas is noise, or black where not yet written
-        array, path = _open_zarr_canvas(Path(source))
+        array, path = _open_zarr_array(Path(source))
         attrs = dict(array.attrs)
     elif isinstance(source, np.ndarray):
         array = source
@@ -127,26 +120,20 @@ def open_canvas(source: Any) -> Canvas:
     )
 
 
-def _open_zarr_canvas(path: Path) -> tuple[Any, Path]:
-    """The canvas array at ``path`` (a zarr array, a group holding ``rgb``, or a work directory
-    holding ``canvas.zarr``) and the array's own directory."""
+def _open_zarr_array(path: Path) -> tuple[Any, Path]:
+    """The zarr array at ``path``."""
     import zarr
 
     if not path.exists():
-        raise NcaTilesError(f"{path} does not exist: give a work directory, canvas.zarr, or its rgb array")
-    if path.is_dir() and not _looks_like_zarr(path) and (path / CANVAS_STORE).is_dir():
-        path = path / CANVAS_STORE
+        raise NcaTilesError(f"{path} does not exist: give a synthesis work directory or a zarr array")
     try:
         node = zarr.open(str(path), mode="r")
     except Exception as exc:  # zarr raises several types for "not a zarr node"
         raise NcaTilesError(
-            f"no canvas at {path}: give a work directory containing {CANVAS_STORE}, or the canvas array "
-            f"({type(exc).__name__}: {exc})"
+            f"no canvas at {path}: give a synthesis work directory or a zarr array ({type(exc).__name__}: {exc})"
         ) from None
     if isinstance(node, zarr.Group):
-        if CANVAS_ARRAY not in node:
-            raise NcaTilesError(f"{path} is a zarr group without an '{CANVAS_ARRAY}' array: is synthesis finished?")
-        node, path = node[CANVAS_ARRAY], path / CANVAS_ARRAY
+        raise NcaTilesError(f"{path} is a zarr group, not an array: give the (H, W, 3) uint8 array inside it")
     return node, path
 
 

@@ -5,13 +5,14 @@ Used by ``nca-tiles export`` and by the synthesis job. Light to import (no torch
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nca_tiles.synthesis.workdir import find_work_dir
+from nca_tiles.synthesis.workdir import CANVAS_NAME, RGB, find_work_dir
 from nca_tiles.synthesis.diskspace import check_free_disk, output_needs
 from nca_tiles.errors import NcaTilesError
 from nca_tiles.runtime.locking import exclusive_lock
@@ -58,6 +59,23 @@ class Exported:
     mpp: float
 
 
+def open_source_canvas(source: str | os.PathLike[str]):
+    """The canvas to export from ``source``: a synthesis work dir, its ``canvas.zarr`` or its
+    ``rgb`` array (refused while the job is unfinished), or any (H, W, 3) uint8 zarr array."""
+    from nca_tiles.export.pyramid import open_canvas
+
+    path = Path(source)
+    work = find_work_dir(path) if path.exists() else None
+    if work is not None:
+        work.check_finished()  # an unfinished canvas is noise, or black where not yet written
+        path = work.canvas_path / RGB
+    elif (path / CANVAS_NAME / RGB).is_dir():  # a work dir's layout without its manifest
+        path = path / CANVAS_NAME / RGB
+    elif path.name == CANVAS_NAME and (path / RGB).is_dir():
+        path = path / RGB
+    return open_canvas(path)
+
+
 def export_canvas(source: Path, out: Path, *, fmt: str | None = None, tile: int = 512, compression: str | None = None,
                   quality: int | None = None, mpp: float | None = None, name: str | None = None,
                   overwrite: bool = False, progress: bool = True) -> Exported:
@@ -83,14 +101,12 @@ def export_canvas(source: Path, out: Path, *, fmt: str | None = None, tile: int 
         refuse_existing(out)
     check_writable(out, "--out")
 
-    from nca_tiles.export.pyramid import open_canvas
-
     work = find_work_dir(Path(source)) if Path(source).exists() else None
     holding = exclusive_lock(work.path, "work dir", "export it once that job is done") if work else nullcontext()
     with holding, output_lock(out):
         if output_exists(out) and not overwrite:  # again: another export may have written it meanwhile
             refuse_existing(out)
-        canvas = open_canvas(source)  # refuses an unfinished synthesis
+        canvas = open_source_canvas(source)  # refuses an unfinished synthesis
         if mpp is None:
             if canvas.mpp is None:
                 raise NcaTilesError(f"the canvas at {source} records no pixel size: pass --mpp (µm per pixel)")
