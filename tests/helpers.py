@@ -334,13 +334,8 @@ def read_only_dir(path: Path) -> Iterator[Path]:
         finally:
             path.chmod(0o755)
         return
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with _tmpfs(path, "ro,size=1m"):
         yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
 
 
 @contextmanager
@@ -349,11 +344,18 @@ def small_file_system(path: Path, size: str) -> Iterator[Path]:
     path.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with _tmpfs(path, f"size={size}"):
         yield path
+
+
+@contextmanager
+def _tmpfs(path: Path, options: str) -> Iterator[None]:
+    """A tmpfs mounted at ``path`` with ``options`` for the body; skips where mounting is refused."""
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs ({options}) here: {mounted.stderr.decode().strip()}")
+    try:
+        yield
     finally:
         subprocess.run(["umount", str(path)], check=True)
 
