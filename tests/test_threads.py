@@ -158,3 +158,17 @@ def test_thread_share_refuses_bad_counts_before_claiming(tmp_path, threads):
         with thread_share(threads, folder=tmp_path):
             pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_worker_counts_follow_the_affinity():
+    # A process pinned to one core (taskset, a batch scheduler's cpuset) must not start a worker
+    # per core of the machine: export threads and dask worker threads follow usable_cores().
+    script = (
+        "import os\n"
+        "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+        "from nca_tiles.export.pyramid import default_workers\n"
+        "from nca_tiles.synthesis.sweeps import dask_worker_threads\n"
+        "print(default_workers(), dask_worker_threads(1), dask_worker_threads(2))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "1", "1"]

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from nca_tiles.errors import NcaTilesError
+from nca_tiles.runtime.threads import usable_cores
 
 DEFAULT_CHUNK = 1024  # block side for a canvas that has no chunking (NumPy input)
 SMALL_BLOCK = 512  # read sharded canvases in blocks of about this side
@@ -213,8 +214,9 @@ def region_blocks(height: int, width: int, step: int) -> Iterator[tuple[slice, s
 
 
 def default_workers() -> int:
-    """Threads for chunk work: NumPy, zarr codecs and JPEG release the GIL."""
-    return max(1, min(8, (os.cpu_count() or 1)))
+    """Threads for chunk work: NumPy, zarr codecs and JPEG release the GIL. At most the cores
+    this process may use (its affinity and cgroup quota), not the machine's."""
+    return max(1, min(8, usable_cores()))
 
 
 def downsample_level(

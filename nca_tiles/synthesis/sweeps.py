@@ -26,7 +26,7 @@ from nca_tiles.diffusion.pipeline import initial_noise, predict_noise, reverse_s
 from nca_tiles.diffusion.scale_space import coarse_window, renoise, upsample_window
 from nca_tiles.errors import NcaTilesError
 from nca_tiles.runtime.memory import configure_allocator, release_free_heap
-from nca_tiles.runtime.threads import rebalance_threads
+from nca_tiles.runtime.threads import rebalance_threads, usable_cores
 from nca_tiles.synthesis.job import Chunk, Job, batches
 from nca_tiles.synthesis.workdir import RGB, Manifest, WorkDir, buffer_name
 
@@ -201,6 +201,12 @@ def connect(scheduler: str):
         ) from None
 
 
+def dask_worker_threads(workers: int) -> int:
+    """Torch threads for each of ``workers`` local dask workers: the cores this process may use
+    (its affinity and cgroup quota) split between them, at least one each."""
+    return max(1, usable_cores() // workers)
+
+
 class DaskExecutor:
     """Runs each sweep as dask.distributed tasks, one per group of chunks.
 
@@ -220,10 +226,8 @@ class DaskExecutor:
         if scheduler:
             self.client = connect(scheduler)
         else:
-            import os
-
             workers = workers or 1
-            self.threads = max(1, (os.cpu_count() or 1) // workers)
+            self.threads = dask_worker_threads(workers)
             self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                         dashboard_address=None, silence_logs=40)
             self.client = Client(self.cluster)
