@@ -559,3 +559,22 @@ def test_the_next_extraction_removes_what_a_killed_one_left(tmp_path, sample_sli
     assert not out.exists() and len(leftovers(tmp_path)) == 1
     extract([sample_slide], out, target_mpp=4.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.zarr"]
+
+
+def test_identity_is_that_of_the_data_not_of_where_the_files_are(tmp_path, sample_slide):
+    """A store re-extracted elsewhere (another checkout: slides and store at other paths) from the
+    same slides with the same settings has the same identity: resuming a training run must not
+    depend on where the repository is. Other slides, or other settings, give another identity."""
+    settings = {"patch_size": 32, "target_mpp": 2.0, "max_per_slide": 15}
+    here = open_patch_store(extract([sample_slide], tmp_path / "p.zarr", **settings).out)
+    elsewhere = tmp_path / "elsewhere" / "data"
+    elsewhere.mkdir(parents=True)
+    moved = copy(sample_slide, elsewhere / sample_slide.name)
+    there = open_patch_store(extract([moved], elsewhere / "store.zarr", **settings).out)
+    assert here.slides[0]["path"] != there.slides[0]["path"]
+    assert here.identity == there.identity
+    renamed = copy(sample_slide, elsewhere / "another_case.svs")
+    other = open_patch_store(extract([renamed], tmp_path / "c.zarr", **settings).out)
+    assert other.identity != here.identity
+    coarser = open_patch_store(extract([sample_slide], tmp_path / "d.zarr", **{**settings, "target_mpp": 4.0}).out)
+    assert coarser.identity != here.identity

@@ -27,6 +27,8 @@ from nca_tiles.diffusion.pipeline import load_model
 from nca_tiles.diffusion.schedule import ScheduleConfig
 from helpers import assert_ok, assert_one_line_error, read_only_dir, run_cli
 
+REPO = Path(__file__).resolve().parents[1]
+
 BASE = ["--preset", "tiny", "--batch-size", 4, "--device", "cpu", "--no-progress"]
 FAST = [*BASE, "--sample-every", 0]
 
@@ -279,6 +281,65 @@ def test_two_processes_never_share_a_run_dir(store, tmp_path):
     reached = load_checkpoint(out)["step"]
     assert_ok(train(store, out, "--steps", reached + 1, "--resume"))  # free again once the first ended
     assert [m["step"] for m in metrics(out)] == list(range(1, reached + 2))
+
+
+# -- the patch store a run was trained on -----------------------------------------------------------
+def legacy_identity(store: Path) -> str:
+    """A patch store's identity as nca-tiles 0.1.0 recorded it in checkpoints (the slides' absolute
+    paths included), pinned here: the runs in training_runs/ hold such records."""
+    import hashlib
+
+    patches = open_patch_store(store)
+    digest = hashlib.sha256(json.dumps(patches.attrs, sort_keys=True).encode())
+    n = len(patches)
+    digest.update(str(n).encode())
+    digest.update(patches.split.tobytes())
+    for index in sorted({round(i) for i in np.linspace(0, n - 1, num=min(n, 4))}):
+        digest.update(np.ascontiguousarray(patches.images[index]).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def record_store_identity(run: Path, identity: str) -> None:
+    ckpt = load_checkpoint(run)
+    ckpt["meta"]["data"]["patch_store"] = identity
+    torch.save(ckpt, run / "checkpoint.pt")
+
+
+def test_resume_in_a_moved_checkout(one_step, sample_slide, tmp_path):
+    # Another clone: the slides at another path, the store re-extracted into another folder (the
+    # stores are not committed), the run directory copied. It resumes.
+    checkout = tmp_path / "elsewhere"
+    (checkout / "data").mkdir(parents=True)
+    slide = shutil.copyfile(sample_slide, checkout / "data" / sample_slide.name)
+    moved_store = checkout / "runs" / "p.zarr"
+    moved_store.parent.mkdir()
+    extract_patches([slide], moved_store, stride=64, max_per_slide=200, progress=False)
+    run = Path(shutil.copytree(one_step, checkout / "run"))
+    result = train(moved_store, run, "--steps", 2, "--resume")
+    assert_ok(result)
+    assert "resuming at step 1" in result.output
+    assert load_checkpoint(run)["meta"]["data"]["patch_store"] == open_patch_store(moved_store).identity
+
+
+def test_a_checkpoint_with_the_old_identity_still_resumes(one_step, store, tmp_path):
+    # Runs started before the identity stopped depending on paths recorded the old one: they resume
+    # from the same store, and their next checkpoint records the new identity.
+    run = copy_run(one_step, tmp_path)
+    record_store_identity(run, legacy_identity(store))
+    assert legacy_identity(store) != open_patch_store(store).identity
+    assert_ok(train(store, run, "--steps", 2, "--resume"))
+    assert load_checkpoint(run)["meta"]["data"]["patch_store"] == open_patch_store(store).identity
+
+
+def test_resume_on_another_patch_store_is_refused(one_step, tmp_path):
+    other = tmp_path / "other.zarr"
+    extract_patches([REPO / "nca_tiles" / "data" / "training" / "ovary_hgsc_stroma.jpg"], other, stride=64,
+                    source_mpp=0.25, progress=False)
+    run = copy_run(one_step, tmp_path)
+    assert_one_line_error(train(other, run, "--steps", 2, "--resume"), "different patch store", "--patches")
+    record_store_identity(run, legacy_identity(other)[::-1])  # an old record of yet another store
+    assert_one_line_error(train(other, run, "--steps", 2, "--resume"), "different patch store", "--patches")
+    assert load_checkpoint(run)["step"] == 1
 
 
 # -- refused input ----------------------------------------------------------------------------

@@ -102,16 +102,42 @@ class PatchStore:
 
     @cached_property
     def identity(self) -> str:
-        """Short stable hash of the store's content: its attributes, N, the splits and a few
-        patches spread over the store. Cheap (reads at most 4 chunks), and changes whenever the
-        store is re-extracted with other slides or settings."""
+        """Short stable hash of the store's data, the same wherever the slides and the store are:
+        the extraction settings in the attributes, each slide's file name, size, µm/px and patch
+        count (not its path, nor the nca-tiles version that wrote the store), N, every patch's
+        slide, position and split, and the pixels of a few patches spread over the store. Cheap
+        (reads at most 4 chunks); the same store re-extracted from the same slides in another
+        folder or checkout has the same identity, other slides or settings give another one."""
+        attrs = {key: value for key, value in self.attrs.items() if key not in ("slides", "tool_version")}
+        attrs["slides"] = [{**{key: value for key, value in slide.items() if key != "path"},
+                            "name": Path(slide["path"]).name} for slide in self.slides]
+        digest = hashlib.sha256(json.dumps({"identity": 2, **attrs}, sort_keys=True).encode())
+        digest.update(str(len(self)).encode())
+        for column, dtype in ((self.split, "u1"), (self.slide_index, "<i4"), (self.x, "<i8"), (self.y, "<i8")):
+            digest.update(column.astype(dtype).tobytes())
+        self._update_with_patches(digest)
+        return digest.hexdigest()[:16]
+
+    @cached_property
+    def legacy_identity(self) -> str:
+        """The identity as nca-tiles 0.1.0 computed it: its attributes as written, the slides'
+        absolute paths at extraction included. Checkpoints of runs started then record it."""
         digest = hashlib.sha256(json.dumps(self.attrs, sort_keys=True).encode())
-        n = len(self)
-        digest.update(str(n).encode())
+        digest.update(str(len(self)).encode())
         digest.update(self.split.tobytes())
+        self._update_with_patches(digest)
+        return digest.hexdigest()[:16]
+
+    def has_identity(self, recorded: str) -> bool:
+        """Whether ``recorded`` (a checkpoint's record of the store it was trained on) names this
+        store: its ``identity``, or its ``legacy_identity`` so that runs started with nca-tiles
+        0.1.0 still resume from the store they were trained on."""
+        return recorded == self.identity or recorded == self.legacy_identity
+
+    def _update_with_patches(self, digest: Any) -> None:
+        n = len(self)
         for index in sorted({round(i) for i in np.linspace(0, n - 1, num=min(n, 4))}):
             digest.update(np.ascontiguousarray(self.images[index]).tobytes())
-        return digest.hexdigest()[:16]
 
 
 def is_patch_store(path: str | os.PathLike[str]) -> bool:

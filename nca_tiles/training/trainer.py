@@ -259,7 +259,7 @@ class Trainer:
         saved = state["meta"]
         if saved["model"] != self.model.config.to_dict() or saved["schedule"] != self.schedule.config.to_dict():
             raise NcaTilesError(f"--resume: {path} was trained with a different model or schedule config (use the same --preset)")
-        if saved["data"]["patch_store"] != self.store.identity:
+        if not self.store.has_identity(saved["data"]["patch_store"]):
             raise NcaTilesError(f"--resume: {path} was trained on a different patch store (use the same --patches)")
         saved_max_t = (saved.get("training") or {}).get("max_timestep")
         if saved_max_t != self.cfg.max_timestep:
