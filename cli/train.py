@@ -48,19 +48,11 @@ def train(patches, out, preset, steps, batch_size, lr, device, precision, resume
 
     Ctrl-C saves a checkpoint; rerun with --resume to continue exactly where it stopped.
     """
-    from nca_tiles.errors import NcaTilesError
-    from nca_tiles.diffusion.pipeline import resolve_device, resolve_precision
     from nca_tiles.training.trainer import TrainConfig, run_training
 
-    if init_from is not None and resume:
-        raise NcaTilesError("--init-from starts a new run: drop it with --resume")
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, val_every=val_every,
                          sample_every=sample_every, checkpoint_every=checkpoint_every, max_timestep=max_timestep)
-    torch_device = resolve_device(device)
-    precision = resolve_precision(torch_device, precision)
-    if precision == "bf16" and torch_device.type == "cpu":
-        raise NcaTilesError("bf16 on a CPU is hundreds of times slower than fp32: use --precision fp32")
-    trainer, last = run_training(patches, out, preset, config, torch_device, precision,
+    trainer, last = run_training(patches, out, preset, config, device, precision,
                                  resume=resume, overwrite=overwrite, progress=not no_progress, init_from=init_from,
                                  on_resume=lambda step: click.echo(f"resuming at step {step}"))
     click.echo(f"trained to step {trainer.step}: loss {last.get('loss', float('nan')):.4f}; model in {out / 'model'}")

@@ -563,3 +563,17 @@ def test_init_from_starts_from_another_models_weights(one_step, store, tmp_path)
     assert_one_line_error(train(store, out, "--steps", 2, "--resume", "--init-from", one_step), "--init-from")
     assert_one_line_error(train(store, tmp_path / "w2", "--steps", 1, "--init-from", one_step, "--preset", "small"),
                           "another model or schedule")
+
+
+def test_the_library_resolves_device_and_precision(store, tmp_path):
+    # nca_tiles.train takes the CLI's words ("auto", "cpu", "bf16") and refuses what the CLI refuses.
+    from nca_tiles.training.trainer import TrainConfig, run_training
+
+    config = TrainConfig(steps=1, batch_size=4, sample_every=0)
+    trainer, _ = run_training(store, tmp_path / "auto", "tiny", config, "auto", "auto", progress=False)
+    assert trainer.precision == "fp32" and trainer.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(NcaTilesError, match="bf16 on a CPU.*--precision fp32"):
+        run_training(store, tmp_path / "bf16", "tiny", config, "cpu", "bf16", progress=False)
+    assert not (tmp_path / "bf16").exists()
+    with pytest.raises(NcaTilesError, match="--init-from starts a new run"):
+        run_training(store, tmp_path / "auto", "tiny", config, "cpu", resume=True, init_from=tmp_path / "auto")

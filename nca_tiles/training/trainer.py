@@ -45,7 +45,7 @@ from nca_tiles.diffusion.model import preset as get_preset
 from nca_tiles.training.patches import open_patch_store
 from nca_tiles.runtime.preflight import check_writable
 from nca_tiles.runtime.threads import rebalance_threads
-from nca_tiles.diffusion.pipeline import autocast
+from nca_tiles.diffusion.pipeline import autocast, resolve_device, resolve_precision
 from nca_tiles.diffusion.schedule import NoiseSchedule, ScheduleConfig
 
 METRICS_NAME = "metrics.jsonl"
@@ -392,13 +392,29 @@ def _logged_step(line: str) -> int | None:
         return None
 
 
-def run_training(patches: Path, out: Path, preset: str, config: TrainConfig, device: torch.device,
+def resolve_training_device(device: str | torch.device, precision: str) -> tuple[torch.device, str]:
+    """The torch device and precision a run trains with; bf16 on a CPU is refused."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    precision = resolve_precision(device, precision)
+    if precision == "bf16" and device.type == "cpu":
+        raise NcaTilesError("bf16 on a CPU is hundreds of times slower than fp32: use --precision fp32")
+    return device, precision
+
+
+def run_training(patches: Path, out: Path, preset: str, config: TrainConfig, device: str | torch.device = "auto",
                  precision: str = "fp32", *, compile: bool | str | None = None, resume: bool = False,
                  overwrite: bool = False, progress: bool = True, init_from: Path | None = None,
                  on_resume: Callable[[int], None] | None = None) -> tuple[Trainer, dict]:
     """A whole training run: new, resumed (``resume``) or started afresh over an old one
     (``overwrite``). The run directory is locked from the first look at it to the last write, so a
-    second process (another --resume, or an --overwrite that would delete it) is refused at once."""
+    second process (another --resume, or an --overwrite that would delete it) is refused at once.
+
+    ``device``: "auto" (CUDA if available), "cpu", "cuda" or a torch.device; ``precision``: "fp32",
+    "bf16" (CUDA autocast; refused on a CPU, where it is hundreds of times slower) or "auto" (bf16
+    on CUDA, fp32 on a CPU)."""
+    if init_from is not None and resume:
+        raise NcaTilesError("--init-from starts a new run: drop it with --resume")
+    device, precision = resolve_training_device(device, precision)
     out = Path(out)
     model_config = get_preset(preset)
     if out.exists() and not out.is_dir():
