@@ -55,17 +55,13 @@ def extract_patches(
     slide with 3 or more slides, else by region inside each slide. Unreadable slides are skipped
     and listed at the end.
     """
-    from nca_tiles.training.levels import extract_patch_levels
-    from nca_tiles.training.patches import extract_patches as run_extraction
+    from nca_tiles.training.levels import extract_patch_stores
 
-    mpps = parse_floats("--mpp", target_mpp)
-    options = dict(patch_size=patch_size, stride=stride, min_tissue=min_tissue, max_per_slide=max_per_slide,
-                   seed=seed, source_mpp=parse_source_mpp(source_mpp), overwrite=overwrite,
-                   allow_upsample=allow_upsample, split_by=split_by)
-    if len(mpps) == 1:
-        click.echo(run_extraction(slides, out, target_mpp=mpps[0], **options).summary())
-        return
-    for result in extract_patch_levels(slides, out, mpps, coarse_min_tissue=coarse_min_tissue, **options):
+    results = extract_patch_stores(
+        slides, out, parse_floats("--mpp", target_mpp), patch_size=patch_size, stride=stride, min_tissue=min_tissue,
+        max_per_slide=max_per_slide, seed=seed, source_mpp=parse_source_mpp(source_mpp), overwrite=overwrite,
+        allow_upsample=allow_upsample, split_by=split_by, coarse_min_tissue=coarse_min_tissue)
+    for result in results:
         click.echo(result.summary())
 
 

@@ -69,3 +69,17 @@ def test_bad_level_options_are_one_line(slides, tmp_path, args, message):
 def test_a_single_mpp_needs_two_for_levels(slides, tmp_path):
     with pytest.raises(NcaTilesError, match="two or more"):
         extract_patch_levels([slides], tmp_path / "o", [1.0])
+
+
+def test_one_entry_point_for_one_or_several_mpp(slides, tmp_path):
+    """``extract_patch_stores`` (what extract-patches runs): one µm/px writes one store at --out,
+    several write one store per µm/px into the --out folder."""
+    from nca_tiles.training.levels import extract_patch_stores
+
+    options = dict(split_by="region", patch_size=32, source_mpp={"*.png": 3.992})
+    (single,) = extract_patch_stores([slides / "sample.svs"], tmp_path / "one.zarr", [8.0], **options)
+    assert single.out == tmp_path / "one.zarr" and open_patch_store(single.out).mpp == 8.0
+    levels = extract_patch_stores([slides / "sample.svs"], tmp_path / "levels", [8.0, 2.0], coarse_min_tissue=0.05,
+                                  **options)
+    assert [r.out for r in levels] == [tmp_path / "levels" / "mpp-2.zarr", tmp_path / "levels" / "mpp-8.zarr"]
+    assert len(open_patch_store(levels[1].out)) > single.n_patches  # the coarse level's low tissue threshold

@@ -42,3 +42,14 @@ def extract_patch_levels(slides: Sequence[str | os.PathLike[str]], out: str | os
             slides, out / level_store_name(mpp), target_mpp=mpp, min_tissue=min_tissue if i == 0 else coarse_min_tissue,
             source_mpp=source_mpp, overwrite=overwrite, skip_too_coarse=True, **options))
     return results
+
+
+def extract_patch_stores(slides: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], mpps: Sequence[float],
+                         *, coarse_min_tissue: float = COARSE_MIN_TISSUE, **options) -> list[ExtractionResult]:
+    """What ``nca-tiles extract-patches`` runs: one µm/px in ``mpps`` writes one patch store at
+    ``out`` (``extract_patches``), several write one store per µm/px into the folder ``out``
+    (``extract_patch_levels``; ``coarse_min_tissue`` applies only there). ``options`` are those of
+    ``extract_patches``."""
+    if len(mpps) == 1:
+        return [extract_patches(slides, out, target_mpp=mpps[0], **options)]
+    return extract_patch_levels(slides, out, mpps, coarse_min_tissue=coarse_min_tissue, **options)
