@@ -5,9 +5,9 @@ The public API, one function per stage (examples/api_end_to_end.py runs the pipe
     open_slide(path)                          read any slide format (wsi.slide)
     extract_patches(slides, out, ...)         tissue patches into a zarr store (training.patches)
     train(patches, out, preset, TrainConfig(...), device)   a training run (training.trainer.run_training)
-    load_model(path=None, device="auto")      a model for sampling; None: the bundled one
-    generate_region(pipeline, height, width)  a region in memory (diffusion.pipeline)
-    load_synthesis_model(path=None)           a single- or scale-space model for synthesis (diffusion.levels)
+    load_model(path=None, device="auto")      a single- or scale-space model for sampling; None: the bundled one
+    generate_region(model, height, width)     a region in memory, level by level (diffusion.levels)
+    load_synthesis_model(path=None)           the same as load_model (its first name)
     synthesize_slide(SlideRequest(...), model)             a slide of any size (synthesis.slide_job)
     export_canvas(work_dir, out, ...)         re-export a kept canvas (synthesis.export_job)
     evaluate_model(model, patches, ...)       metrics against held-out real patches (evaluation.protocol)
@@ -28,8 +28,8 @@ _API: dict[str, tuple[str, str]] = {
     "open_patch_store": ("nca_tiles.training.patches", "open_patch_store"),
     "train": ("nca_tiles.training.trainer", "run_training"),
     "TrainConfig": ("nca_tiles.training.trainer", "TrainConfig"),
-    "load_model": ("nca_tiles.diffusion.pipeline", "load_model"),
-    "generate_region": ("nca_tiles.diffusion.pipeline", "generate_region"),
+    "load_model": ("nca_tiles.diffusion.levels", "load_synthesis_model"),
+    "generate_region": ("nca_tiles.diffusion.levels", "generate_levels"),
     "load_synthesis_model": ("nca_tiles.diffusion.levels", "load_synthesis_model"),
     "synthesize_slide": ("nca_tiles.synthesis.slide_job", "synthesize_slide"),
     "SlideRequest": ("nca_tiles.synthesis.slide_job", "SlideRequest"),

@@ -13,6 +13,7 @@ from nca_tiles.errors import NcaTilesError
 from nca_tiles.diffusion.model import PRESETS, DiffNCA
 from nca_tiles.training.patches import extract_patches
 from nca_tiles.diffusion.pipeline import load_model
+from nca_tiles.diffusion.levels import load_synthesis_model
 from helpers import assert_ok, assert_one_line_error, run_cli, save_test_model
 
 
@@ -175,7 +176,7 @@ def test_valid_models_round_trip(tmp_path):
         model = save_test_model(tmp_path / name, config=config, mpp=0.25)
         pipeline = load_model(model, "cpu")
         assert pipeline.model.config == config and pipeline.mpp == 0.25
-    assert load_model(None, "cpu").mpp == 1.0  # the bundled model
+    assert load_synthesis_model(None, "cpu").mpp == 1.0  # the bundled model
 
 
 def _edit_weights(model_dir: Path, edit) -> Path:

@@ -257,3 +257,25 @@ def rng_seed(seed: int, i: int) -> int:
     from nca_tiles.diffusion.rng import derive_seed
 
     return derive_seed(seed, i)
+
+
+def test_public_api_loads_and_generates_either_kind(model_dir, tmp_path):
+    """nca_tiles.load_model/generate_region take single- and scale-space models alike (the bundled
+    default is a scale-space model)."""
+    import nca_tiles
+    from nca_tiles.diffusion.pipeline import load_model as load_pipeline
+
+    model = nca_tiles.load_model(model_dir, device="cpu")
+    assert model.is_scale_space
+    assert np.array_equal(nca_tiles.generate_region(model, 20, 24, seed=3, steps=4),
+                          generate_levels(model, 20, 24, seed=3, steps=4))
+    pipeline = load_pipeline(save_test_model(tmp_path / "single"), "cpu")
+    assert np.array_equal(nca_tiles.generate_region(pipeline, 20, 24, seed=3, steps=4),
+                          generate_region(pipeline, 20, 24, seed=3, steps=4))
+
+
+def test_a_scale_space_model_is_not_a_single_pipeline(model_dir):
+    from nca_tiles.diffusion.pipeline import load_model as load_pipeline
+
+    with pytest.raises(NcaTilesError, match="scale-space model .*nca_tiles.load_model"):
+        load_pipeline(model_dir, "cpu")

@@ -171,11 +171,22 @@ class ModelFiles:
     checkpoint: Path | None = None
 
 
+def _is_scale_space_dir(path: Path) -> bool:
+    try:
+        config = json.loads((path / CONFIG_NAME).read_text()) if path.is_dir() else None
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("kind") == "scale-space"
+
+
 def resolve_model_path(path: Path | None) -> ModelFiles:
     """Accept a model directory, a run directory, or a checkpoint file (None: the bundled model)."""
     path = DEFAULT_MODEL_DIR if path is None else Path(path)
     if not path.exists():
         raise NcaTilesError(f"model {path} does not exist: give a run directory, model directory or checkpoint file")
+    if _is_scale_space_dir(path):
+        raise NcaTilesError(f"{path} is a scale-space model (several levels): load it with "
+                            "nca_tiles.load_model (diffusion.levels.load_synthesis_model), or give one of its level-N folders")
     if path.is_file():
         if path.suffix == ".json":
             path = path.parent

@@ -32,6 +32,7 @@ import torch
 from nca_tiles.diffusion import rng
 from nca_tiles.diffusion.checkpoint import (
     CONFIG_NAME,
+    DEFAULT_MODEL_DIR,
     load_model_files,
     resolve_model_path,
     save_model_dir,
@@ -150,8 +151,8 @@ def _check_levels(config: dict, path: Path) -> list[dict]:
 
 def load_synthesis_model(path: Path | str | None = None, device: str = "auto", precision: str = "auto") -> SynthesisModel:
     """Load a single-scale or scale-space model for synthesis (None: the bundled model)."""
-    path = None if path is None else Path(path)
-    config = None if path is None else _read_scale_space_config(path)
+    path = DEFAULT_MODEL_DIR if path is None else Path(path)
+    config = _read_scale_space_config(path)
     if config is None:
         files = resolve_model_path(path)
         meta, state = load_model_files(files)
@@ -326,12 +327,15 @@ def macs_per_output_pixel(model: SynthesisModel, timesteps: list[list[int]]) -> 
 
 # -- the in-memory reference ------------------------------------------------------------------------
 @torch.no_grad()
-def generate_levels(model: SynthesisModel, height: int, width: int, seed: int = 0, steps: int | None = 50,
+def generate_levels(model: SynthesisModel | Pipeline, height: int, width: int, seed: int = 0, steps: int | None = 50,
                     sampler: str = "ddim", eta: float = 0.0) -> np.ndarray:
     """Synthesize a whole (height, width) canvas in memory, level by level: uint8 (H, W, 3).
 
     What tiled synthesis must equal, pixel for pixel up to float rounding, whatever its chunking.
+    A single-scale pipeline is a model of one level (the same pixels as ``pipeline.generate_region``).
     """
+    if isinstance(model, Pipeline):
+        model = SynthesisModel.single(model)
     if height < 2 or width < 2:
         raise NcaTilesError("height and width must be at least 2 px")
     previous = None
