@@ -219,11 +219,13 @@ def dry_run_report(model: SynthesisModel, req: SlideRequest) -> tuple[list[str],
 def plan_job(req: SlideRequest, model: SynthesisModel, calibrate: bool = True) -> tuple[str, list[str]]:
     """``synthesize --dry-run``: the plan (levels, grid, halo, FLOPs, disk, memory, time) and the
     pre-flight as text, and the reasons the job would be refused (empty: it would run)."""
+    from nca_tiles.synthesis.calibration import ExportOptions
     from nca_tiles.synthesis.plan import describe_plan, make_plan
 
     check_request(req, model)
     job = make_job(model, req.seed, req.width, req.height, req.chunk, req.sampler, req.steps, req.eta)
-    plan = make_plan(model, job, req.batch, calibrate)
+    export = ExportOptions(req.format, req.tile, req.compression, req.quality)
+    plan = make_plan(model, job, req.batch, calibrate, export=export)
     lines, problems = dry_run_report(model, req)
     refusals = [f"would refuse the job: {problem}" for problem in problems] or ["the job would run"]
     text = "\n".join([describe_plan(plan, model, job, req.batch, req.work_dir or default_work_dir(req.out)),
