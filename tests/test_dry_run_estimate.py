@@ -217,3 +217,10 @@ def test_a_bad_value_is_still_a_one_line_error(model_dir, tmp_path, args, messag
                      "--out", tmp_path / "s.ome.tif", "--device", "cpu", "--dry-run")
     assert_one_line_error(result, message)
     assert recorded_calls == []  # refused before any calibration
+
+
+def test_with_dask_workers_the_estimate_says_it_is_for_one_process(model_dir, tmp_path):
+    result = run_cli("synthesize", "--model", model_dir, "--width", 128, "--height", 96, "--chunk", 64,
+                     "--steps", 2, "--out", tmp_path / "s.ome.tif", "--device", "cpu", "--workers", 2, "--dry-run")
+    assert_ok(result)
+    assert "the time is for one in-process run" in result.output

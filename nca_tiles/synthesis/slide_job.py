@@ -228,8 +228,10 @@ def plan_job(req: SlideRequest, model: SynthesisModel, calibrate: bool = True) -
     plan = make_plan(model, job, req.batch, calibrate, export=export)
     lines, problems = dry_run_report(model, req)
     refusals = [f"would refuse the job: {problem}" for problem in problems] or ["the job would run"]
-    text = "\n".join([describe_plan(plan, model, job, req.batch, req.work_dir or default_work_dir(req.out)),
-                      "pre-flight:", *(f"  {line}" for line in lines + refusals)])
+    described = [describe_plan(plan, model, job, req.batch, req.work_dir or default_work_dir(req.out))]
+    if calibrate and (req.workers or req.scheduler):
+        described.append("  (the time is for one in-process run: the dask workers' speed-up is not estimated)")
+    text = "\n".join([*described, "pre-flight:", *(f"  {line}" for line in lines + refusals)])
     return text, problems
 
 
