@@ -224,3 +224,16 @@ def test_with_dask_workers_the_estimate_says_it_is_for_one_process(model_dir, tm
                      "--steps", 2, "--out", tmp_path / "s.ome.tif", "--device", "cpu", "--workers", 2, "--dry-run")
     assert_ok(result)
     assert "the time is for one in-process run" in result.output
+
+
+def test_the_description_follows_the_replayed_run():
+    from nca_tiles.synthesis.calibration import ModelTime
+    from nca_tiles.synthesis.plan import describe_model_time
+
+    cpu = torch.device("cpu")
+    levels = [SimpleNamespace(calibration=calibrated("auto", True))]
+    assert "eager (--compile auto: compiling would not pay" in describe_model_time(ModelTime(8.0, 0.0, 8.0), levels, cpu)
+    text = describe_model_time(ModelTime(50.0, 5.0, 10.0), levels, cpu)
+    assert "compiled, after 10 s eager" in text and "the compile timed here: 5.0 s" in text
+    off = [SimpleNamespace(calibration=calibrated("off", False))]
+    assert describe_model_time(ModelTime(40.0, 0.0, 40.0), off, cpu).endswith("eager (--no-compile)")

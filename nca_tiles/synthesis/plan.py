@@ -269,14 +269,13 @@ def describe_calibration(cal: LevelCalibration, limit: int = 4) -> str:
 
 
 def describe_model_time(total: ModelTime, levels: list[LevelPlan], device: torch.device) -> str:
-    """How the run's model calls will run: eager, compiled, or eager then compiled."""
+    """How the run's model calls will run, as the replay of the run found: eager, compiled, or
+    eager then compiled."""
     cals = [level.calibration for level in levels if level.calibration is not None]
-    if not any(c.compiled for c in cals) and total.compile == 0:
-        modes = {c.compile_mode for c in cals}
-        why = ("--no-compile" if modes == {"off"} else
-               "torch.compile unavailable here" if all(c.eager_s_per_pixel is None and c.compile_mode != "off"
-                                                        for c in cals) else
-               "--compile auto: compiling would not pay for this job")
+    if total.eager >= total.seconds - 1e-9:  # never compiles
+        auto = [c for c in cals if c.compile_mode == "auto"]
+        why = ("--compile auto: compiling would not pay for this job" if any(c.eager_s_per_pixel for c in auto) else
+               "torch.compile unavailable here" if auto else "--no-compile")
         return f"model calls: {format_short(total.seconds)}, eager ({why})"
     threshold = COMPILE_PAYS_AFTER_S.get(device.type, 30.0)
     parts = [f"model calls: {format_short(total.seconds)}, compiled"]
@@ -286,6 +285,8 @@ def describe_model_time(total: ModelTime, levels: list[LevelPlan], device: torch
     if total.compile > 0:
         parts.append(f"the compile {'assumed' if total.compile_assumed else 'timed here'}: "
                      f"{format_short(total.compile)}, once per process (less with a warm inductor cache)")
+    else:
+        parts.append("the rule compiled in this process already")
     return ", ".join(parts)
 
 
