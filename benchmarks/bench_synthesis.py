@@ -155,15 +155,19 @@ def random_model(preset_name: str, seed: int = 0) -> tuple[dict, dict]:
 
 def load_pipeline(model: str | None, preset_name: str | None, device: str, precision: str):
     """(pipeline, description): --model, else the bundled model, else random weights of a preset."""
-    from nca_tiles.diffusion.checkpoint import DEFAULT_MODEL_DIR, is_model_path
-    from nca_tiles.diffusion.pipeline import build_pipeline, load_model
+    from nca_tiles.diffusion.checkpoint import DEFAULT_MODEL_DIR
+    from nca_tiles.diffusion.levels import load_synthesis_model
+    from nca_tiles.diffusion.pipeline import build_pipeline
 
-    bundled = model is None and preset_name is None and is_model_path(DEFAULT_MODEL_DIR)
+    bundled = model is None and preset_name is None and DEFAULT_MODEL_DIR.exists()
     if bundled:
         model = str(DEFAULT_MODEL_DIR)
     if model is not None:
-        pipeline = load_model(model, device, precision)
-        source = f"{model}" + (" (bundled)" if bundled else "")
+        # A scale-space model's per-pixel cost is its finest level's: that level is benchmarked.
+        loaded = load_synthesis_model(model, device, precision)
+        pipeline = loaded.finest
+        source = (f"{model}" + (" (bundled)" if bundled else "")
+                  + (f", finest level of {loaded.describe()}" if loaded.is_scale_space else ""))
     else:
         preset_name = preset_name or "small"
         meta, state = random_model(preset_name)
