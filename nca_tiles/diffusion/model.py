@@ -169,7 +169,10 @@ class CounterFireMask:
 
 
 class PixelNorm(nn.Module):
-    """Layer norm over channels at each pixel (deviation 1): local, unlike GroupNorm(1, h)."""
+    """Layer norm over channels at each pixel (deviation 1): local, unlike GroupNorm(1, h).
+
+    Holds the norm's parameters; the cell rule applies the same norm as ``F.layer_norm`` over its
+    pixels-by-channels rows (:func:`cell_rule`)."""
 
     def __init__(self, channels: int, eps: float = 1e-5):
         super().__init__()
@@ -190,26 +193,6 @@ def pixel_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return x * weight[None, :, None, None] + bias[None, :, None, None]
 
 
-def cell_rule(padded: torch.Tensor, fire: torch.Tensor, weights: "RuleWeights", perceive_bias: torch.Tensor,
-              scale0: torch.Tensor, hidden_bias: torch.Tensor, scale1: torch.Tensor) -> torch.Tensor:
-    """The cell rule as a pure function of tensors (see :meth:`DiffNCA.rule`): one compiled copy
-    serves every model in the process, whatever its weights."""
-    w = weights
-    # The state is the padded region's interior: the compiled rule then only ever sees fresh,
-    # contiguous inputs (a band sliced out of the state would have other strides: another compile).
-    state = padded[:, :, 1:-1, 1:-1]
-    perceived = F.conv2d(padded, w.perceive) + perceive_bias[:, :, None, None]
-    z = torch.cat([perceived, state], dim=1) * scale0[:, :, None, None]
-    hidden = F.conv2d(z, w.to_hidden) + hidden_bias[:, :, None, None]
-    hidden = F.leaky_relu(pixel_norm(hidden, w.norm_weight, w.norm_bias, w.norm_eps)) * scale1[:, :, None, None]
-    return state + F.conv2d(hidden, w.to_update, w.update_bias) * (fire * w.writable)
-
-
-def padded_cell_rule(state: torch.Tensor, fire: torch.Tensor, weights: "RuleWeights", *cond: torch.Tensor) -> torch.Tensor:
-    """The cell rule on a whole image, reflect-padded: the training step's unit of compilation."""
-    return cell_rule(F.pad(state, (1, 1, 1, 1), mode="reflect"), fire, weights, *cond)
-
-
 class RuleWeights(NamedTuple):
     """The weights the cell rule reads, sliced out of the modules once per forward."""
 
@@ -221,6 +204,81 @@ class RuleWeights(NamedTuple):
     norm_bias: torch.Tensor
     writable: torch.Tensor
     norm_eps: float
+
+
+class StepWeights(NamedTuple):
+    """The rule's weights for one NCA step with that step's conditioning folded in, per sample b.
+
+    The multiplicative conditioning scales the inputs of the two 1×1 convolutions, so it scales
+    their weight columns instead: exact up to rounding, and a pixel's hidden layer becomes plain
+    GEMMs on the state's pixels (docs/design.md §4, "the CPU formulation").
+    """
+
+    perceive: torch.Tensor  # (c, c, 3, 3), shared
+    to_hidden: torch.Tensor  # (B, 2c, h): to_hidden × scale0
+    hidden_bias: torch.Tensor  # (B, 1, h): incl. the perception's bias through to_hidden
+    to_update: torch.Tensor  # (B, h, c): to_update × scale1, columns of unwritable channels zero
+    update_bias: torch.Tensor  # (1, 1, c), zero on unwritable channels
+    norm_weight: torch.Tensor
+    norm_bias: torch.Tensor
+    norm_eps: float
+
+
+def fold_step(w: RuleWeights, perceive_bias: torch.Tensor, scale0: torch.Tensor, hidden_bias: torch.Tensor,
+              scale1: torch.Tensor) -> StepWeights:
+    """The weights of one NCA step (its :class:`StepConditioning` tensors folded in): (B, ·) each."""
+    c = w.perceive.shape[0]
+    to_hidden = w.to_hidden[None, :, :, 0, 0] * scale0[:, None, :]  # (B, h, 2c)
+    writable = w.writable[:, :, 0]  # (1, c, 1)
+    return StepWeights(
+        perceive=w.perceive,
+        to_hidden=to_hidden.mT,
+        hidden_bias=(hidden_bias + (to_hidden[:, :, :c] @ perceive_bias[:, :, None])[:, :, 0])[:, None, :],
+        to_update=(w.to_update[None, :, :, 0, 0] * scale1[:, None, :] * writable).mT,
+        update_bias=(w.update_bias[None, :, None] * writable).mT,
+        norm_weight=w.norm_weight,
+        norm_bias=w.norm_bias,
+        norm_eps=w.norm_eps,
+    )
+
+
+def cell_rule(padded: torch.Tensor, state: torch.Tensor, fire: torch.Tensor, w: StepWeights) -> torch.Tensor:
+    """The cell rule on a region of H × W pixels, as a pure function of tensors (one compiled copy
+    serves every model in the process): ``padded`` is the region's state with a one-pixel border
+    of its neighbours (B, c, H + 2, W + 2), ``state`` the region itself (B, c, H, W), ``fire``
+    (B, 1, H, W). Returns the region's next state.
+
+    The state stays channels-first, where the 3×3 perception is one oneDNN convolution; the
+    per-pixel MLP runs on pixels × channels, reading the channels-first tensors as transposed
+    matrices (no copies): its 1×1 convolutions are batched GEMMs with the pixels as rows and the
+    per-pixel norm is ``layer_norm`` over contiguous rows (docs/design.md §4).
+    """
+    b, c, h, width = state.shape
+    pixels = h * width
+    perceived = F.conv2d(padded, w.perceive).view(b, c, pixels).mT  # (B, pixels, c)
+    state_rows = state.reshape(b, c, pixels).mT
+    from_perceived, from_state = w.to_hidden[:, :c], w.to_hidden[:, c:]
+    if torch.compiler.is_compiling():  # inductor adds the two products and the bias in the norm's loop
+        hidden = torch.bmm(perceived, from_perceived) + torch.bmm(state_rows, from_state) + w.hidden_bias
+    else:  # eager: accumulate in place (no concatenated copy, no extra pass)
+        hidden = torch.bmm(perceived, from_perceived).baddbmm_(state_rows, from_state).add_(w.hidden_bias)
+    hidden = F.leaky_relu(F.layer_norm(hidden, hidden.shape[-1:], w.norm_weight, w.norm_bias, w.norm_eps), inplace=True)
+    return torch.addcmul(state, update_channels_first(hidden, w, state.shape), fire)
+
+
+def update_channels_first(hidden: torch.Tensor, w: StepWeights, shape: torch.Size) -> torch.Tensor:
+    """The update (B, c, H, W) from the hidden layer (B, pixels, h), by the faster GEMM orientation."""
+    to_update, bias = w.to_update, w.update_bias  # (B, h, c), (1, 1, c)
+    if torch.is_grad_enabled():  # pixels as rows: backward's gradient of the hidden layer stays contiguous
+        update = (torch.bmm(hidden, to_update) + bias).mT
+    else:  # channels as rows: the faster GEMM here, its output added straight onto the state
+        update = torch.baddbmm(bias.mT, to_update.mT, hidden.mT)
+    return update.view(shape)
+
+
+def padded_cell_rule(state: torch.Tensor, fire: torch.Tensor, weights: RuleWeights, *cond: torch.Tensor) -> torch.Tensor:
+    """The cell rule on a whole image, reflect-padded: the training step's unit of compilation."""
+    return cell_rule(F.pad(state, (1, 1, 1, 1), mode="reflect"), state, fire, fold_step(weights, *cond))
 
 
 class DiffNCA(nn.Module):
@@ -297,13 +355,10 @@ class DiffNCA(nn.Module):
             norm_eps=self.norm.eps,
         )
 
-    def rule(self, padded: torch.Tensor, cond: "StepConditioning", fire: torch.Tensor,
-             weights: RuleWeights | None = None) -> torch.Tensor:
-        """The cell rule on a region of H × W pixels: ``padded`` is the region's state with a
-        one-pixel border of its neighbours (B, c, H + 2, W + 2), ``fire`` (B, 1, H, W)."""
-        args = (padded, fire, weights if weights is not None else self.rule_weights(), *cond.tensors())
+    def rule(self, padded: torch.Tensor, state: torch.Tensor, fire: torch.Tensor, weights: StepWeights) -> torch.Tensor:
+        """The cell rule on a region (see :func:`cell_rule`) with one NCA step's weights."""
         # Symbolic sizes: every window and band shares one compiled rule.
-        return compiled.run(cell_rule, *args, enabled=self.compiled, dynamic=True)
+        return compiled.run(cell_rule, padded, state, fire, weights, enabled=self.compiled, dynamic=True)
 
     def nca_step(self, state: torch.Tensor, e: torch.Tensor, fire: torch.Tensor,
                  weights: RuleWeights | None = None) -> torch.Tensor:
@@ -337,10 +392,10 @@ class DiffNCA(nn.Module):
         spare = torch.empty_like(state)
         bands = band_rows(h, max(1, self.band_pixels(x_t.device) // w))
         for k in range(cfg.nca_steps):
-            cond = self.conditioning(embeddings[k])
+            step_weights = fold_step(weights, *self.conditioning(embeddings[k]).tensors())
             for r0, r1 in bands:
-                spare[:, :, r0:r1] = self.rule(reflect_pad_rows(state, r0, r1), cond,
-                                               fire(k, (b, 1, r1 - r0, w), x_t.device, row0=r0), weights)
+                spare[:, :, r0:r1] = self.rule(reflect_pad_rows(state, r0, r1), state[:, :, r0:r1],
+                                               fire(k, (b, 1, r1 - r0, w), x_t.device, row0=r0), step_weights)
             state, spare = spare, state
         return state[:, ic : 2 * ic].clone()  # not a view: the state buffers can go now
 
