@@ -14,8 +14,14 @@ trainer's ``diffusion_loss`` + backward + Adam step on random data, batch ``--ba
 on-disk cache is a fresh temporary folder unless ``--warm-cache`` (then a rerun reuses kernels and
 compiles in a fraction of the time, as a second nca-tiles process on this machine would).
 
+"fraction of matmul FLOP/s": the model's nominal FLOPs (2 × ModelConfig.macs_per_pixel_step() per
+pixel per NCA step; a training step counted as 3 forwards: forward, and backward's two products
+per layer) per second, over the matmul's FLOP/s: the issue's target is ≥ 0.6 for inference.
+
 fp32 on a CPU (bf16 is far slower there: docs/design.md §4); ``--precision auto`` is bf16 autocast
-on CUDA. Torch uses one thread per core unless OMP_NUM_THREADS says otherwise.
+on CUDA. Torch uses one thread per core unless OMP_NUM_THREADS says otherwise; on cores shared
+with other busy processes OMP_NUM_THREADS=1 gives far steadier numbers (two threads that wait on
+each other at every operation lose whole time slices to the other processes).
 """
 
 from __future__ import annotations
@@ -102,17 +108,32 @@ def measure_training(args: argparse.Namespace, device, compile: bool) -> dict:
     return {"s_per_step": statistics.median(times), "first_s": first, "graphs": graphs() - before}
 
 
+def model_flop(settings: dict) -> dict:
+    """Nominal FLOPs of one inference denoising step and of one training step (3 forwards)."""
+    from nca_tiles.diffusion.model import preset
+
+    config = preset(settings["preset"])
+    per_pixel = 2 * config.macs_per_pixel_step() * config.nca_steps
+    return {"inference": per_pixel * settings["size"] ** 2,
+            "training": 3 * per_pixel * settings["batch_size"] * settings["patch"] ** 2}
+
+
 def summarize(results: dict) -> dict:
     """Ratios, compile seconds and end-to-end figures from the raw timings."""
     mm = results["matmul_s"]
+    flop = model_flop(results["settings"])
     out: dict[str, Any] = {}
     for kind in ("inference", "training"):
         eager, comp = results[kind]["eager"], results[kind]["compiled"]
-        row = {"eager_s": eager["s_per_step"], "eager_matmuls": eager["s_per_step"] / mm}
+        # FLOP/s over the matmul's: flop / s ÷ (2·2048³ / mm).
+        of_matmul = flop[kind] * mm / (2 * 2048**3)
+        row = {"eager_s": eager["s_per_step"], "eager_matmuls": eager["s_per_step"] / mm,
+               "eager_of_matmul": of_matmul / eager["s_per_step"]}
         if comp:
             compile_s = max(0.0, comp["first_s"] - comp["s_per_step"])
             saved = eager["s_per_step"] - comp["s_per_step"]
             row.update(compiled_s=comp["s_per_step"], compiled_matmuls=comp["s_per_step"] / mm,
+                       compiled_of_matmul=of_matmul / comp["s_per_step"],
                        speedup=eager["s_per_step"] / comp["s_per_step"], compile_s=compile_s,
                        break_even_steps=compile_s / saved if saved > 0 else None, graphs=comp["graphs"])
         out[kind] = row
@@ -148,10 +169,12 @@ def print_results(results: dict) -> None:
     rows = [
         [f"inference s per {a['size']}² denoising step", *pair(inf, "s"), inf.get("speedup")],
         ["  in 2048² fp32 matmuls", *pair(inf, "matmuls"), None],
+        ["  fraction of matmul FLOP/s", *pair(inf, "of_matmul"), None],
         [f"  end to end, {JOB_STEPS} steps incl. compile (s)", inf["job_eager_s"], inf.get("job_compiled_s"),
          inf["job_eager_s"] / inf["job_compiled_s"] if inf.get("job_compiled_s") else None],
         ["training s per step", *pair(tr, "s"), tr.get("speedup")],
         ["  in 2048² fp32 matmuls", *pair(tr, "matmuls"), None],
+        ["  fraction of matmul FLOP/s", *pair(tr, "of_matmul"), None],
         ["  steps per hour, steady", *pair(tr, "steps_per_hour"), tr.get("speedup")],
         ["  steps in the first hour incl. compile", tr["eager_steps_per_hour"], tr.get("compiled_steps_first_hour"),
          tr["compiled_steps_first_hour"] / tr["eager_steps_per_hour"] if tr.get("compiled_steps_first_hour") else None],
