@@ -2,6 +2,7 @@ import errno
 import fcntl
 import os
 import pty
+import select
 import signal
 import struct
 import subprocess
@@ -168,15 +169,22 @@ def test_ctrl_c_on_a_terminal():
             output += os.read(master, 4096)
         time.sleep(0.2)  # in the command's work, as a person's Ctrl-C
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 130
-        while True:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:  # EIO: the other side is closed
+        # Read while waiting: a child whose terminal is not read blocks on its next write (a full
+        # pseudo-terminal buffer) and never exits.
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: the other side is closed
+                    chunk = b""
+                output += chunk
+                if not chunk and proc.poll() is not None:
+                    break
+            elif proc.poll() is not None:
                 break
-            if not chunk:
-                break
-            output += chunk
+        assert proc.wait(timeout=1) == 130, output
     finally:
         proc.kill()
         os.close(master)
