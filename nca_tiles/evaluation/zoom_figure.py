@@ -6,7 +6,7 @@ the same point, chosen where the widest field holds the most tissue and the poin
 tissue. A panel shows its field at ``panel`` px whatever the slide's resolution: a close field of a
 low-magnification slide is enlarged (nearest neighbour, so its pixels stay visible rather than
 looking smoother than they are), and a field larger than the slide shows white beyond it, as a
-scanner's background.
+scanner's background. Labels say "um": PIL's default bitmap font has no µ.
 """
 
 from __future__ import annotations
@@ -87,11 +87,11 @@ def zoom_figure(rows: list[FigureRow], fields_um: tuple[float, ...] = DEFAULT_FI
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     for j, f in enumerate(fields):
-        draw.text((j * (panel + gap) + 2, 3), f"field {f:g} µm", fill="black")
+        draw.text((j * (panel + gap) + 2, 3), f"field {f:g} um", fill="black")
     for i, row in enumerate(rows):
         top = header + i * (panel + title + gap)
         with open_slide(row.path, row.source_mpp) as slide:
-            draw.text((2, top + 2), f"{row.label} ({slide.mpp:g} µm/px)", fill="black")
+            draw.text((2, top + 2), f"{row.label} ({slide.mpp:g} um/px)", fill="black")
             centre = field_centre(slide, fields[0])
             for j, f in enumerate(fields):
                 left = j * (panel + gap)
