@@ -159,8 +159,11 @@ def test_ctrl_c_on_a_terminal():
     """A real SIGINT to a process on a pseudo-terminal: the message is on a line of its own."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal's width
+    # SIGINT as a terminal's process has it: a suite started in the background of a script (`&`)
+    # runs with SIGINT ignored, which its children would inherit, and Python then never raises
+    # KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-c", SLOW_COMMAND], stdin=slave, stdout=slave, stderr=slave,
-                            close_fds=True)
+                            close_fds=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.close(slave)
     output = b""
     try:
