@@ -171,12 +171,19 @@ class ModelFiles:
     checkpoint: Path | None = None
 
 
-def _is_scale_space_dir(path: Path) -> bool:
+SCALE_SPACE_KIND = "scale-space"  # the "kind" of a scale-space model's config (diffusion.levels)
+
+
+def read_scale_space_config(path: Path) -> dict | None:
+    """The config of the scale-space model directory ``path``; None if it is not one."""
+    config = path / CONFIG_NAME
+    if not (path.is_dir() and config.is_file()):
+        return None
     try:
-        config = json.loads((path / CONFIG_NAME).read_text()) if path.is_dir() else None
+        d = json.loads(config.read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and config.get("kind") == "scale-space"
+        return None  # not ours to judge here: the single-scale reader reports it
+    return d if isinstance(d, dict) and d.get("kind") == SCALE_SPACE_KIND else None
 
 
 def resolve_model_path(path: Path | None) -> ModelFiles:
@@ -184,7 +191,7 @@ def resolve_model_path(path: Path | None) -> ModelFiles:
     path = DEFAULT_MODEL_DIR if path is None else Path(path)
     if not path.exists():
         raise NcaTilesError(f"model {path} does not exist: give a run directory, model directory or checkpoint file")
-    if _is_scale_space_dir(path):
+    if read_scale_space_config(path) is not None:
         raise NcaTilesError(f"{path} is a scale-space model (several levels): load it with "
                             "nca_tiles.load_model (diffusion.levels.load_synthesis_model), or give one of its level-N folders")
     if path.is_file():

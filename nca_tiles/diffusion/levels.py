@@ -33,7 +33,9 @@ from nca_tiles.diffusion import rng
 from nca_tiles.diffusion.checkpoint import (
     CONFIG_NAME,
     DEFAULT_MODEL_DIR,
+    SCALE_SPACE_KIND,
     load_model_files,
+    read_scale_space_config,
     resolve_model_path,
     save_model_dir,
 )
@@ -41,7 +43,6 @@ from nca_tiles.diffusion.pipeline import Pipeline, build_pipeline, initial_noise
 from nca_tiles.diffusion.scale_space import level_size, renoise, upsample_window
 from nca_tiles.errors import NcaTilesError
 
-SCALE_SPACE_KIND = "scale-space"
 SCALE_SPACE_FORMAT = 2
 LEVEL_SEED_KEY = 0x5CA1E  # derives each finer level's seed: no two levels share random numbers
 # Re-noise to where noise of std √(1−ᾱ)/√ᾱ (relative to the image) is this many times the detail
@@ -109,17 +110,6 @@ def level_seed(seed: int, index: int) -> int:
     return seed if index == 0 else rng.derive_seed(seed, LEVEL_SEED_KEY, index)
 
 
-def _read_scale_space_config(path: Path) -> dict | None:
-    config = path / CONFIG_NAME
-    if not (path.is_dir() and config.is_file()):
-        return None
-    try:
-        d = json.loads(config.read_text())
-    except (OSError, ValueError):
-        return None  # not ours to judge here: the single-scale reader reports it
-    return d if isinstance(d, dict) and d.get("kind") == SCALE_SPACE_KIND else None
-
-
 def _check_levels(config: dict, path: Path) -> list[dict]:
     where = f"{path / CONFIG_NAME}"
     version = config.get("format_version")
@@ -152,7 +142,7 @@ def _check_levels(config: dict, path: Path) -> list[dict]:
 def load_synthesis_model(path: Path | str | None = None, device: str = "auto", precision: str = "auto") -> SynthesisModel:
     """Load a single-scale or scale-space model for synthesis (None: the bundled model)."""
     path = DEFAULT_MODEL_DIR if path is None else Path(path)
-    config = _read_scale_space_config(path)
+    config = read_scale_space_config(path)
     if config is None:
         files = resolve_model_path(path)
         meta, state = load_model_files(files)
@@ -273,7 +263,7 @@ def build_scale_space_model(out: Path, level_paths: list[Path], t_starts: list[i
 
 
 def is_scale_space_model(path: Path) -> bool:
-    return _read_scale_space_config(Path(path)) is not None
+    return read_scale_space_config(Path(path)) is not None
 
 
 def describe_scale_space_model(path: Path) -> str:
@@ -281,7 +271,7 @@ def describe_scale_space_model(path: Path) -> str:
     from nca_tiles.diffusion.checkpoint import describe_model
 
     model = load_synthesis_model(path, device="cpu")
-    config = _read_scale_space_config(Path(path))
+    config = read_scale_space_config(Path(path))
     lines = [f"scale-space model: {path}", f"levels: {model.describe()} (output {model.mpp:g} µm/px)",
              f"hash: {model.hash}"]
     for k, (spec, level) in enumerate(zip(config["levels"], model.levels)):
