@@ -13,11 +13,12 @@ runs eager, and the process says so in one line on stderr, once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -109,6 +110,18 @@ def is_warm(fn: Callable) -> bool:
     """Whether the compiled copy of ``fn`` already ran in this process (compiling it again is
     almost free: new sizes reuse it)."""
     return fn in _warm
+
+
+@contextlib.contextmanager
+def warmth_unchanged() -> Iterator[None]:
+    """Run the body (a calibration) without changing what this process's ``--compile auto``
+    pipelines decide: what it compiles stays cached (compiling it again is then nearly free), but
+    does not count as warm, which would make every later pipeline compile after one call."""
+    warm = set(_warm)
+    try:
+        yield
+    finally:
+        _warm.intersection_update(warm)
 
 
 def run(fn: Callable, *args, enabled: bool, dynamic: bool | None = None):

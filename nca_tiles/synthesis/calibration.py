@@ -178,18 +178,6 @@ def _rule(pipeline: Pipeline, compiled_rule: bool):
         pipeline.compile, model.compiled, pipeline.eager_seconds = saved
 
 
-@contextmanager
-def keep_compile_decisions():
-    """Calibrate without changing what this process's ``--compile auto`` pipelines decide: the
-    rule compiled here stays cached (compiling it again is then nearly free), but does not count
-    as warm, which would make every later pipeline of the process compile after one call."""
-    warm = set(compiled._warm)
-    try:
-        yield
-    finally:
-        compiled._warm.intersection_update(warm)
-
-
 def _call(pipeline: Pipeline, height: int, width: int, n: int, t: int) -> tuple[float, bool]:
     """Wall seconds of one model call on ``n`` windows of height × width (from host memory, as the
     run's windows come), and whether it compiled a new graph."""

@@ -20,7 +20,6 @@ from nca_tiles.synthesis.calibration import (
     ModelTime,
     WindowShape,
     calibrate_level,
-    keep_compile_decisions,
     level_fixed_seconds,
     model_times,
     probe_fixed_costs,
@@ -190,7 +189,7 @@ def calibrate_plan(plan: Plan, model: SynthesisModel, job: Job, batch: int, expo
     flops = [level.flops for level in plan.levels]
     calibrations: list[LevelCalibration] = []
     share = 0.0
-    with keep_compile_decisions():
+    with compiled.warmth_unchanged():
         for level, lv, level_job, level_flops in zip(plan.levels, model.levels, job.levels, flops):
             share += level_flops / (sum(flops) or 1.0)
             calibrations.append(calibrate_level(
