@@ -38,21 +38,27 @@ PRESETS = ("paper", "small", "tiny")
 @click.option("--max-timestep", type=int, default=None,
               help="Train only timesteps t ≤ N: for a finer level of a scale-space model, which starts at its "
                    "t_start (see build-model). Default: every t.")
+@click.option("--beta-schedule", type=click.Choice(["linear", "cosine"]), default="linear", show_default=True,
+              help="Noise schedule over the 300 timesteps. linear: the paper's (its last step keeps 22 % of the "
+                   "image, so sampling from pure noise lacks the large-scale contrast, e.g. background); cosine "
+                   "(Nichol & Dhariwal 2021) ends at pure noise: for the coarsest level of a scale-space model.")
 @click.option("--init-from", type=click.Path(path_type=Path), default=None,
               help="Start from this model's weights (same --preset) instead of random ones; a new run only.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @threads_option()
 def train(patches, out, preset, steps, batch_size, lr, device, precision, resume, overwrite, seed,
-          val_every, sample_every, checkpoint_every, max_timestep, init_from, no_progress) -> None:
+          val_every, sample_every, checkpoint_every, max_timestep, beta_schedule, init_from, no_progress) -> None:
     """Train Diff-NCA with the paper's recipe (MSE + L1 on ε, Adam, ExponentialLR, EMA 0.99).
 
     Ctrl-C saves a checkpoint; rerun with --resume to continue exactly where it stopped.
     """
+    from nca_tiles.diffusion.schedule import ScheduleConfig
     from nca_tiles.training.trainer import TrainConfig, run_training
 
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, val_every=val_every,
                          sample_every=sample_every, checkpoint_every=checkpoint_every, max_timestep=max_timestep)
     trainer, last = run_training(patches, out, preset, config, device, precision,
                                  resume=resume, overwrite=overwrite, progress=not no_progress, init_from=init_from,
+                                 schedule=ScheduleConfig(beta_schedule=beta_schedule),
                                  on_resume=lambda step: click.echo(f"resuming at step {step}"))
     click.echo(f"trained to step {trainer.step}: loss {last.get('loss', float('nan')):.4f}; model in {out / 'model'}")

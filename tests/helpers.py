@@ -29,7 +29,7 @@ from nca_tiles_cli.main import cli
 
 # -- models: the tiny preset with non-zero weights, saved as a model directory ---------------------
 def save_test_model(directory: Path, config: ModelConfig = PRESETS["tiny"], timesteps: int = 300,
-                    seed: int = 0, mpp: float = 1.0) -> Path:
+                    seed: int = 0, mpp: float = 1.0, beta_schedule: str = "linear") -> Path:
     """An untrained but non-trivial model (a fresh model's last layer is zero: its ε̂ would be 0)."""
     torch.manual_seed(seed)
     model = DiffNCA(config)
@@ -37,7 +37,7 @@ def save_test_model(directory: Path, config: ModelConfig = PRESETS["tiny"], time
         torch.nn.init.normal_(p, std=0.2)
     meta = {
         "model": config.to_dict(),
-        "schedule": ScheduleConfig(timesteps=timesteps).to_dict(),
+        "schedule": ScheduleConfig(timesteps=timesteps, beta_schedule=beta_schedule).to_dict(),
         "data": {"mpp": mpp, "patch_size": 64, "patch_store": "test"},
         "training": {"preset": "tiny", "step": 0},
     }
@@ -291,11 +291,13 @@ def canvas_paths(work: Path) -> list:
 
 
 # -- folders nobody can write to, and small file systems -----------------------------------------
-def save_test_scale_space_model(folder: Path, factor: int = 2, timesteps: int = 300, t_start: int = 120) -> Path:
+def save_test_scale_space_model(folder: Path, factor: int = 2, timesteps: int = 300, t_start: int = 120,
+                                coarse_schedule: str = "linear") -> Path:
     """Two tiny levels: a coarse rule at factor × 1 µm/px and a fine one at 1 µm/px."""
     from nca_tiles.diffusion.levels import save_scale_space_model
 
-    coarse = save_test_model(folder / "coarse", timesteps=timesteps, seed=3, mpp=float(factor))
+    coarse = save_test_model(folder / "coarse", timesteps=timesteps, seed=3, mpp=float(factor),
+                             beta_schedule=coarse_schedule)
     fine = save_test_model(folder / "fine", timesteps=timesteps, seed=4, mpp=1.0)
     return save_scale_space_model(folder / "model", [coarse, fine], [factor, 1], [None, t_start])
 

@@ -80,6 +80,19 @@ def test_tiled_equals_whole_across_levels(model_dir, ddpm_model_dir, tmp_path, s
         assert_same_image(tiled, whole)
 
 
+def test_a_coarsest_level_with_its_own_schedule_tiles_exactly(tmp_path):
+    """A cosine coarsest level (it starts from pure noise) under a linear finer one: each level
+    samples with its own schedule, and tiled still equals whole."""
+    model_dir = scale_space_model(tmp_path / "m", coarse_schedule="cosine")
+    model = load_synthesis_model(model_dir, "cpu")
+    assert [lv.pipeline.schedule.config.beta_schedule for lv in model.levels] == ["cosine", "linear"]
+    whole = synthesize(model_dir, tmp_path / "whole.ome.tif", chunk=max(W, H))
+    assert_same_image(generate_levels(model, H, W, seed=7, steps=6), whole)
+    assert_same_image(synthesize(model_dir, tmp_path / "tiled.ome.tif", chunk=48), whole)
+    linear = generate_levels(load_synthesis_model(scale_space_model(tmp_path / "lin"), "cpu"), H, W, seed=7, steps=6)
+    assert abs(linear.astype(int) - whole.astype(int)).max() > 10  # the schedule is used, not ignored
+
+
 def test_each_level_tiled_equals_whole(model_dir, tmp_path):
     """The coarse level's result (kept with the canvas) is the same whatever the chunking."""
     levels = {}

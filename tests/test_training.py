@@ -537,6 +537,18 @@ def test_max_timestep_is_recorded_and_must_be_kept_on_resume(store, tmp_path):
     assert_one_line_error(train(store, tmp_path / "r2", "--steps", 2, "--max-timestep", 300), "--max-timestep")
 
 
+def test_beta_schedule_is_recorded_and_must_be_kept_on_resume(store, tmp_path):
+    out = tmp_path / "run"
+    assert_ok(train(store, out, "--steps", 1, "--beta-schedule", "cosine"))
+    assert load_checkpoint(out)["meta"]["schedule"]["beta_schedule"] == "cosine"
+    assert json.loads((out / "model" / "config.json").read_text())["schedule"]["beta_schedule"] == "cosine"
+    assert_one_line_error(train(store, out, "--steps", 2, "--resume"), "--beta-schedule: cosine")
+    assert_ok(train(store, out, "--steps", 2, "--resume", "--beta-schedule", "cosine"))
+    assert load_checkpoint(out)["step"] == 2
+    result = train(store, tmp_path / "r2", "--steps", 1, "--beta-schedule", "quadratic")
+    assert result.exit_code != 0 and "quadratic" in result.output
+
+
 def test_a_level_trained_below_its_t_start_is_refused(store, tmp_path):
     from helpers import save_test_model
 

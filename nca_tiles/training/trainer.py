@@ -257,8 +257,11 @@ class Trainer:
         state = torch_load(path)
         check_format_version(state.get("format_version"), path)
         saved = state["meta"]
-        if saved["model"] != self.model.config.to_dict() or saved["schedule"] != self.schedule.config.to_dict():
+        if saved["model"] != self.model.config.to_dict():
             raise NcaTilesError(f"--resume: {path} was trained with a different model or schedule config (use the same --preset)")
+        if saved["schedule"] != self.schedule.config.to_dict():
+            raise NcaTilesError(f"--resume: {path} was trained with a different model or schedule config "
+                                f"(use the same --beta-schedule: {saved['schedule']['beta_schedule']})")
         if not self.store.has_identity(saved["data"]["patch_store"]):
             raise NcaTilesError(f"--resume: {path} was trained on a different patch store (use the same --patches)")
         saved_max_t = (saved.get("training") or {}).get("max_timestep")
@@ -404,14 +407,15 @@ def resolve_training_device(device: str | torch.device, precision: str) -> tuple
 def run_training(patches: Path, out: Path, preset: str, config: TrainConfig, device: str | torch.device = "auto",
                  precision: str = "fp32", *, compile: bool | str | None = None, resume: bool = False,
                  overwrite: bool = False, progress: bool = True, init_from: Path | None = None,
-                 on_resume: Callable[[int], None] | None = None) -> tuple[Trainer, dict]:
+                 on_resume: Callable[[int], None] | None = None,
+                 schedule: ScheduleConfig | None = None) -> tuple[Trainer, dict]:
     """A whole training run: new, resumed (``resume``) or started afresh over an old one
     (``overwrite``). The run directory is locked from the first look at it to the last write, so a
     second process (another --resume, or an --overwrite that would delete it) is refused at once.
 
     ``device``: "auto" (CUDA if available), "cpu", "cuda" or a torch.device; ``precision``: "fp32",
     "bf16" (CUDA autocast; refused on a CPU, where it is hundreds of times slower) or "auto" (bf16
-    on CUDA, fp32 on a CPU)."""
+    on CUDA, fp32 on a CPU). ``schedule``: the noise schedule (default: the paper's linear one)."""
     if init_from is not None and resume:
         raise NcaTilesError("--init-from starts a new run: drop it with --resume")
     device, precision = resolve_training_device(device, precision)
@@ -428,7 +432,7 @@ def run_training(patches: Path, out: Path, preset: str, config: TrainConfig, dev
         if replace and not overwrite:
             raise NcaTilesError(f"{out} is not empty: pass --resume to continue it or --overwrite to start afresh")
         store = open_patch_store(patches)
-        trainer = Trainer(store, out, model_config, ScheduleConfig(), config, device, precision,
+        trainer = Trainer(store, out, model_config, schedule or ScheduleConfig(), config, device, precision,
                           compile=compile, preset_name=preset)
         if replace:
             shutil.rmtree(out)  # only now that the new run is known to start
