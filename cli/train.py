@@ -12,6 +12,8 @@ from nca_tiles_cli.options import compile_option, device_option, seed_option, th
 # The names of nca_tiles.diffusion.model.PRESETS (a test keeps them equal), written out so --help imports no
 # torch. Not a click.Choice: an unknown name gets the one-line error of `info --preset`.
 PRESETS = ("paper", "small", "tiny")
+# nca_tiles.diffusion.schedule.BETA_SCHEDULES, written out for the same reason (a test keeps them equal).
+BETA_SCHEDULES = ("linear", "cosine")
 
 
 @click.command(short_help="Train a Diff-NCA model on a patch store.")
@@ -38,7 +40,7 @@ PRESETS = ("paper", "small", "tiny")
 @click.option("--max-timestep", type=int, default=None,
               help="Train only timesteps t ≤ N: for a finer level of a scale-space model, which starts at its "
                    "t_start (see build-model). Default: every t.")
-@click.option("--beta-schedule", type=click.Choice(["linear", "cosine"]), default="linear", show_default=True,
+@click.option("--beta-schedule", type=click.Choice(BETA_SCHEDULES), default="linear", show_default=True,
               help="Noise schedule over the 300 timesteps. linear: the paper's (its last step keeps 22 % of the "
                    "image, so sampling from pure noise lacks the large-scale contrast, e.g. background); cosine "
                    "(Nichol & Dhariwal 2021) ends at pure noise: for the coarsest level of a scale-space model.")

@@ -24,7 +24,7 @@ from nca_tiles.errors import NcaTilesError
 from nca_tiles.diffusion.model import PRESETS, DiffNCA
 from nca_tiles.training.patches import extract_patches, open_patch_store
 from nca_tiles.diffusion.pipeline import load_model
-from nca_tiles.diffusion.schedule import ScheduleConfig
+from nca_tiles.diffusion.schedule import BETA_SCHEDULES, ScheduleConfig
 from helpers import assert_ok, assert_one_line_error, read_only_dir, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -537,7 +537,7 @@ def test_max_timestep_is_recorded_and_must_be_kept_on_resume(store, tmp_path):
     assert_one_line_error(train(store, tmp_path / "r2", "--steps", 2, "--max-timestep", 300), "--max-timestep")
 
 
-def test_beta_schedule_is_recorded_and_must_be_kept_on_resume(store, tmp_path):
+def test_beta_schedule_is_recorded_and_must_be_kept_on_resume_and_init_from(store, tmp_path):
     out = tmp_path / "run"
     assert_ok(train(store, out, "--steps", 1, "--beta-schedule", "cosine"))
     assert load_checkpoint(out)["meta"]["schedule"]["beta_schedule"] == "cosine"
@@ -545,8 +545,13 @@ def test_beta_schedule_is_recorded_and_must_be_kept_on_resume(store, tmp_path):
     assert_one_line_error(train(store, out, "--steps", 2, "--resume"), "--beta-schedule: cosine")
     assert_ok(train(store, out, "--steps", 2, "--resume", "--beta-schedule", "cosine"))
     assert load_checkpoint(out)["step"] == 2
+    assert_one_line_error(train(store, tmp_path / "warm", "--steps", 1, "--init-from", out),
+                          "another model or schedule config", "--beta-schedule (cosine)")
     result = train(store, tmp_path / "r2", "--steps", 1, "--beta-schedule", "quadratic")
     assert result.exit_code != 0 and "quadratic" in result.output
+    from nca_tiles_cli.train import BETA_SCHEDULES as LISTED
+
+    assert LISTED == BETA_SCHEDULES
 
 
 def test_a_level_trained_below_its_t_start_is_refused(store, tmp_path):

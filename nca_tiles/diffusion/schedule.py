@@ -16,6 +16,7 @@ import torch
 from nca_tiles.errors import NcaTilesError
 
 SAMPLERS = ("ddim", "ddpm")
+BETA_SCHEDULES = ("linear", "cosine")
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class ScheduleConfig:
     def __post_init__(self) -> None:
         if self.timesteps < 2:
             raise NcaTilesError("schedule: timesteps must be ≥ 2")
-        if self.beta_schedule not in ("linear", "cosine"):
+        if self.beta_schedule not in BETA_SCHEDULES:
             raise NcaTilesError(f"schedule: unknown beta_schedule {self.beta_schedule!r} (linear or cosine)")
 
     def to_dict(self) -> dict:

@@ -244,8 +244,11 @@ class Trainer:
 
         files = resolve_model_path(Path(model_path))
         meta, state = load_model_files(files)
-        if meta["model"] != self.model.config.to_dict() or meta["schedule"] != self.schedule.config.to_dict():
+        if meta["model"] != self.model.config.to_dict():
             raise NcaTilesError(f"--init-from {model_path} has another model or schedule config: use its --preset")
+        if meta["schedule"] != self.schedule.config.to_dict():
+            raise NcaTilesError(f"--init-from {model_path} has another model or schedule config: "
+                                f"use its --beta-schedule ({meta['schedule']['beta_schedule']})")
         load_weights(self.model, state, files.weights or files.checkpoint)
         self.ema.load_state_dict(self.model.state_dict())
         self.initialized_from = {"model": model_hash(meta, state), "step": (meta.get("training") or {}).get("step")}
