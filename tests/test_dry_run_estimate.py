@@ -144,7 +144,7 @@ def test_the_runs_compile_mode_is_replayed(monkeypatch):
     (auto,) = model_times([calibrated("auto", True)], [pipeline()], [10])
     assert (auto.seconds, auto.compile, auto.eager) == (50.0, 5.0, 10.0)
     # the rule warm in the process: one eager call, then compiled, no compile
-    (warm,) = model_times([calibrated("auto", True)], [pipeline()], [10], warm=True)
+    (warm,) = model_times([replace(calibrated("auto", True), compile_seconds=0.0)], [pipeline()], [10], warm=True)
     assert (warm.seconds, warm.compile, warm.eager) == (41.0, 0.0, 2.0)
     # a job too small for compiling to pay: eager throughout
     (small,) = model_times([calibrated("auto", True)], [pipeline()], [1])
@@ -154,8 +154,27 @@ def test_the_runs_compile_mode_is_replayed(monkeypatch):
     (off,) = model_times([calibrated("off", False)], [pipeline()], [10])
     assert (off.seconds, off.compile, off.eager) == (40.0, 0.0, 40.0)
     # two levels: the second one's pipeline compiles after its first call, without compiling again
-    first, second = model_times([calibrated("auto", True), calibrated("auto", True)], [pipeline(), pipeline()], [10, 10])
+    # (its calibration found the rule compiled: no compile timed)
+    again = replace(calibrated("auto", True), compile_seconds=0.0)
+    first, second = model_times([calibrated("auto", True), again], [pipeline(), pipeline()], [10, 10])
     assert (first.compile, second.compile, second.eager, second.seconds) == (5.0, 0.0, 2.0, 41.0)
+
+
+def test_the_compile_is_paid_by_the_first_level_that_runs_compiled(monkeypatch):
+    """The demo's dry run (bench_dry_run, 2026-11-24) estimated 46 s for a 74 s run: its coarse
+    level calibrated compiled (the 5 s compile timed there) but has too little work to switch in
+    the run, and the fine level's calibration found the rule compiled — so no level paid it."""
+    monkeypatch.setattr(calibration, "COMPILE_PAYS_AFTER_S", {"cpu": 10.0})
+    coarse = calibrated("auto", True, count=1)  # 1 step: one eager call of 2 s, never switches
+    fine = replace(calibrated("auto", True), compile_seconds=0.0)
+    first, second = model_times([coarse, fine], [pipeline(), pipeline()], [1, 10])
+    assert (first.seconds, first.compile, first.eager) == (2.0, 0.0, 2.0)
+    # 4 eager calls take the pipeline's own eager time to 8 s < 10: the fifth switches it
+    assert (second.compile, second.eager, second.seconds) == (5.0, 10.0, 50.0)
+    assert not second.compile_assumed
+    # a level's own new graphs (other window sizes) add their excess to what it carries
+    (on,) = model_times([replace(calibrated("on", True), compile_seconds=1.5)], [pipeline()], [10], warm=True)
+    assert on.compile == 1.5
 
 
 def test_a_compiling_level_calibrates_compiled(model_dir, monkeypatch, recorded_calls):

@@ -307,21 +307,39 @@ class ModelTime:
 def model_times(calibrations: list[LevelCalibration], pipelines: list[Pipeline], steps: list[int],
                 stat: str = "median", warm: bool = False) -> list[ModelTime]:
     """Each level's model seconds: every model call of the run in order, eager or compiled as
-    ``run_model`` would run it (``warm``: the rule is compiled in the running process already)."""
+    ``run_model`` would run it (``warm``: the rule is compiled in the running process already).
+
+    The compile is paid by the first level whose calls run compiled — which need not be the level
+    whose calibration compiled the rule: an early level may calibrate compiled yet stay eager in
+    the run (too little work for ``--compile auto`` to switch), and the later levels' calibrations
+    then find the rule compiled and time no compile. So compile seconds carry over to the next
+    level that runs compiled; a level's own new graphs (other window sizes) add their excess."""
     out = []
+    unpaid = 0.0  # compile seconds timed by earlier levels' calibrations that no replayed call paid yet
     for cal, pipeline, n_steps in zip(calibrations, pipelines, steps):
         shapes = tuple(s.shape for s in cal.shapes)
         per_window = [cal.seconds_per_window(i, stat) for i in range(len(shapes))]
         total = n_steps * sum(s.count * p for s, p in zip(shapes, per_window))  # all calls as calibrated
         threshold = COMPILE_PAYS_AFTER_S.get(pipeline.device.type, 30.0)
-        compile_cost = cal.compile_seconds if cal.compile_seconds is not None else threshold
+        timed = cal.compile_seconds is not None
+        own = cal.compile_seconds if timed else 0.0
+
+        def compile_cost() -> tuple[float, bool]:
+            """(seconds, assumed) this level pays on switching to compiled."""
+            if warm:
+                return own, False
+            if timed or unpaid > 0:
+                return unpaid + own, False
+            return threshold, True  # never timed: assume about the threshold
+
         if cal.compiled and cal.compile_mode == "on":  # compiled from the first call
-            paid = 0.0 if warm else compile_cost
-            out.append(ModelTime(total + paid, paid, 0.0))
-            warm = True
+            paid, assumed = compile_cost()
+            out.append(ModelTime(total + paid, paid, 0.0, assumed))
+            warm, unpaid = True, 0.0
             continue
         if cal.compile_mode != "auto" or cal.eager_s_per_pixel is None:  # eager throughout
             out.append(ModelTime(total, 0.0, total))
+            unpaid += own
             continue
         # --compile auto: each call runs eager until the pipeline's eager model time reaches the
         # threshold (or after its first call when the rule is warm), then compiled.
@@ -346,11 +364,12 @@ def model_times(calibrations: list[LevelCalibration], pipelines: list[Pipeline],
                 break
         if not switched:
             out.append(ModelTime(eager_time, 0.0, eager_time))
+            unpaid += own
             continue
-        paid = 0.0 if warm else compile_cost
+        paid, assumed = compile_cost()
         rest = (total - done) * compiled_factor
-        out.append(ModelTime(eager_time + paid + rest, paid, eager_time, cal.compile_seconds is None and not warm))
-        warm = True
+        out.append(ModelTime(eager_time + paid + rest, paid, eager_time, assumed))
+        warm, unpaid = True, 0.0
     return out
 
 
