@@ -373,7 +373,7 @@ def test_resume_with_another_preset(one_step, store, tmp_path):
     run = copy_run(one_step, tmp_path)
     result = run_cli("train", "--patches", store, "--out", run, "--preset", "small", "--batch-size", 4,
                      "--device", "cpu", "--sample-every", 0, "--no-progress", "--steps", 2, "--resume")
-    assert_one_line_error(result, "different model or schedule config", "--preset")
+    assert_one_line_error(result, "different model config", "--preset")
     assert load_checkpoint(run)["step"] == 1
 
 
@@ -546,7 +546,7 @@ def test_beta_schedule_is_recorded_and_must_be_kept_on_resume_and_init_from(stor
     assert_ok(train(store, out, "--steps", 2, "--resume", "--beta-schedule", "cosine"))
     assert load_checkpoint(out)["step"] == 2
     assert_one_line_error(train(store, tmp_path / "warm", "--steps", 1, "--init-from", out),
-                          "another model or schedule config", "--beta-schedule (cosine)")
+                          "another noise schedule", "--beta-schedule (cosine)")
     result = train(store, tmp_path / "r2", "--steps", 1, "--beta-schedule", "quadratic")
     assert result.exit_code != 0 and "quadratic" in result.output
     from nca_tiles_cli.train import BETA_SCHEDULES as LISTED
@@ -579,7 +579,7 @@ def test_init_from_starts_from_another_models_weights(one_step, store, tmp_path)
     assert warm["meta"]["training"]["initialized_from"]["step"] == start["step"]
     assert_one_line_error(train(store, out, "--steps", 2, "--resume", "--init-from", one_step), "--init-from")
     assert_one_line_error(train(store, tmp_path / "w2", "--steps", 1, "--init-from", one_step, "--preset", "small"),
-                          "another model or schedule")
+                          "another model config", "--preset")
 
 
 def test_the_library_resolves_device_and_precision(store, tmp_path):

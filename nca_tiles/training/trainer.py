@@ -245,9 +245,9 @@ class Trainer:
         files = resolve_model_path(Path(model_path))
         meta, state = load_model_files(files)
         if meta["model"] != self.model.config.to_dict():
-            raise NcaTilesError(f"--init-from {model_path} has another model or schedule config: use its --preset")
+            raise NcaTilesError(f"--init-from {model_path} has another model config: use its --preset")
         if meta["schedule"] != self.schedule.config.to_dict():
-            raise NcaTilesError(f"--init-from {model_path} has another model or schedule config: "
+            raise NcaTilesError(f"--init-from {model_path} has another noise schedule: "
                                 f"use its --beta-schedule ({meta['schedule']['beta_schedule']})")
         load_weights(self.model, state, files.weights or files.checkpoint)
         self.ema.load_state_dict(self.model.state_dict())
@@ -261,9 +261,9 @@ class Trainer:
         check_format_version(state.get("format_version"), path)
         saved = state["meta"]
         if saved["model"] != self.model.config.to_dict():
-            raise NcaTilesError(f"--resume: {path} was trained with a different model or schedule config (use the same --preset)")
+            raise NcaTilesError(f"--resume: {path} was trained with a different model config (use the same --preset)")
         if saved["schedule"] != self.schedule.config.to_dict():
-            raise NcaTilesError(f"--resume: {path} was trained with a different model or schedule config "
+            raise NcaTilesError(f"--resume: {path} was trained with a different noise schedule "
                                 f"(use the same --beta-schedule: {saved['schedule']['beta_schedule']})")
         if not self.store.has_identity(saved["data"]["patch_store"]):
             raise NcaTilesError(f"--resume: {path} was trained on a different patch store (use the same --patches)")
