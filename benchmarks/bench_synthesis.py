@@ -19,6 +19,10 @@ Sections (``--sections 1,2,3,4``):
    before the synthesis, ``ru_maxrss`` (and VmHWM) after it, GPU peak on CUDA.
 4. Achieved FLOP/s of the model (2 × MAC per pixel per NCA step × s × pixels ÷ time) against a
    plain 2048² matmul on the same device.
+5. End to end: ``nca-tiles synthesize`` of a 2048² canvas in a fresh process, as a user runs it
+   (start-up, model load, compile, x_T, zarr I/O, every level of a scale-space model, the export),
+   its useful FLOPs (each level's canvas pixels × steps × 2 MAC; the halo's repeated work not
+   counted) ÷ wall time, against the same matmul.
 
 The model: ``--model PATH``, else the bundled model if there is one, else random weights of
 ``--preset`` (default ``small``): speed does not depend on the weights' values.
@@ -46,8 +50,10 @@ from typing import Any
 from nca_tiles.runtime.memory import peak_kib, rss_bytes, ru_maxrss_bytes
 
 MIB = 2**20
-QUICK = {"canvas": 512, "chunks": "128,256", "steps": 1, "rss_sizes": "256,512,1024", "rss_chunk": 128}
-FULL = {"canvas": 1024, "chunks": "256,512", "steps": 2, "rss_sizes": "1024,2048,4096", "rss_chunk": 512}
+QUICK = {"canvas": 512, "chunks": "128,256", "steps": 1, "rss_sizes": "256,512,1024", "rss_chunk": 128,
+         "e2e_canvas": 512, "e2e_steps": 2, "e2e_chunk": 256}
+FULL = {"canvas": 1024, "chunks": "256,512", "steps": 2, "rss_sizes": "1024,2048,4096", "rss_chunk": 512,
+        "e2e_canvas": 2048, "e2e_steps": 20, "e2e_chunk": 512}
 
 
 def log(message: str) -> None:
@@ -481,6 +487,56 @@ def print_flops(result: dict) -> None:
     print(format_table(["run", "GFLOP/s", "÷ fp32 matmul"], rows))
 
 
+# -- section 5: end to end, the CLI in a fresh process, against a matmul ---------------------------
+def section_end_to_end(args: argparse.Namespace, tmp: Path) -> dict | None:
+    """``nca-tiles synthesize`` as a user runs it, timed from outside; FLOPs from the job's plan."""
+    import torch
+
+    from nca_tiles.diffusion.checkpoint import DEFAULT_MODEL_DIR
+    from nca_tiles.diffusion.levels import load_synthesis_model
+    from nca_tiles.synthesis.job import make_job
+    from nca_tiles.synthesis.plan import make_plan
+
+    if args.preset:
+        log("[5] skipped: needs a model directory (--model or the bundled one), not --preset")
+        return None
+    size, steps, chunk = args.e2e_canvas, args.e2e_steps, args.e2e_chunk
+    model = load_synthesis_model(args.model, args.device, args.precision)
+    plan = make_plan(model, make_job(model, args.seed, size, size, chunk, "ddim", steps), args.batch, calibrate=False)
+    useful = sum(2.0 * lv.macs_per_cell_step * lv.width * lv.height * lv.steps for lv in plan.levels)
+    computed = sum(lv.flops for lv in plan.levels)
+    out = tmp / "end-to-end.ome.tif"
+    command = [sys.executable, "-m", "nca_tiles_cli.main", "synthesize", "--width", str(size), "--height", str(size),
+               "--chunk", str(chunk), "--steps", str(steps), "--seed", str(args.seed), "--batch", str(args.batch),
+               "--device", args.device, "--precision", args.precision, "--out", str(out), "--no-progress"]
+    command += ["--model", str(args.model or DEFAULT_MODEL_DIR)]
+    log(f"[5] {' '.join(command[2:])}")
+    start = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0 or not out.exists():
+        raise SystemExit(f"[5] nca-tiles synthesize failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+    log("[5] 2048² matmul, fp32")
+    matmul = matmul_flops(torch.device(args.device), torch.float32)
+    return {"canvas": size, "steps": steps, "chunk": chunk, "levels": len(plan.levels), "wall_s": wall,
+            "useful_flop": useful, "computed_flop": computed, "useful_flops": useful / wall,
+            "matmul_flops": matmul, "vs_fp32_matmul": useful / wall / matmul,
+            "computed_vs_fp32_matmul": computed / wall / matmul}
+
+
+def print_end_to_end(r: dict) -> None:
+    print(f"\n## 5. End to end: `nca-tiles synthesize` of a {r['canvas']}² canvas, {r['steps']} DDIM steps, "
+          f"chunk {r['chunk']}, a fresh process")
+    print("wall time of the whole process (start-up, model load, compile, x_T, zarr I/O, export); useful FLOP = each "
+          "level's canvas pixels × its steps × 2 MAC per pixel per denoising step (the halo's repeated work not "
+          "counted; with it: computed)")
+    rows = [[f"synthesize {r['canvas']}², {r['levels']} level(s)", r["wall_s"], r["useful_flop"] / 1e12,
+             r["computed_flop"] / 1e12, r["useful_flops"] / 1e9, r["vs_fp32_matmul"], r["computed_vs_fp32_matmul"]],
+            ["matmul 2048², fp32", None, None, None, r["matmul_flops"] / 1e9, 1.0, None]]
+    print(format_table(["run", "wall s", "useful TFLOP", "computed TFLOP", "useful GFLOP/s", "÷ fp32 matmul",
+                        "computed ÷ matmul"], rows))
+
+
 # -- main ------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -499,12 +555,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                              f"quick {QUICK['rss_sizes']})")
     parser.add_argument("--rss-chunk", type=int, help=f"chunk side of section 3 (default {FULL['rss_chunk']}, "
                                                       f"quick {QUICK['rss_chunk']})")
+    parser.add_argument("--e2e-canvas", type=int, help=f"canvas side of section 5 (default {FULL['e2e_canvas']}, "
+                                                       f"quick {QUICK['e2e_canvas']})")
+    parser.add_argument("--e2e-steps", type=int, help=f"DDIM steps of section 5 (default {FULL['e2e_steps']}, "
+                                                      f"quick {QUICK['e2e_steps']})")
+    parser.add_argument("--e2e-chunk", type=int, help=f"chunk side of section 5 (default {FULL['e2e_chunk']}, "
+                                                      f"quick {QUICK['e2e_chunk']})")
     parser.add_argument("--batch", type=int, default=1, help="windows per model call (as synthesize --batch)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1,
                         help="sections 2 and 4 time each sweep this many times and take the median")
     parser.add_argument("--format", default="ome-tiff", choices=("ome-tiff", "ome-zarr"), help="export format")
-    parser.add_argument("--sections", default="1,2,3,4", help="which sections to run, e.g. 1,2")
+    parser.add_argument("--sections", default="1,2,3,4,5", help="which sections to run, e.g. 1,2")
     parser.add_argument("--quick", action="store_true", help="small sizes: ~1–2 min on 2 CPU cores")
     parser.add_argument("--dir", type=Path, help="where to put temporary canvases (default: the system temp dir)")
     parser.add_argument("--json", type=Path, help="also save the numbers to this JSON file")
@@ -557,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
         if 1 in args.sections:
             results["speed"] = section_speed(pipeline, canvas, chunks, args.steps, args.batch, args.seed,
                                              args.format, Path(tmp))
+        if 5 in args.sections:
+            results["end_to_end"] = section_end_to_end(args, Path(tmp))
     if 2 in args.sections:
         results["halo"] = section_halo(pipeline, canvas, chunks, args.batch, args.seed, args.repeats, cache)
     if 4 in args.sections:
@@ -573,6 +637,8 @@ def main(argv: list[str] | None = None) -> int:
         print_rss(results["peak_memory"], pipeline.device)
     if "flops" in results:
         print_flops(results["flops"])
+    if results.get("end_to_end"):
+        print_end_to_end(results["end_to_end"])
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
         log(f"wrote {args.json}")
