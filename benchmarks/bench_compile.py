@@ -27,7 +27,6 @@ each other at every operation lose whole time slices to the other processes).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -39,7 +38,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_synthesis, beside this file
 
-from bench_synthesis import format_table, header_lines, log, machine_info, matmul_flops, random_model, timed  # noqa: E402
+from bench_synthesis import (  # noqa: E402
+    apply_defaults, format_table, header_lines, log, machine_info, matmul_flops, random_model, timed, write_json)
 
 QUICK = {"preset": "tiny", "size": 64, "batch_size": 4, "patch": 32, "repeats": 2, "train_steps": 2}
 FULL = {"preset": "small", "size": 512, "batch_size": 16, "patch": 64, "repeats": 5, "train_steps": 10}
@@ -207,9 +207,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny preset, small sizes: checks that the script runs")
     parser.add_argument("--json", type=Path, help="also save the numbers to this JSON file")
     args = parser.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    apply_defaults(args, QUICK, FULL)
     return args
 
 
@@ -259,9 +257,7 @@ def run(args: argparse.Namespace) -> int:
     results["summary"] = summarize(results)
     log(f"done in {time.perf_counter() - started:.0f} s")
     print_results(results)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
-        log(f"wrote {args.json}")
+    write_json(args.json, results)
     return 0
 
 

@@ -29,7 +29,6 @@ disturbed: the header's load average (before and after) shows it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -41,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_synthesis, beside this file
 
-from bench_synthesis import format_table, header_lines, log, machine_info  # noqa: E402
+from bench_synthesis import format_table, header_lines, log, machine_info, write_json  # noqa: E402
 
 JOBS = {
     "demo": {"width": 1280, "height": 1280, "chunk": 512, "steps": 20},  # nca_tiles/demo.py's defaults
@@ -183,9 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     results["load_average_after"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     log(f"done in {time.perf_counter() - started:.0f} s")
     print_results(results)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
-        log(f"wrote {args.json}")
+    write_json(args.json, results)
     return 0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_synthesis, beside this file
 
-from bench_synthesis import format_table, header_lines, log, machine_info, random_model, timed  # noqa: E402
+from bench_synthesis import (  # noqa: E402
+    apply_defaults, format_table, header_lines, log, machine_info, random_model, timed, write_json)
 
 QUICK = {"steps": 5, "infer_size": 128, "max_seconds": 15.0}
 FULL = {"steps": 20, "infer_size": 256, "max_seconds": 60.0}
@@ -157,9 +157,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer steps, smaller canvas: ~1 min for tiny,small")
     parser.add_argument("--json", type=Path, help="also save the numbers to this JSON file")
     args = parser.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    apply_defaults(args, QUICK, FULL)
     args.presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     if args.include_paper and "paper" not in args.presets:
         args.presets.append("paper")
@@ -185,9 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         results["presets"].append(measure_preset(name, args, device))
     log(f"done in {time.perf_counter() - started:.0f} s")
     print_results(results)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        log(f"wrote {args.json}")
+    write_json(args.json, results)
     return 0
 
 

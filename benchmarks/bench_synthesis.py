@@ -61,6 +61,20 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def apply_defaults(args: argparse.Namespace, quick: dict, full: dict) -> None:
+    """Fill the options left unset with the --quick sizes or the full ones."""
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def write_json(path: Path | None, results: dict) -> None:
+    """--json: the numbers behind the printed tables, for comparing runs."""
+    if path:
+        path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        log(f"wrote {path}")
+
+
 # -- machine and timing helpers (also used by bench_presets.py) ----------------------------------
 def cpu_model() -> str:
     try:
@@ -574,9 +588,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.model and args.preset:
         parser.error("give --model or --preset, not both")
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    apply_defaults(args, QUICK, FULL)
     args.sections = {int(s) for s in args.sections.split(",") if s.strip()}
     return args
 
@@ -639,9 +651,7 @@ def main(argv: list[str] | None = None) -> int:
         print_flops(results["flops"])
     if results.get("end_to_end"):
         print_end_to_end(results["end_to_end"])
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        log(f"wrote {args.json}")
+    write_json(args.json, results)
     return 0
 
 
