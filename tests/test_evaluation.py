@@ -46,6 +46,10 @@ def test_results_are_json_serialisable_and_complete(results):
     for values in again["results"].values():
         assert set(METRICS) | {"kid_random_std"} == set(values)
     assert "NOT Inception" in again["note"]
+    assert set(again["nuclei_medians"]) == {"heldout", "train", "synthetic", "noise"}
+    for medians in again["nuclei_medians"].values():
+        assert set(medians) == {"density_per_mm2", "area_um2", "eccentricity", "nearest_um"}
+        assert medians["density_per_mm2"] > 0  # real crops (and their blur) have nuclei
 
 
 def test_format_table(results):
@@ -55,6 +59,10 @@ def test_format_table(results):
     assert [cell.strip() for cell in header.split("|")] == ["metric", "real vs real (floor)", "synthetic", "noise (ceiling)"]
     for label in METRICS.values():
         assert label in table
+    medians = next(line for line in table.splitlines() if line.startswith("nuclei, median per set"))
+    assert [cell.strip() for cell in medians.split("|")][1:] == ["held-out real", "train real", "synthetic", "noise"]
+    area = next(line for line in table.splitlines() if line.startswith("nucleus area µm²"))
+    assert float(area.split("|")[3]) == pytest.approx(results["nuclei_medians"]["synthetic"]["area_um2"], rel=1e-3)
 
 
 def test_evaluate_patches_refuses_bad_input(real_crops):

@@ -62,6 +62,18 @@ def test_nuclei_distances_see_size_and_spacing():
     assert d["density_per_mm2"] == 0 and d["nearest_um"] < 1
 
 
+def test_nuclei_medians_say_which_way_two_sets_differ():
+    small, large = np.stack([discs(GRID, 3)] * 2), np.stack([discs(GRID[:4], 6)] * 2)
+    threshold = nuclei.nuclei_threshold(large, 1.0)
+    a, b = nuclei.nuclei_medians(nuclei.nuclei_stats(small, threshold, 1.0)), \
+        nuclei.nuclei_medians(nuclei.nuclei_stats(large, threshold, 1.0))
+    assert a["area_um2"] < b["area_um2"] and a["area_um2"] == pytest.approx(np.pi * 9, rel=0.35)
+    assert a["density_per_mm2"] == pytest.approx(9 / (64 * 64 * 1e-6))
+    assert b["density_per_mm2"] == pytest.approx(4 / (64 * 64 * 1e-6))
+    none = nuclei.nuclei_medians(nuclei.nuclei_stats(np.stack([discs([], 3)]), threshold, 1.0))
+    assert none["density_per_mm2"] == 0 and np.isnan(none["area_um2"]) and np.isnan(none["nearest_um"])
+
+
 def test_power_spectrum_puts_a_stripe_pattern_in_its_band():
     period = 8  # px: 1/8 cycles per px
     stripes = (128 + 100 * np.sin(2 * np.pi * np.arange(64) / period))[None, :, None]

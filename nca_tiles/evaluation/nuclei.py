@@ -103,6 +103,12 @@ def _w1(u: np.ndarray, v: np.ndarray) -> float:
     return float(wasserstein_distance(u, v)) if len(u) and len(v) else float("nan")
 
 
+def nuclei_medians(stats: NucleiStats) -> dict[str, float]:
+    """The median of each statistic (NaN where there is none): a distance says how far two sets
+    are, the medians which way — too many nuclei or too few, too large or too small."""
+    return {name: float(np.median(v)) if len(v := getattr(stats, name)) else float("nan") for name in STAT_NAMES}
+
+
 def nuclei_distances(a: NucleiStats, b: NucleiStats) -> dict[str, float]:
     """W1 distance of each nuclei statistic between two sets."""
     return {name: _w1(getattr(a, name), getattr(b, name)) for name in STAT_NAMES}

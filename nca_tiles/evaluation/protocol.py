@@ -44,6 +44,16 @@ METRICS: dict[str, str] = {
     "spectrum": "power spectrum |Δ log10|",
 }
 
+# sets whose nuclei medians are printed, and their column titles
+MEDIAN_SETS: dict[str, str] = {"heldout": "held-out real", "train": "train real", "synthetic": "synthetic",
+                               "noise": "noise"}
+MEDIAN_LABELS: dict[str, str] = {
+    "density_per_mm2": "nuclei per mm²",
+    "area_um2": "nucleus area µm²",
+    "eccentricity": "nucleus eccentricity",
+    "nearest_um": "nearest nucleus µm",
+}
+
 
 def _subsample(patches: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     if len(patches) == n:
@@ -98,7 +108,7 @@ def evaluate_patches(
     of min(1000, n // 2) so its standard deviation is informative. ``mpp`` (µm/px of the patches)
     puts nuclei statistics in µm; their threshold comes from the held-out real patches. Returns a JSON-serialisable dict:
     ``{"note", "seed", "n", "patch_size", "comparisons": {name: description},
-    "results": {name: {metric: value}}}``.
+    "results": {name: {metric: value}}, "nuclei_medians": {set: {statistic: median}}}``.
     """
     real_train = metrics.check_patches(real_train, "real_train", min_count=4)
     real_heldout = metrics.check_patches(real_heldout, "real_heldout", min_count=4)
@@ -143,6 +153,7 @@ def evaluate_patches(
         "patch_size": [int(s) for s in synthetic.shape[1:3]],
         "comparisons": dict(COMPARISONS),
         "results": results,
+        "nuclei_medians": {name: nuclei.nuclei_medians(stats[name]) for name in MEDIAN_SETS},
     }
 
 
@@ -166,6 +177,17 @@ def format_table(results: dict[str, Any]) -> str:
     def line(cells: list[str]) -> str:
         return " | ".join(cell.ljust(width) if i == 0 else cell.rjust(width) for i, (cell, width) in enumerate(zip(cells, widths)))
 
+    medians = results.get("nuclei_medians")  # absent in results saved before it existed
+    median_lines = []
+    if medians:
+        m_header = ["nuclei, median per set", *MEDIAN_SETS.values()]
+        m_rows = [[label] + [f"{medians[name][key]:.4g}" for name in MEDIAN_SETS] for key, label in MEDIAN_LABELS.items()]
+        m_widths = [max(len(row[i]) for row in [m_header, *m_rows]) for i in range(len(m_header))]
+
+        def m_line(cells: list[str]) -> str:
+            return " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, m_widths)))
+
+        median_lines = ["", m_line(m_header), "-+-".join("-" * w for w in m_widths), *(m_line(r) for r in m_rows)]
     return "\n".join(
         [
             f"Note: {results['note']}",
@@ -176,6 +198,7 @@ def format_table(results: dict[str, Any]) -> str:
             line(header),
             "-+-".join("-" * width for width in widths),
             *(line(row) for row in rows),
+            *median_lines,
         ]
     )
 
