@@ -73,6 +73,19 @@ def test_compiled_inference_equals_eager():
         torch.testing.assert_close(predict(model, x), eager, rtol=1e-4, atol=1e-5)
 
 
+def test_compiled_fire_masks_are_the_eager_ones_bit_for_bit():
+    """Inference hashes its fire masks through the compiled kernel when the rule is compiled: the
+    same integer arithmetic, so the same bits (or tiled == whole would hold only per mode)."""
+    origins, seeds, steps = [(3, 11), (2**31 - 5, 2**32 + 7)], [0, 2**45 + 3], [299, 1]
+    for shape in [(2, 1, 7, 13), (2, 1, 16, 16), (2, 1, 5, 300)]:
+        for step in range(3):
+            eager = CounterFireMask(TINY.fire_rate, seeds, steps, origins)(step, shape, torch.device("cpu"), row0=2)
+            fast = CounterFireMask(TINY.fire_rate, seeds, steps, origins, compiled=True)(
+                step, shape, torch.device("cpu"), row0=2)
+            assert torch.equal(eager, fast), (shape, step)
+            assert 0.2 < eager.mean() < 0.8
+
+
 def test_compiled_training_step_equals_eager():
     eager = tiny_model(1).train()
     comp = copy.deepcopy(eager)

@@ -82,3 +82,18 @@ def test_same_on_gpu():
     assert torch.equal(rng.hash_grid(1, Stream.STEP_NOISE, 2, 10, 20, 64, 64, 3),
                        rng.hash_grid(1, Stream.STEP_NOISE, 2, 10, 20, 64, 64, 3, device="cuda").cpu())
     torch.testing.assert_close(cpu, gpu, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("origins", [[(0, 0)], [(5, 7), (1000, 3), (2**31 + 9, 17)]])
+def test_window_bernoulli_bits_are_the_per_window_masks(origins):
+    """The fire masks of a batch of windows in one hash (the model's inference path) draw bit for
+    bit what ``bernoulli`` draws for each window alone."""
+    seeds, steps, substep, h, w, p = [3, 2**40 + 1, 7][: len(origins)], [299, 0, 42][: len(origins)], 4, 6, 9, 0.5
+    keys = rng.window_keys(seeds, Stream.FIRE_MASK, steps, substep)
+    ys = torch.stack([torch.arange(y, y + h) for y, _ in origins]).view(-1, 1, h, 1)
+    xs = torch.stack([torch.arange(x, x + w) for _, x in origins]).view(-1, 1, 1, w)
+    batched = rng.window_bernoulli_bits(keys, ys, xs, p)
+    each = torch.stack([rng.bernoulli(p, seed, Stream.FIRE_MASK, step, y, x, h, w, substep=substep)
+                        for seed, step, (y, x) in zip(seeds, steps, origins)])
+    assert batched.shape == (len(origins), 1, h, w) and batched.dtype == torch.float32
+    assert torch.equal(batched, each)

@@ -157,15 +157,17 @@ class CounterFireMask:
     seeds: list[int]
     timesteps: list[int]
     origins: list[tuple[int, int]]
+    compiled: bool = False  # hash through torch.compile: one fused kernel instead of ~30 passes
 
     def __call__(self, nca_step: int, shape: tuple[int, int, int, int], device: torch.device,
                  row0: int = 0) -> torch.Tensor:
         _, _, h, w = shape
-        masks = [
-            rng.bernoulli(self.rate, seed, rng.Stream.FIRE_MASK, t, y0 + row0, x0, h, w, substep=nca_step, device=device)
-            for seed, t, (y0, x0) in zip(self.seeds, self.timesteps, self.origins)
-        ]
-        return torch.stack(masks)
+        keys = rng.window_keys(self.seeds, rng.Stream.FIRE_MASK, self.timesteps, nca_step, device)
+        ys = torch.stack([torch.arange(y0 + row0, y0 + row0 + h, dtype=torch.int64, device=device)
+                          for y0, _ in self.origins]).view(-1, 1, h, 1)
+        xs = torch.stack([torch.arange(x0, x0 + w, dtype=torch.int64, device=device)
+                          for _, x0 in self.origins]).view(-1, 1, 1, w)
+        return compiled.run(rng.window_bernoulli_bits, keys, ys, xs, self.rate, enabled=self.compiled, dynamic=True)
 
 
 class PixelNorm(nn.Module):

@@ -124,7 +124,7 @@ def initial_noise(seed: int, y0: int, x0: int, height: int, width: int, device: 
 def predict_noise(pipeline: Pipeline, x_t: torch.Tensor, t: int, origins: list[tuple[int, int]], seeds: list[int]) -> torch.Tensor:
     """ε̂ for a batch of windows (B, 3, H, W) whose top-left global coordinates are ``origins``."""
     b = x_t.shape[0]
-    fire = CounterFireMask(pipeline.model.config.fire_rate, seeds, [t] * b, origins)
+    fire = CounterFireMask(pipeline.model.config.fire_rate, seeds, [t] * b, origins, compiled=pipeline.model.compiled)
     timesteps = torch.full((b,), t, dtype=torch.long, device=pipeline.device)
     with pipeline.autocast():
         eps = run_model(pipeline, x_t.to(pipeline.device), timesteps, fire)

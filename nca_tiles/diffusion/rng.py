@@ -111,6 +111,37 @@ def bernoulli(p: float, seed: int, stream: Stream, step: int, y0: int, x0: int, 
     return (_to_unit_interval(h) < p).to(torch.float32)
 
 
+def window_bernoulli_bits(keys: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, p: float) -> torch.Tensor:
+    """Bernoulli(p) masks (B, 1, H, W) of several windows at once, bit for bit what
+    :func:`bernoulli` draws for each (one channel): ``keys`` (B, 1, 1, 1) each window's hash of
+    (seed, stream, step, substep), ``ys`` (B, 1, H, 1) and ``xs`` (B, 1, 1, W) its global rows and
+    columns. Tensors only, so one compiled copy serves every window, step and seed."""
+    h = _fold(_fold(keys, ys & _MASK32), xs & _MASK32)
+    return (_to_unit_interval(_fold(h, 0)) < p).to(torch.float32)
+
+
+def window_keys(seeds: list[int], stream: Stream, steps: list[int], substep: int,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """(B, 1, 1, 1) int64: the hash state :func:`hash_grid` reaches before the coordinates."""
+    keys = []
+    for seed, step in zip(seeds, steps):
+        h = 0
+        for key in (_key32(seed), int(stream), _key32(step), _key32(substep)):
+            h = _fold_int(h, key)
+        keys.append(h)
+    return torch.tensor(keys, dtype=torch.int64, device=device).view(-1, 1, 1, 1)
+
+
+def _fold_int(h: int, key: int) -> int:
+    """:func:`_fold` on Python ints (a few keys per window: no tensor needed)."""
+    h = (h + key + 0x9E3779B9) & _MASK32
+    h ^= h >> 16
+    h = (h * 0x7FEB352D) & _MASK32
+    h ^= h >> 15
+    h = (h * 0x846CA68B) & _MASK32
+    return h ^ (h >> 16)
+
+
 def derive_seed(seed: int, *keys: int) -> int:
     """A new 32-bit seed from a seed and integer keys (e.g. sample index, training step)."""
     h = torch.tensor([0], dtype=torch.int64)
