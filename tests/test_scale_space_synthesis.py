@@ -62,6 +62,20 @@ def test_steps_are_shared_between_levels(model_dir):
         level_timesteps(model, "ddim", 1)
 
 
+def test_a_cheap_coarsest_level_takes_at_least_its_minimum_of_steps(tmp_path):
+    """A 16× coarser level's step costs 1/256 of a full-resolution one: it takes at least
+    COARSEST_MIN_STEPS (DDIM with few steps drifts to the mean: no background in the layout);
+    a 2× or 4× coarser one keeps its share, its steps are not cheap."""
+    from nca_tiles.diffusion.levels import COARSEST_MIN_STEPS
+
+    far = load_synthesis_model(scale_space_model(tmp_path / "f16", factor=16), "cpu")
+    coarse, fine = level_timesteps(far, "ddim", 20)
+    assert len(coarse) == COARSEST_MIN_STEPS and coarse[0] == 299 and len(fine) == 20 - round(20 * 300 / 421)
+    assert len(level_timesteps(far, "ddim", 400)[0]) == round(400 * 300 / 421)  # its share, when larger
+    near = load_synthesis_model(scale_space_model(tmp_path / "f4", factor=4), "cpu")
+    assert len(level_timesteps(near, "ddim", 20)[0]) == round(20 * 300 / 421)
+
+
 def test_single_scale_levels_are_the_old_sampler(tmp_path):
     model = load_synthesis_model(save_test_model(tmp_path / "m"), "cpu")
     np.testing.assert_array_equal(generate_levels(model, 40, 30, seed=5, steps=3),

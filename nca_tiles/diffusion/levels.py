@@ -282,10 +282,18 @@ def describe_scale_space_model(path: Path) -> str:
 
 
 # -- steps per level --------------------------------------------------------------------------------
+# DDIM steps the coarsest level takes at least, where they are cheap (below). It starts from pure
+# noise and decides the layout; with few steps DDIM drifts to the mean: a 16 µm/px layout level
+# drew ~5 % background at 17 steps and ~35 % at 50 (docs/design.md §7, "Steps per level").
+COARSEST_MIN_STEPS = 50
+
+
 def level_timesteps(model: SynthesisModel, sampler: str, steps: int | None) -> list[list[int]]:
     """The timesteps each level visits. DDPM: every timestep of each level's span. DDIM: ``steps``
     in all (default 50), shared in proportion to the span of t each level covers (the coarsest
-    covers T; a finer one t_start + 1), at least one each."""
+    covers T; a finer one t_start + 1), at least one each — except that the coarsest level takes
+    at least COARSEST_MIN_STEPS (at most its span) where they cost less than one step of the
+    finest level (factor² > COARSEST_MIN_STEPS), on top of ``steps``."""
     spans = [lv.t_start + 1 if lv.t_start is not None else lv.pipeline.schedule.timesteps for lv in model.levels]
     starts = [span - 1 for span in spans]
     if sampler == "ddpm" or not model.is_scale_space:
@@ -300,6 +308,9 @@ def level_timesteps(model: SynthesisModel, sampler: str, steps: int | None) -> l
     shares[0] += total - sum(shares)  # rounding goes to the (cheap) coarsest level
     if not 1 <= shares[0] <= spans[0]:
         raise NcaTilesError(f"cannot share --steps {total} among levels of spans {spans}: give another --steps")
+    relative = model.levels[0].factor // model.levels[-1].factor
+    if relative**2 > COARSEST_MIN_STEPS:
+        shares[0] = max(shares[0], min(spans[0], COARSEST_MIN_STEPS))
     return [lv.pipeline.schedule.sampling_timesteps(sampler, n, start)
             for lv, n, start in zip(model.levels, shares, starts)]
 
