@@ -18,6 +18,9 @@ from nca_tiles_cli.options import compile_option, device_option, seed_option, th
 @seed_option()
 @click.option("--steps", type=int, help="DDIM sampling steps (default 50; ddpm always takes all).")
 @click.option("--sampler", default="ddim", show_default=True, help="Sampler: ddim or ddpm.")
+@click.option("--min-tissue", type=float, default=0.5, show_default=True,
+              help="Keep synthetic patches with at least this share of stained pixels, as real patches were "
+                   "extracted from tissue; draw others instead (0: keep every patch).")
 @device_option()
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the results as JSON to this file.")
 @click.option("--slide", type=click.Path(path_type=Path), help="Score the seams of this synthesized slide (OME-TIFF or OME-Zarr) instead.")
@@ -37,6 +40,7 @@ def evaluate(
     seed: int,
     steps: int | None,
     sampler: str,
+    min_tissue: float,
     device: str,
     json_path: Path | None,
     slide: Path | None,
@@ -79,7 +83,7 @@ def evaluate(
         from nca_tiles.evaluation.protocol import evaluate_model, format_table
 
         results = evaluate_model(model, patches, split, n, seed, steps, sampler, device,
-                                 say=lambda line: click.echo(line, err=True))
+                                 say=lambda line: click.echo(line, err=True), min_tissue=min_tissue)
         click.echo(format_table(results))
     if json_path is not None:
         from nca_tiles.runtime.outputs import atomic_write_json

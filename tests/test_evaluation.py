@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.evaluation.protocol import METRICS, evaluate_model, evaluate_patches, format_table
+from nca_tiles.evaluation.protocol import (
+    METRICS, MIN_TISSUE, evaluate_model, evaluate_patches, format_table, sample_tissue_patches)
 from nca_tiles_cli.main import cli
 
 
@@ -116,6 +117,9 @@ def test_cli_evaluates_a_model_against_a_patch_store(store_and_model, tmp_path):
     assert "NOT Inception" in result.output and "real vs real (floor)" in result.output
     saved = json.loads(out.read_text())
     assert saved["n"] == 16 and saved["split"] == "test" and saved["model"] == str(model)
+    # an untrained model's colour noise is all "stained": nothing drawn again
+    assert (saved["min_tissue"], saved["synthetic_kept"], saved["synthetic_drawn"]) == (MIN_TISSUE, 16, 16)
+    assert "synthetic: 16 patches with ≥ 50% tissue of 16 drawn (100%)" in result.output
     # An untrained model is far from real tissue: above the floor in every distance.
     floor, synthetic = saved["results"]["floor"], saved["results"]["synthetic"]
     for key in ("fd_random", "w1_haematoxylin", "w1_eosin"):
@@ -130,6 +134,41 @@ def test_evaluate_model_refuses_bad_numbers_before_any_work(store_and_model, tmp
         evaluate_model(model, patches, steps=0)
     with pytest.raises(NcaTilesError, match="does not exist"):
         evaluate_model(model, tmp_path / "missing.zarr")
+    for bad in (-0.1, 1.0, 2):
+        with pytest.raises(NcaTilesError, match="--min-tissue is a fraction"):
+            evaluate_model(model, patches, min_tissue=bad)
+
+
+GLASS = np.full((8, 8, 3), 245, np.uint8)
+TISSUE = np.broadcast_to(np.array([236, 180, 220], np.uint8), (8, 8, 3))
+
+
+def test_synthetic_glass_is_drawn_again_until_n_tissue_patches():
+    """A model with a layout level draws glass as well: those patches are replaced, as real patches
+    were extracted from tissue; the first round is what sampling n patches alone draws."""
+    seeds = []
+
+    def sample(count, seed):  # every other candidate glass, marked by its round in the red channel
+        seeds.append(seed)
+        out = np.stack([GLASS if i % 2 else TISSUE for i in range(count)]).copy()
+        out[..., 0, 0, 1] = seed
+        return out
+
+    kept, drawn = sample_tissue_patches(sample, 5, 0.5)
+    assert (len(kept), drawn, seeds) == (5, 10, [0, 1])
+    assert kept[:, 0, 0, 1].tolist() == [0, 0, 0, 1, 1]
+    assert (kept[:, 1:, 1:] == TISSUE[1:, 1:]).all()
+    kept, drawn = sample_tissue_patches(lambda count, seed: np.stack([GLASS] * count), 5, 0.5, max_rounds=3)
+    assert (len(kept), drawn) == (0, 15)  # evaluate_model then says the model drew too few
+    kept, drawn = sample_tissue_patches(lambda count, seed: np.stack([GLASS] * count), 5, 0.0)
+    assert (len(kept), drawn) == (5, 5)  # 0: keep every patch
+
+
+def test_the_cli_default_min_tissue_is_the_librarys():
+    from nca_tiles_cli.evaluate import evaluate
+
+    option = next(p for p in evaluate.params if p.name == "min_tissue")
+    assert option.default == MIN_TISSUE
 
 
 def test_cli_refuses_a_model_at_another_resolution(store_and_model, sample_slide, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from helpers import PINK, write_png
 
 from nca_tiles.wsi.slide import open_slide, read_level0_region
-from nca_tiles.wsi.tissue import TissueMask, saturation_and_value, tissue_from_rgb, tissue_mask
+from nca_tiles.wsi.tissue import TissueMask, pixel_tissue_fractions, saturation_and_value, tissue_from_rgb, tissue_mask
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +66,11 @@ def test_fractions_match_brute_force(tmp_path):
     truth = np.array([(image[32:64, x : x + 32] == PINK).all(-1).mean() for x in xs])
     assert np.abs(fractions - truth).max() <= 0.13  # one 4 px mask column of 8
     assert fractions[(xs >= 100) & (xs + 32 <= 300)].min() == pytest.approx(0.75)  # rows 32..64 vs 40..
+
+
+def test_pixel_tissue_fractions_of_glass_tissue_and_half_and_half():
+    glass, tissue = np.full((16, 16, 3), 242, np.uint8), np.full((16, 16, 3), PINK, np.uint8)
+    half = glass.copy()
+    half[:, :8] = PINK
+    dark = np.zeros((16, 16, 3), np.uint8)  # black dirt: not stain
+    np.testing.assert_allclose(pixel_tissue_fractions(np.stack([glass, tissue, half, dark])), [0, 1, 0.5, 0])

@@ -194,6 +194,10 @@ def format_table(results: dict[str, Any]) -> str:
             f"n = {results['n']} patches per set, {results['patch_size'][0]} x {results['patch_size'][1]} px, "
             f"seed {results['seed']}; every column is compared with held-out real patches; "
             "lower is better, except C2ST AUC, where 0.5 is best.",
+            *([f"synthetic: {results['synthetic_kept']} patches with ≥ {results['min_tissue']:.0%} tissue of "
+               f"{results['synthetic_drawn']} drawn ({results['synthetic_kept'] / results['synthetic_drawn']:.0%}); "
+               "the rest were glass (a layout level draws background)"]
+              if results.get("synthetic_drawn") else []),
             "",
             line(header),
             "-+-".join("-" * width for width in widths),
@@ -205,6 +209,28 @@ def format_table(results: dict[str, Any]) -> str:
 
 # -- a model against a patch store, and a slide's seams ---------------------------------------------
 MIN_PATCHES = 4
+# Synthetic patches are held to the tissue criterion real ones were extracted with: a model with a
+# layout level draws background too, and glass compared with tissue says nothing about tissue.
+# Real held-out patches have ≥ 62 % stained pixels (the bundled store's val split), background ≤ 10 %.
+MIN_TISSUE = 0.5
+MAX_SAMPLING_ROUNDS = 8  # rounds of n candidates, at most, to find n tissue patches
+
+
+def sample_tissue_patches(sample: Callable[[int, int], np.ndarray], n: int, min_tissue: float,
+                          max_rounds: int = MAX_SAMPLING_ROUNDS) -> tuple[np.ndarray, int]:
+    """n patches with at least ``min_tissue`` stained pixels (fewer if ``max_rounds`` rounds of n
+    candidates hold fewer), and how many candidates were drawn. ``sample(count, seed)`` draws
+    candidates; round r uses seed r, so the first round is what sampling n patches alone draws."""
+    from nca_tiles.wsi.tissue import pixel_tissue_fractions
+
+    kept, drawn = [], 0
+    for round_ in range(max_rounds):
+        candidates = sample(n, round_)
+        drawn += len(candidates)
+        kept.extend(candidates[pixel_tissue_fractions(candidates) >= min_tissue] if min_tissue > 0 else candidates)
+        if len(kept) >= n:
+            break
+    return (np.stack(kept[:n]) if kept else np.zeros((0, *candidates.shape[1:]), np.uint8)), drawn
 
 
 def _read_rows(images: Any, rows: np.ndarray) -> np.ndarray:
@@ -223,11 +249,15 @@ def evaluate_model(
     sampler: str = "ddim",
     device: str = "auto",
     say: Callable[[str], None] | None = None,
+    min_tissue: float = MIN_TISSUE,
 ) -> dict[str, Any]:
     """Sample ``n`` synthetic patches from ``model`` (None: the bundled one) and score them with
     ``evaluate_patches`` against ``n`` real patches of the store's ``split`` ("val" or "test"),
     the floor being ``n`` of its training patches. Fewer patches in the store: n shrinks to
-    fit. ``say`` receives progress lines. Returns ``evaluate_patches``' results plus the inputs."""
+    fit. Synthetic patches with fewer than ``min_tissue`` stained pixels (glass) are drawn again,
+    as the real ones were extracted from tissue; how many were drawn is in the results
+    (``synthetic_drawn``). ``say`` receives progress lines. Returns ``evaluate_patches``' results
+    plus the inputs."""
     from nca_tiles.diffusion.levels import generate_level_patches, load_synthesis_model
     from nca_tiles.training.patches import open_patch_store
 
@@ -238,6 +268,8 @@ def evaluate_model(
         raise NcaTilesError(f"--n must be at least {MIN_PATCHES}, got {n}")
     if steps is not None and steps < 1:
         raise NcaTilesError(f"--steps must be at least 1, got {steps}")
+    if not 0 <= min_tissue < 1:
+        raise NcaTilesError(f"--min-tissue is a fraction in 0..1 (0: keep every patch), got {min_tissue}")
     patches = Path(patches)
     if not patches.exists():
         raise NcaTilesError(f"{patches} does not exist: give the patch store written by extract-patches")
@@ -263,13 +295,25 @@ def evaluate_model(
             f"the model was trained at {loaded.mpp:g} µm/px but {patches} holds {store.mpp:g} µm/px patches: "
             f"compare at the same resolution (extract-patches --mpp {loaded.mpp:g})"
         )
-    say(f"sampling {n_used} synthetic {size} x {size} patches ({sampler})...")
-    synthetic = generate_level_patches(loaded, n_used, size=size, seed=seed, steps=steps, sampler=sampler)
+    say(f"sampling {n_used} synthetic {size} x {size} patches ({sampler}) with ≥ {min_tissue:.0%} tissue...")
 
+    def sample(count: int, round_: int) -> np.ndarray:
+        round_seed = seed if round_ == 0 else rng_.derive_seed(seed, round_)
+        return generate_level_patches(loaded, count, size=size, seed=round_seed, steps=steps, sampler=sampler)
+
+    from nca_tiles.diffusion import rng as rng_
+
+    synthetic, drawn = sample_tissue_patches(sample, n_used, min_tissue)
+    if len(synthetic) < MIN_PATCHES:
+        raise NcaTilesError(f"the model drew {len(synthetic)} patches with ≥ {min_tissue:.0%} tissue in {drawn}: "
+                            "too few to evaluate (lower --min-tissue, or 0 to keep every patch)")
+    if len(synthetic) < n_used:
+        say(f"note: {len(synthetic)} of {drawn} synthetic patches had ≥ {min_tissue:.0%} tissue: "
+            f"evaluating on {len(synthetic)} per set")
     say("computing metrics...")
     results = evaluate_patches(real_train, real_heldout, synthetic, seed=seed, mpp=store.mpp)
     results.update(model=None if model is None else str(model), patches=str(patches), split=split, steps=steps,
-                   sampler=sampler)
+                   sampler=sampler, min_tissue=min_tissue, synthetic_drawn=drawn, synthetic_kept=len(synthetic))
     return results
 
 

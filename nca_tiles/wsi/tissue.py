@@ -97,6 +97,14 @@ def tissue_from_rgb(
     return ~holes, threshold
 
 
+def pixel_tissue_fractions(patches: np.ndarray) -> np.ndarray:
+    """Share of each uint8 RGB patch's (N, H, W, 3) pixels that are stained: lit and saturated above
+    the lowest tissue threshold (glass is ~0.01–0.03, pale eosin ~0.1). Per pixel, no Otsu: one
+    patch may be all tissue or all glass."""
+    saturation, brightness = saturation_and_value(patches)
+    return ((saturation > MIN_THRESHOLD) & (brightness >= MIN_BRIGHTNESS)).mean(axis=(-2, -1))
+
+
 def saturation_and_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """HSV saturation and value (brightness), floats in [0, 1], of an RGB uint8 array."""
     channels = rgb.astype(np.float32) / 255.0
