@@ -16,7 +16,7 @@ from nca_tiles_cli.demo import demo as demo_command
 from nca_tiles_cli.main import cli
 from helpers import assert_one_line_error, run_cli
 
-ARGS = ["--width", "160", "--height", "128", "--chunk", "64", "--steps", "2"]
+ARGS = ["--width", "160", "--height", "128", "--chunk", "64", "--steps", "3"]  # a step for each level
 
 
 def test_demo_writes_slide_figure_and_thumbnail(tmp_path):
@@ -70,13 +70,13 @@ def test_demo_interrupted_after_synthesis_reuses_the_slide(tmp_path):
     from nca_tiles.demo import run_demo
 
     out = tmp_path / "demo"
-    run_demo(out, width=160, height=128, chunk=64, steps=2, progress=False)
+    run_demo(out, width=160, height=128, chunk=64, steps=3, progress=False)
     identity = os.stat(out / "synthetic.ome.tif").st_ino
     # As if stopped while drawing the figure: the slide is done and its work dir already gone.
     (out / "real_vs_synthetic.png").unlink()
     (out / "synthetic_thumbnail.png").unlink()
     lines = []
-    result = run_demo(out, width=160, height=128, chunk=64, steps=2, progress=False, say=lines.append)
+    result = run_demo(out, width=160, height=128, chunk=64, steps=3, progress=False, say=lines.append)
     assert os.stat(result.paths.slide).st_ino == identity
     assert result.paths.figure.exists() and result.paths.thumbnail.exists()
     assert lines[0].startswith("1/4") and lines[-1].startswith("4/4")
