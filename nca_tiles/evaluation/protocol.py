@@ -165,46 +165,41 @@ def _format_value(key: str, values: dict[str, float]) -> str:
     return f"{values[key]:.4g}"
 
 
+def _text_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Lines of a plain-text table: first column left-aligned, the others right-aligned."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return [line(header), "-+-".join("-" * w for w in widths), *(line(row) for row in rows)]
+
+
 def format_table(results: dict[str, Any]) -> str:
-    """A plain-text table: metric | real vs real (floor) | synthetic | noise (ceiling)."""
+    """A plain-text table: metric | real vs real (floor) | synthetic | noise (ceiling); then, where
+    the results have them, each set's nuclei medians."""
     header = ["metric", "real vs real (floor)", "synthetic", "noise (ceiling)"]
     rows = [
         [label] + [_format_value(key, results["results"][name]) for name in ("floor", "synthetic", "ceiling")]
         for key, label in METRICS.items()
     ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return " | ".join(cell.ljust(width) if i == 0 else cell.rjust(width) for i, (cell, width) in enumerate(zip(cells, widths)))
-
+    lines = [
+        f"Note: {results['note']}",
+        f"n = {results['n']} patches per set, {results['patch_size'][0]} x {results['patch_size'][1]} px, "
+        f"seed {results['seed']}; every column is compared with held-out real patches; "
+        "lower is better, except C2ST AUC, where 0.5 is best.",
+    ]
+    kept, drawn = results.get("synthetic_kept"), results.get("synthetic_drawn")
+    if drawn:
+        lines.append(f"synthetic: {kept} patches with ≥ {results['min_tissue']:.0%} tissue of {drawn} drawn "
+                     f"({kept / drawn:.0%})" + ("; the rest were glass (a layout level draws background)"
+                                                if kept < drawn else ""))
+    lines += ["", *_text_table(header, rows)]
     medians = results.get("nuclei_medians")  # absent in results saved before it existed
-    median_lines = []
     if medians:
-        m_header = ["nuclei, median per set", *MEDIAN_SETS.values()]
         m_rows = [[label] + [f"{medians[name][key]:.4g}" for name in MEDIAN_SETS] for key, label in MEDIAN_LABELS.items()]
-        m_widths = [max(len(row[i]) for row in [m_header, *m_rows]) for i in range(len(m_header))]
-
-        def m_line(cells: list[str]) -> str:
-            return " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, m_widths)))
-
-        median_lines = ["", m_line(m_header), "-+-".join("-" * w for w in m_widths), *(m_line(r) for r in m_rows)]
-    return "\n".join(
-        [
-            f"Note: {results['note']}",
-            f"n = {results['n']} patches per set, {results['patch_size'][0]} x {results['patch_size'][1]} px, "
-            f"seed {results['seed']}; every column is compared with held-out real patches; "
-            "lower is better, except C2ST AUC, where 0.5 is best.",
-            *([f"synthetic: {results['synthetic_kept']} patches with ≥ {results['min_tissue']:.0%} tissue of "
-               f"{results['synthetic_drawn']} drawn ({results['synthetic_kept'] / results['synthetic_drawn']:.0%}); "
-               "the rest were glass (a layout level draws background)"]
-              if results.get("synthetic_drawn") else []),
-            "",
-            line(header),
-            "-+-".join("-" * width for width in widths),
-            *(line(row) for row in rows),
-            *median_lines,
-        ]
-    )
+        lines += ["", *_text_table(["nuclei, median per set", *MEDIAN_SETS.values()], m_rows)]
+    return "\n".join(lines)
 
 
 # -- a model against a patch store, and a slide's seams ---------------------------------------------
