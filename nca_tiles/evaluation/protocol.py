@@ -292,11 +292,11 @@ def evaluate_model(
         )
     say(f"sampling {n_used} synthetic {size} x {size} patches ({sampler}) with ≥ {min_tissue:.0%} tissue...")
 
-    def sample(count: int, round_: int) -> np.ndarray:
-        round_seed = seed if round_ == 0 else rng_.derive_seed(seed, round_)
-        return generate_level_patches(loaded, count, size=size, seed=round_seed, steps=steps, sampler=sampler)
+    from nca_tiles.diffusion.rng import derive_seed
 
-    from nca_tiles.diffusion import rng as rng_
+    def sample(count: int, round_: int) -> np.ndarray:
+        round_seed = seed if round_ == 0 else derive_seed(seed, round_)
+        return generate_level_patches(loaded, count, size=size, seed=round_seed, steps=steps, sampler=sampler)
 
     synthetic, drawn = sample_tissue_patches(sample, n_used, min_tissue)
     if len(synthetic) < MIN_PATCHES:
