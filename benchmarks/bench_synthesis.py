@@ -12,9 +12,9 @@ Sections (``--sections 1,2,3,4``):
    through the zarr canvas, x_T sweep and export included, nothing subtracted — for a few chunk
    sizes and for one chunk covering the canvas; and of ``generate_region`` (whole canvas in
    memory, no I/O) to show the I/O overhead. The rule is compiled first, for every window width
-   to come (where it compiles at all): before, the first run timed paid ``--compile auto``'s eager
-   phase and the compile, so the comparison measured the order of the runs (section 5 counts the
-   compile, as a user meets it).
+   to come (where it compiles at all), and sections 1, 2 and 4 then run it compiled: before, the
+   first run timed paid ``--compile auto``'s eager phase and the compile, so the comparison
+   measured the order of the runs (section 5 counts the compile, as a user meets it).
 2. Halo overhead: predicted Σ window pixels ÷ canvas pixels (``plan.make_plan``) and the interior
    formula ((C + 2s)/C)², against measured compute time: ``predict_noise`` over every window of
    one sweep ÷ over the whole canvas.

@@ -29,7 +29,7 @@ class Stream(enum.IntEnum):
     LEVEL_NOISE = 4  # re-noising an upsampled coarse level (scale-space sampling)
 
 
-def _lowbias32(h: torch.Tensor) -> torch.Tensor:
+def _lowbias32(h: torch.Tensor | int) -> torch.Tensor | int:
     # int64 holds the 32-bit products exactly modulo 2**64; masking keeps the low 32 bits.
     h = h ^ (h >> 16)
     h = (h * 0x7FEB352D) & _MASK32
@@ -38,7 +38,7 @@ def _lowbias32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def _fold(h: torch.Tensor, key: torch.Tensor | int) -> torch.Tensor:
+def _fold(h: torch.Tensor | int, key: torch.Tensor | int) -> torch.Tensor | int:
     """Mix one more key into the hash state."""
     return _lowbias32((h + key + 0x9E3779B9) & _MASK32)
 
@@ -67,9 +67,7 @@ def hash_grid(
     ``(y0, x0)`` is the window's origin in global canvas coordinates; ``step`` and ``substep``
     (e.g. the denoising step and the NCA step inside it) select independent draws.
     """
-    h = torch.full((1, 1, 1), 0, dtype=torch.int64, device=device)
-    for key in (_key32(seed), int(stream), _key32(step), _key32(substep)):
-        h = _fold(h, key)
+    h = torch.full((1, 1, 1), _key_state(seed, stream, step, substep), dtype=torch.int64, device=device)
     ys = torch.arange(y0, y0 + height, dtype=torch.int64, device=device).view(1, -1, 1)
     xs = torch.arange(x0, x0 + width, dtype=torch.int64, device=device).view(1, 1, -1)
     cs = torch.arange(channels, dtype=torch.int64, device=device).view(-1, 1, 1)
@@ -122,24 +120,18 @@ def window_bernoulli_bits(keys: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor
 
 def window_keys(seeds: list[int], stream: Stream, steps: list[int], substep: int,
                 device: torch.device | str = "cpu") -> torch.Tensor:
-    """(B, 1, 1, 1) int64: the hash state :func:`hash_grid` reaches before the coordinates."""
-    keys = []
-    for seed, step in zip(seeds, steps):
-        h = 0
-        for key in (_key32(seed), int(stream), _key32(step), _key32(substep)):
-            h = _fold_int(h, key)
-        keys.append(h)
+    """(B, 1, 1, 1) int64: each window's hash state before its coordinates, as in :func:`hash_grid`."""
+    keys = [_key_state(seed, stream, step, substep) for seed, step in zip(seeds, steps)]
     return torch.tensor(keys, dtype=torch.int64, device=device).view(-1, 1, 1, 1)
 
 
-def _fold_int(h: int, key: int) -> int:
-    """:func:`_fold` on Python ints (a few keys per window: no tensor needed)."""
-    h = (h + key + 0x9E3779B9) & _MASK32
-    h ^= h >> 16
-    h = (h * 0x7FEB352D) & _MASK32
-    h ^= h >> 15
-    h = (h * 0x846CA68B) & _MASK32
-    return h ^ (h >> 16)
+def _key_state(seed: int, stream: Stream, step: int, substep: int) -> int:
+    """The hash state after (seed, stream, step, substep): Python ints (the mixer is plain integer
+    arithmetic, so :func:`_fold` runs on them as on tensors, with the same bits)."""
+    h = 0
+    for key in (_key32(seed), int(stream), _key32(step), _key32(substep)):
+        h = _fold(h, key)
+    return h
 
 
 def derive_seed(seed: int, *keys: int) -> int:
