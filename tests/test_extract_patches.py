@@ -174,6 +174,20 @@ def test_three_slides_split_by_slide(tmp_path, slides_dir):
     assert store.slides[0]["mpp"] == pytest.approx(0.499)  # the OME-TIFF's own PhysicalSize
 
 
+def test_a_small_slide_at_a_coarse_mpp_keeps_patches_in_a_region_split(tmp_path, sample_slide):
+    """The sample (1.1 × 1.5 mm) at 4 µm/px with overlapping patches: the count rule alone gave
+    regions narrower than one patch, every patch crossed a border and the slide came out empty
+    ("no patch fits inside one split region"), so coarse levels learned from large slides only."""
+    result = extract([sample_slide], tmp_path / "p.zarr", patch_size=64, stride=16, target_mpp=4.0, min_tissue=0.05)
+    store = open_patch_store(result.out)
+    footprint = round(64 * 4.0 / 0.499)
+    region = store.slides[0]["region_size"]
+    assert region >= 2 * footprint and len(store) >= 50
+    for coordinate in (store.x, store.y):
+        assert (coordinate // region == (coordinate + footprint - 1) // region).all()
+    assert set(np.unique(store.split)) == {0, 1, 2}
+
+
 def test_three_slides_split_by_region_when_asked(tmp_path, slides_dir):
     """Training on several tissues needs every slide in the training split."""
     result = extract([slides_dir], tmp_path / "p.zarr", target_mpp=2.0, source_mpp=0.998, split_by="region")

@@ -56,6 +56,7 @@ VAL_FRACTION = TEST_FRACTION = 0.1
 # Region split: aim for this many tissue regions per slide, so val and test get 2-3 regions each
 # while regions stay as large as possible (fewer patches lost at borders, less spatial leakage).
 REGIONS_PER_SLIDE = 25
+SMALL_SLIDE_REGION_FOOTPRINTS = 2  # see _region_size
 # Asking for a slightly finer µm/px than the scan (e.g. 0.5 of a 0.5021 slide) is not upsampling
 # worth refusing.
 UPSAMPLE_TOLERANCE = 0.02
@@ -621,8 +622,12 @@ class _PatchReader:
 
 def _region_size(plan: _SlidePlan) -> int:
     """Region side in level-0 px: a whole number of strides, so that with stride >= patch size no
-    patch crosses a border; about ``REGIONS_PER_SLIDE`` regions cover the slide's tissue."""
+    patch crosses a border; about ``REGIONS_PER_SLIDE`` regions cover the slide's tissue. A region
+    narrower than one patch holds none (every patch crosses a border: small slides at a coarse
+    µm/px came out empty), so such regions are made ``SMALL_SLIDE_REGION_FOOTPRINTS`` patches wide."""
     strides_per_region = max(1, math.floor(math.sqrt(len(plan.xs) / REGIONS_PER_SLIDE)))
+    if strides_per_region * plan.stride < plan.footprint:
+        strides_per_region = math.ceil(SMALL_SLIDE_REGION_FOOTPRINTS * plan.footprint / plan.stride)
     return strides_per_region * plan.stride
 
 
