@@ -11,7 +11,8 @@ Sections (``--sections 1,2,3,4``):
 1. Wall time per (canvas megapixel × denoising step) of ``synthesize_slide`` — the real path,
    through the zarr canvas, x_T sweep and export included, nothing subtracted — for a few chunk
    sizes and for one chunk covering the canvas; and of ``generate_region`` (whole canvas in
-   memory, no I/O) to show the I/O overhead. The rule is compiled first, for every window width
+   memory, no I/O) to show the I/O overhead; each run ``--rounds`` times, interleaved, medians, with
+   the seconds inside the model's calls apart from the rest. The rule is compiled first, for every window width
    to come (where it compiles at all), and sections 1, 2 and 4 then run it compiled: before, the
    first run timed paid ``--compile auto``'s eager phase and the compile, so the comparison
    measured the order of the runs (section 5 counts the compile, as a user meets it).
@@ -47,15 +48,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from nca_tiles.runtime.memory import peak_kib, rss_bytes, ru_maxrss_bytes
 
 MIB = 2**20
-QUICK = {"canvas": 512, "chunks": "128,256", "steps": 1, "rss_sizes": "256,512,1024", "rss_chunk": 128,
+QUICK = {"canvas": 512, "chunks": "128,256", "steps": 1, "rounds": 1, "rss_sizes": "256,512,1024", "rss_chunk": 128,
          "e2e_canvas": 512, "e2e_steps": 2, "e2e_chunk": 256}
-FULL = {"canvas": 1024, "chunks": "256,512", "steps": 2, "rss_sizes": "1024,2048,4096", "rss_chunk": 512,
+FULL = {"canvas": 1024, "chunks": "256,512", "steps": 2, "rounds": 3, "rss_sizes": "1024,2048,4096", "rss_chunk": 512,
         "e2e_canvas": 2048, "e2e_steps": 20, "e2e_chunk": 512}
 
 
@@ -300,43 +302,105 @@ def compile_first(pipeline, widths: list[int]) -> float | None:
 
 
 # -- section 1: tiled vs whole canvas, through zarr ------------------------------------------------
+def cpu_ticks() -> tuple[int, int] | None:
+    """(all, stolen) CPU ticks of this machine so far (/proc/stat), None where there is none: on a
+    virtual machine the hypervisor's steal makes the same work take longer from one run to the next."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(fields[:8]), fields[7] if len(fields) > 7 else 0
+
+
+def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    if before is None or after is None or after[0] == before[0]:
+        return None
+    return (after[1] - before[1]) / (after[0] - before[0])
+
+
+@contextmanager
+def model_clock(device):
+    """Seconds spent inside ``predict_noise`` (every model call of a run), whoever calls it: what
+    separates the model's share of a run from the rest (x_T, zarr I/O, sampler, export)."""
+    from nca_tiles.diffusion import pipeline as pipeline_module
+    from nca_tiles.synthesis import sweeps
+
+    spent = [0.0]
+    real = pipeline_module.predict_noise
+
+    def clocked(*args, **kwargs):
+        synchronize(device)
+        start = time.perf_counter()
+        out = real(*args, **kwargs)
+        synchronize(device)
+        spent[0] += time.perf_counter() - start
+        return out
+
+    pipeline_module.predict_noise = sweeps.predict_noise = clocked
+    try:
+        yield spent
+    finally:
+        pipeline_module.predict_noise = sweeps.predict_noise = real
+
+
 def section_speed(pipeline, canvas: int, chunks: list[int], steps: int, batch: int, seed: int, fmt: str,
-                  root: Path) -> dict:
+                  root: Path, rounds: int) -> dict:
+    """Each run ``rounds`` times, the runs interleaved (round 1: every run, round 2: every run...),
+    medians: one run each measured the machine's drift as much as the runs (model calls of the
+    same run differed by up to ±12 % between rounds on this virtual machine)."""
     from nca_tiles.diffusion.pipeline import generate_region
 
     work = canvas * canvas / 1e6 * steps  # canvas MP × denoising steps
-    rows = []
+    runs: list[tuple[str, int | None, Callable[[], Any]]] = []
     for chunk in chunks + [canvas]:
         label = f"synthesize_slide, chunk {chunk}"
         if chunk == canvas:
             label = f"synthesize_slide, whole canvas (chunk {canvas})"
-        log(f"[1] {label}, {canvas}², {steps} step(s)")
-        reset_gpu_peak(pipeline.device)
-        seconds = synthesize(pipeline, canvas, chunk, steps, batch, seed, fmt, root)
-        rows.append({"run": label, "chunk": chunk, "seconds": seconds, "s_per_mp_step": seconds / work,
-                     "gpu_peak_mib": gpu_peak_mib(pipeline.device)})
-    log(f"[1] generate_region, {canvas}² in memory, {steps} step(s)")
-    reset_gpu_peak(pipeline.device)
-    seconds, _ = timed(lambda: generate_region(pipeline, canvas, canvas, seed=seed, steps=steps), pipeline.device)
-    rows.append({"run": "generate_region (in memory, no I/O)", "chunk": None, "seconds": seconds,
-                 "s_per_mp_step": seconds / work, "gpu_peak_mib": gpu_peak_mib(pipeline.device)})
-    whole = rows[len(chunks)]["s_per_mp_step"]
+        runs.append((label, chunk, lambda chunk=chunk: synthesize(pipeline, canvas, chunk, steps, batch, seed, fmt, root)))
+    runs.append(("generate_region (in memory, no I/O)", None,
+                 lambda: generate_region(pipeline, canvas, canvas, seed=seed, steps=steps)))
+    seconds: dict[str, list[float]] = {label: [] for label, _, _ in runs}
+    model_s: dict[str, list[float]] = {label: [] for label, _, _ in runs}
+    peaks: dict[str, float | None] = {}
+    ticks = cpu_ticks()
+    for r in range(rounds):
+        for label, _, run in runs:
+            log(f"[1] round {r + 1}/{rounds}: {label}, {canvas}², {steps} step(s)")
+            reset_gpu_peak(pipeline.device)
+            with model_clock(pipeline.device) as spent:
+                wall, _ = timed(run, pipeline.device)
+            seconds[label].append(wall)
+            model_s[label].append(spent[0])
+            peaks[label] = gpu_peak_mib(pipeline.device)
+    rows = []
+    for label, chunk, _ in runs:
+        wall, model = statistics.median(seconds[label]), statistics.median(model_s[label])
+        rows.append({"run": label, "chunk": chunk, "seconds": wall, "all_seconds": seconds[label],
+                     "model_seconds": model, "rest_seconds": wall - model, "s_per_mp_step": wall / work,
+                     "gpu_peak_mib": peaks[label]})
+    whole, in_memory = rows[len(chunks)], rows[-1]
     for row in rows:
-        row["vs_whole"] = row["s_per_mp_step"] / whole
-    return {"canvas": canvas, "steps": steps, "batch": batch, "format": fmt, "rows": rows,
-            "io_overhead": whole / rows[-1]["s_per_mp_step"]}
+        row["vs_whole"] = row["s_per_mp_step"] / whole["s_per_mp_step"]
+    return {"canvas": canvas, "steps": steps, "batch": batch, "format": fmt, "rounds": rounds, "rows": rows,
+            "io_overhead": whole["seconds"] / in_memory["seconds"],
+            "model_call_ratio": whole["model_seconds"] / in_memory["model_seconds"],
+            "steal": steal_share(ticks, cpu_ticks())}
 
 
 def print_speed(result: dict, device) -> None:
     print(f"\n## 1. Time per megapixel per denoising step ({result['canvas']}² canvas, {result['steps']} denoising "
-          f"step(s), batch {result['batch']}, {result['format']})")
-    print("wall time of the whole call ÷ (canvas MP × denoising steps): x_T sweep, zarr I/O and export included")
+          f"step(s), batch {result['batch']}, {result['format']}, median of {result['rounds']} interleaved round(s))")
+    print("wall time of the whole call ÷ (canvas MP × denoising steps): x_T sweep, zarr I/O and export included; "
+          "model s: inside predict_noise; rest: everything else")
     gpu = device.type == "cuda"
-    headers = ["run", "wall s", "s / (MP·step)", "÷ whole canvas"] + (["GPU peak MiB"] if gpu else [])
-    rows = [[r["run"], r["seconds"], r["s_per_mp_step"], r["vs_whole"]] + ([r["gpu_peak_mib"]] if gpu else [])
-            for r in result["rows"]]
+    headers = ["run", "wall s", "model s", "rest s", "s / (MP·step)", "÷ whole canvas"] + (["GPU peak MiB"] if gpu else [])
+    rows = [[r["run"], r["seconds"], r["model_seconds"], r["rest_seconds"], r["s_per_mp_step"], r["vs_whole"]]
+            + ([r["gpu_peak_mib"]] if gpu else []) for r in result["rows"]]
     print(format_table(headers, rows))
-    print(f"I/O overhead (synthesize_slide whole canvas ÷ generate_region): {result['io_overhead']:.3f}×")
+    print(f"I/O overhead (synthesize_slide whole canvas ÷ generate_region): {result['io_overhead']:.3f}×; "
+          f"their model calls alone: {result['model_call_ratio']:.3f}×")
+    if result.get("steal") is not None:
+        print(f"CPU time stolen by the hypervisor during the section: {result['steal']:.1%}")
 
 
 # -- section 2: halo overhead, compute only ----------------------------------------------------------
@@ -615,6 +679,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1,
                         help="sections 2 and 4 time each sweep this many times and take the median")
+    parser.add_argument("--rounds", type=int, help=f"section 1 runs every case this many times, interleaved, "
+                                                   f"and takes the medians (default {FULL['rounds']}, quick {QUICK['rounds']})")
     parser.add_argument("--format", default="ome-tiff", choices=("ome-tiff", "ome-zarr"), help="export format")
     parser.add_argument("--sections", default="1,2,3,4,5", help="which sections to run, e.g. 1,2")
     parser.add_argument("--quick", action="store_true", help="small sizes: ~1–2 min on 2 CPU cores")
@@ -668,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
             results["compile_first_s"] = compile_first(pipeline, window_widths(pipeline, canvas, chunks))
         if 1 in args.sections:
             results["speed"] = section_speed(pipeline, canvas, chunks, args.steps, args.batch, args.seed,
-                                             args.format, Path(tmp))
+                                             args.format, Path(tmp), args.rounds)
         if 5 in args.sections:
             results["end_to_end"] = section_end_to_end(args, Path(tmp))
     if 2 in args.sections:

@@ -149,3 +149,40 @@ def test_memory_is_bounded_by_chunk_not_canvas(model_dir, tmp_path, kind):
     # Stronger: the larger canvas adds far less than one of its float buffers (48 MiB) to the peak.
     growth = (large - large_before) - (small - small_before)
     assert growth < 24 * 1024, f"peak grew by {growth} KiB for a 64× larger canvas"
+
+
+def test_the_reader_and_writer_threads_run_no_torch_op(tmp_path):
+    """Their work is numpy and zarr only: a torch op on another thread starts that thread's own
+    OpenMP team, whose spinning threads slowed the model's calls on the main thread (2–13 %)."""
+    import torch
+    import zarr
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nca_tiles.synthesis.job import Chunk
+    from nca_tiles.synthesis.sweeps import chunk_arrays, read_windows, write_arrays
+
+    class RecordOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is not torch.ops.aten.lift_fresh.default:  # torch.from_numpy: wraps, computes nothing
+                self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    src = zarr.create_array(tmp_path / "src.zarr", shape=(40, 50, 3), chunks=(16, 16, 3), dtype="float32")
+    src[:] = np.random.default_rng(0).standard_normal((40, 50, 3)).astype(np.float32)
+    dst = zarr.create_array(tmp_path / "dst.zarr", shape=(40, 50, 3), chunks=(16, 16, 3), dtype="float32")
+    group = [Chunk(0, 20, 0, 25, 0, 30, 0, 35), Chunk(20, 40, 25, 50, 10, 40, 15, 50)]
+    with RecordOps() as reader:
+        windows = read_windows(src, group)
+    assert reader.ops == []
+    np.testing.assert_array_equal(windows[1].permute(1, 2, 0).numpy(), src[10:40, 15:50])
+    chunks = [windows[0, :, :20, :25], windows[1, :, 10:, 10:]]
+    arrays = chunk_arrays(chunks, as_rgb=False)  # on the main thread: torch may run here
+    with RecordOps() as writer:
+        write_arrays(dst, group, arrays)
+    assert writer.ops == []
+    np.testing.assert_array_equal(dst[:20, :25], src[:20, :25])
+    np.testing.assert_array_equal(dst[20:, 25:], src[20:, 25:])
