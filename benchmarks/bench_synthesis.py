@@ -637,8 +637,9 @@ def section_end_to_end(args: argparse.Namespace, tmp: Path) -> dict | None:
     # The yardstick drifts with the virtual machine (80 to 156 GFLOP/s on the same cores in one
     # evening): timed on both sides of the run, their mean is the one ratio printed.
     matmul = (matmul_before + matmul_after) / 2
-    return {"canvas": size, "matmul_before_flops": matmul_before, "matmul_after_flops": matmul_after, "steps": steps, "chunk": chunk, "levels": len(plan.levels), "wall_s": wall,
+    return {"canvas": size, "steps": steps, "chunk": chunk, "levels": len(plan.levels), "wall_s": wall,
             "useful_flop": useful, "computed_flop": computed, "useful_flops": useful / wall,
+            "matmul_before_flops": matmul_before, "matmul_after_flops": matmul_after,
             "matmul_flops": matmul, "vs_fp32_matmul": useful / wall / matmul,
             "computed_vs_fp32_matmul": computed / wall / matmul}
 
