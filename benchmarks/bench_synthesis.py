@@ -56,7 +56,7 @@ from nca_tiles.runtime.memory import peak_kib, rss_bytes, ru_maxrss_bytes
 
 MIB = 2**20
 QUICK = {"canvas": 512, "chunks": "128,256", "steps": 1, "rounds": 1, "rss_sizes": "256,512,1024", "rss_chunk": 128,
-         "e2e_canvas": 512, "e2e_steps": 2, "e2e_chunk": 256}
+         "e2e_canvas": 512, "e2e_steps": 3, "e2e_chunk": 256}
 FULL = {"canvas": 1024, "chunks": "256,512", "steps": 2, "rounds": 3, "rss_sizes": "1024,2048,4096", "rss_chunk": 512,
         "e2e_canvas": 2048, "e2e_steps": 20, "e2e_chunk": 512}
 
