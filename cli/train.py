@@ -40,6 +40,11 @@ BETA_SCHEDULES = ("linear", "cosine")
 @click.option("--max-timestep", type=int, default=None,
               help="Train only timesteps t ≤ N: for a finer level of a scale-space model, which starts at its "
                    "t_start (see build-model). Default: every t.")
+@click.option("--relay-factor", type=int, default=None,
+              help="Train a finer level of a scale-space model on what the sampler hands it from a level N times "
+                   "coarser: patches area-averaged by N and upsampled back, the lost detail counted as noise, so the "
+                   "level learns to redraw it. Needs --max-timestep; build-model then starts the level at "
+                   "--t-start equal to it, N times finer than the level below.")
 @click.option("--beta-schedule", type=click.Choice(BETA_SCHEDULES), default="linear", show_default=True,
               help="Noise schedule over the 300 timesteps. linear: the paper's (its last step keeps 22 % of the "
                    "image, so sampling from pure noise lacks the large-scale contrast, e.g. background); cosine "
@@ -49,7 +54,8 @@ BETA_SCHEDULES = ("linear", "cosine")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @threads_option()
 def train(patches, out, preset, steps, batch_size, lr, device, precision, resume, overwrite, seed,
-          val_every, sample_every, checkpoint_every, max_timestep, beta_schedule, init_from, no_progress) -> None:
+          val_every, sample_every, checkpoint_every, max_timestep, relay_factor, beta_schedule, init_from,
+          no_progress) -> None:
     """Train Diff-NCA with the paper's recipe (MSE + L1 on ε, Adam, ExponentialLR, EMA 0.99).
 
     Ctrl-C saves a checkpoint; rerun with --resume to continue exactly where it stopped.
@@ -58,7 +64,8 @@ def train(patches, out, preset, steps, batch_size, lr, device, precision, resume
     from nca_tiles.training.trainer import TrainConfig, run_training
 
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, val_every=val_every,
-                         sample_every=sample_every, checkpoint_every=checkpoint_every, max_timestep=max_timestep)
+                         sample_every=sample_every, checkpoint_every=checkpoint_every, max_timestep=max_timestep,
+                         relay_factor=relay_factor)
     trainer, last = run_training(patches, out, preset, config, device, precision,
                                  resume=resume, overwrite=overwrite, progress=not no_progress, init_from=init_from,
                                  schedule=ScheduleConfig(beta_schedule=beta_schedule),

@@ -594,3 +594,74 @@ def test_the_library_resolves_device_and_precision(store, tmp_path):
     assert not (tmp_path / "bf16").exists()
     with pytest.raises(NcaTilesError, match="--init-from starts a new run"):
         run_training(store, tmp_path / "auto", "tiny", config, "cpu", resume=True, init_from=tmp_path / "auto")
+
+
+# -- relay training: a finer level learns the states the sampler hands it ----------------------------
+def test_relay_start_is_the_samplers_upsampling_of_an_area_average():
+    from nca_tiles.diffusion.scale_space import upsample_window
+    from nca_tiles.training.trainer import relay_start
+
+    x0 = torch.rand(2, 3, 32, 32) * 2 - 1
+    coarse = torch.nn.functional.avg_pool2d(x0, 4)
+    sampler = torch.stack([upsample_window(c, (0, 0), (8, 8), (0, 0), (32, 32), 4) for c in coarse])
+    torch.testing.assert_close(relay_start(x0, 4), sampler)
+    assert not torch.allclose(relay_start(x0, 4), x0, atol=0.1)  # the detail is gone
+
+
+def test_relay_state_at_t_start_is_the_hand_over_and_ddim_stays_on_it():
+    from nca_tiles.diffusion.schedule import NoiseSchedule
+    from nca_tiles.training.trainer import relay_start, relay_target
+
+    schedule = NoiseSchedule()
+    x0 = (torch.rand(1, 3, 32, 32) * 1.6 - 0.8)
+    eps = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    s = 120
+    x_s, target_s = relay_target(schedule, x0, eps, torch.tensor([s]), 4, s)
+    ab = schedule.alpha_bar(s)
+    # At t_start: the upsampled coarse image re-noised, as scale_space.renoise makes it.
+    torch.testing.assert_close(x_s, math.sqrt(ab) * relay_start(x0, 4) + math.sqrt(1 - ab) * eps)
+    # The target's x_0 is the sharp patch, and a DDIM step with it lands on the state of the same
+    # family at the earlier t: what the level sees in sampling is what it was trained on.
+    torch.testing.assert_close(schedule.predict_x0(x_s, target_s, s), x0, atol=1e-5, rtol=0)
+    for t_prev in (90, 40, 0):
+        x_prev, _ = relay_target(schedule, x0, eps, torch.tensor([t_prev]), 4, s)
+        torch.testing.assert_close(schedule.ddim_step(target_s, s, t_prev, x_s), x_prev, atol=1e-5, rtol=0)
+
+
+def test_relay_factor_trains_is_recorded_and_must_be_kept_on_resume(store, tmp_path):
+    out = tmp_path / "relay"
+    assert_ok(train(store, out, "--steps", 2, "--max-timestep", 60, "--relay-factor", 4))
+    assert load_checkpoint(out)["meta"]["training"]["relay_factor"] == 4
+    assert json.loads((out / "model" / "config.json").read_text())["training"]["relay_factor"] == 4
+    assert_one_line_error(train(store, out, "--steps", 3, "--resume", "--max-timestep", 60), "--relay-factor 4")
+    assert_ok(train(store, out, "--steps", 3, "--resume", "--max-timestep", 60, "--relay-factor", 4))
+    plain = tmp_path / "plain"
+    assert_ok(train(store, plain, "--steps", 1, "--max-timestep", 60))
+    assert "relay_factor" not in load_checkpoint(plain)["meta"]["training"]
+    assert_one_line_error(train(store, plain, "--steps", 2, "--resume", "--max-timestep", 60, "--relay-factor", 4),
+                          "without --relay-factor")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--relay-factor", 4], ["--relay-factor needs --max-timestep"]),
+    (["--relay-factor", 1, "--max-timestep", 60], ["--relay-factor", "2"]),
+    (["--relay-factor", 3, "--max-timestep", 60], ["--relay-factor 3 does not divide", "64 px"]),
+])
+def test_bad_relay_factors_are_refused(store, tmp_path, args, words):
+    assert_one_line_error(train(store, tmp_path / "run", "--steps", 1, *args), *words)
+    assert not (tmp_path / "run").exists()
+
+
+def test_build_model_refuses_a_relay_level_at_another_ratio(store, tmp_path):
+    from helpers import save_test_model
+
+    from nca_tiles.diffusion.levels import save_scale_space_model
+
+    fine = tmp_path / "fine"
+    assert_ok(train(store, fine, "--steps", 1, "--max-timestep", 40, "--relay-factor", 2))
+    coarse2, coarse4 = save_test_model(tmp_path / "c2", mpp=2.0), save_test_model(tmp_path / "c4", mpp=4.0)
+    save_scale_space_model(tmp_path / "ok", [coarse2, fine], [2, 1], [None, 40])
+    with pytest.raises(NcaTilesError, match="from a level 2× coarser.*the level below is 4× coarser"):
+        save_scale_space_model(tmp_path / "m", [coarse4, fine], [4, 1], [None, 40])
+    with pytest.raises(NcaTilesError, match="it is the coarsest level"):
+        save_scale_space_model(tmp_path / "m2", [fine], [1], [None])

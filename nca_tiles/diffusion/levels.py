@@ -171,6 +171,13 @@ def _check_consistent(levels: list[Level], where: Path | str) -> None:
                                 f"finest level's {finest.mpp:g} µm/px needs {expected:g} µm/px")
         if level.t_start is not None and not 0 <= level.t_start < p.schedule.timesteps:
             raise NcaTilesError(f"{where}: level {i} t_start {level.t_start} is outside 0..{p.schedule.timesteps - 1}")
+        relay = (p.meta.get("training") or {}).get("relay_factor")
+        if relay is not None:
+            ratio = None if i == 0 else levels[i - 1].factor // level.factor
+            if ratio != relay:
+                below = "it is the coarsest level" if ratio is None else f"the level below is {ratio}× coarser"
+                raise NcaTilesError(f"{where}: level {i} was trained to take over from a level {relay}× coarser "
+                                    f"(train --relay-factor), but {below}")
         trained_up_to = (p.meta.get("training") or {}).get("max_timestep")
         starts_at = p.schedule.timesteps - 1 if level.t_start is None else level.t_start
         if trained_up_to is not None and trained_up_to < starts_at:

@@ -62,6 +62,7 @@ INIT_SEED_KEY = 0x1417  # derives the seed of the initial weights from --seed
 # index, so a resumed run uses the kernels the uninterrupted one used at every step.
 COMPILE_MIN_STEPS = 500
 COMPILE_FROM_STEP = 50
+MAX_RELAY_FACTOR = 64  # 1/64 of a 64 px patch is one pixel: beyond it nothing is left to relay
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,10 @@ class TrainConfig:
     # Train only t ≤ max_timestep: a finer level of a scale-space model starts at its t_start, so
     # its capacity is better spent below it (docs/design.md §7). None: every t.
     max_timestep: int | None = None
+    # Train on the states the sampler hands this level from one `relay_factor` times coarser: real
+    # patches down- and upsampled, the lost detail treated as noise (relay_start, docs/design.md §7).
+    # Needs max_timestep (the hand-over t). None: re-noised real patches only.
+    relay_factor: int | None = None
 
     def __post_init__(self) -> None:
         check_int("--steps", self.steps, 1, MAX_STEPS)
@@ -93,6 +98,11 @@ class TrainConfig:
         check_int("--sample-every", self.sample_every, 0, MAX_STEPS, " (0: never)")
         if self.max_timestep is not None:
             check_int("--max-timestep", self.max_timestep, 0, MAX_STEPS)
+        if self.relay_factor is not None:
+            check_int("--relay-factor", self.relay_factor, 2, MAX_RELAY_FACTOR)
+            if self.max_timestep is None:
+                raise NcaTilesError("--relay-factor needs --max-timestep: the t at which the level takes over "
+                                    "(build-model --t-start)")
 
 
 def to_model_space(images: np.ndarray) -> torch.Tensor:
@@ -112,13 +122,43 @@ def dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.stack(out)
 
 
+def relay_start(x0: torch.Tensor, factor: int) -> torch.Tensor:
+    """What the sampler hands a level from one ``factor`` times coarser, made from real patches:
+    area-averaged by ``factor``, then upsampled back bilinearly at cell centres with edge cells
+    repeated — the operator of ``scale_space.upsample_window``."""
+    coarse = F.avg_pool2d(x0, factor)
+    return F.interpolate(coarse, scale_factor=factor, mode="bilinear", align_corners=False)
+
+
+def relay_target(schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, factor: int,
+                 t_start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t and the ε to predict for a level that takes over at ``t_start`` from a coarser one.
+
+    The sampler starts the level at √ᾱ_s·(x_0 + d) + √(1−ᾱ_s)·ε with d = relay_start(x_0) − x_0, the
+    detail the coarser level could not hold. Counting d as noise scaled like it — at t ≤ s,
+    x_t / √ᾱ_t = x_0 + σ_t·(ε + d/σ_s), σ = √(1−ᾱ)/√ᾱ — makes the target ε + d/σ_s, whose x_0
+    prediction is the sharp patch, and a deterministic DDIM step from t to t' lands exactly on the
+    same family at t' (Relay Diffusion's blurring, Teng et al. 2023, in the ε-parameterisation).
+    """
+    sigma = torch.as_tensor(np.sqrt((1.0 - schedule.alphas_cumprod) / schedule.alphas_cumprod), dtype=torch.float32)
+    target = noise + (relay_start(x0, factor) - x0) / float(sigma[t_start])
+    ab = torch.as_tensor(schedule.alphas_cumprod, dtype=torch.float32)[t].view(-1, 1, 1, 1)
+    return ab.sqrt() * x0 + (1.0 - ab).sqrt() * target, target
+
+
 def diffusion_loss(model: DiffNCA, schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generator,
-                   device: torch.device, autocast, max_timestep: int | None = None) -> tuple[torch.Tensor, dict]:
-    """Draw t ≤ max_timestep (default T − 1) and ε, noise x_0, predict ε: loss = MSE + L1 (the paper's)."""
+                   device: torch.device, autocast, max_timestep: int | None = None,
+                   relay_factor: int | None = None) -> tuple[torch.Tensor, dict]:
+    """Draw t ≤ max_timestep (default T − 1) and ε, noise x_0, predict ε: loss = MSE + L1 (the paper's).
+    With ``relay_factor``, x_0 is blurred as the sampler's hand-over at max_timestep blurs it
+    (``relay_target``)."""
     b = x0.shape[0]
     t = torch.randint(schedule.timesteps if max_timestep is None else max_timestep + 1, (b,), generator=generator)
     noise = torch.randn(x0.shape, generator=generator)
-    x_t = schedule.add_noise(x0, noise, t)
+    if relay_factor is None:
+        x_t = schedule.add_noise(x0, noise, t)
+    else:
+        x_t, noise = relay_target(schedule, x0, noise, t, relay_factor, max_timestep)
     fire = TorchFireMask(model.config.fire_rate, generator)
     with autocast():
         eps = model(x_t.to(device), t.to(device), fire).float()
@@ -151,6 +191,9 @@ class Trainer:
         if train_config.max_timestep is not None and train_config.max_timestep >= self.schedule.timesteps:
             raise NcaTilesError(f"--max-timestep must be below the schedule's {self.schedule.timesteps} timesteps, "
                                 f"got {train_config.max_timestep}")
+        if train_config.relay_factor is not None and store.patch_size % train_config.relay_factor:
+            raise NcaTilesError(f"--relay-factor {train_config.relay_factor} does not divide the store's "
+                                f"{store.patch_size} px patches: give a divisor (the factor to the coarser level)")
         self.step = 0
         self.initialized_from: dict | None = None
         # The cell rule's forward and backward through torch.compile (nca_tiles.diffusion.compiled):
@@ -205,6 +248,7 @@ class Trainer:
             "data": {"mpp": self.store.mpp, "patch_size": self.store.patch_size, "patch_store": self.store.identity},
             "training": {"step": self.step, "preset": self.preset_name, "seed": self.cfg.seed,
                          **({} if self.cfg.max_timestep is None else {"max_timestep": self.cfg.max_timestep}),
+                         **({} if self.cfg.relay_factor is None else {"relay_factor": self.cfg.relay_factor}),
                          **({} if self.initialized_from is None else {"initialized_from": self.initialized_from})},
             "nca_tiles_version": __version__,
         }
@@ -270,6 +314,10 @@ class Trainer:
         saved_max_t = (saved.get("training") or {}).get("max_timestep")
         if saved_max_t != self.cfg.max_timestep:
             raise NcaTilesError(f"--resume: {path} was trained with --max-timestep {saved_max_t}: give the same")
+        saved_relay = (saved.get("training") or {}).get("relay_factor")
+        if saved_relay != self.cfg.relay_factor:
+            given = "without --relay-factor: drop it" if saved_relay is None else f"with --relay-factor {saved_relay}: give the same"
+            raise NcaTilesError(f"--resume: {path} was trained {given}")
         self.initialized_from = (saved.get("training") or {}).get("initialized_from")
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
@@ -300,7 +348,7 @@ class Trainer:
         self.model.compiled = self.compile_from is not None and self.step >= self.compile_from
         x0 = self._batch(generator)
         loss, parts = diffusion_loss(self.forward, self.schedule, x0, generator, self.device, self._autocast,
-                                     self.cfg.max_timestep)
+                                     self.cfg.max_timestep, self.cfg.relay_factor)
         if not math.isfinite(loss.item()):
             raise self._diverged(f"loss became {loss.item()} at step {self.step}")
         self.optimizer.zero_grad(set_to_none=True)
@@ -329,7 +377,7 @@ class Trainer:
             start = (i * self.cfg.batch_size) % len(self.val_images)
             x0 = to_model_space(self.val_images[start : start + self.cfg.batch_size])
             loss, _ = diffusion_loss(self.ema, self.schedule, x0, generator, self.device, self._autocast,
-                                     self.cfg.max_timestep)
+                                     self.cfg.max_timestep, self.cfg.relay_factor)
             losses.append(loss.item())
         return float(np.mean(losses))
 
