@@ -21,6 +21,9 @@ from nca_tiles_cli.options import compile_option, device_option, seed_option, th
 @click.option("--min-tissue", type=float, default=0.5, show_default=True,
               help="Keep synthetic patches with at least this share of stained pixels, as real patches were "
                    "extracted from tissue; draw others instead (0: keep every patch).")
+@click.option("--canvas", type=int, default=512, show_default=True,
+              help="Cut the synthetic patches from canvases this wide, as from a slide (a multiple of the patch "
+                   "size; the patch size itself: each patch sampled alone, all border).")
 @device_option()
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the results as JSON to this file.")
 @click.option("--slide", type=click.Path(path_type=Path), help="Score the seams of this synthesized slide (OME-TIFF or OME-Zarr) instead.")
@@ -41,6 +44,7 @@ def evaluate(
     steps: int | None,
     sampler: str,
     min_tissue: float,
+    canvas: int,
     device: str,
     json_path: Path | None,
     slide: Path | None,
@@ -83,7 +87,8 @@ def evaluate(
         from nca_tiles.evaluation.protocol import evaluate_model, format_table
 
         results = evaluate_model(model, patches, split, n, seed, steps, sampler, device,
-                                 say=lambda line: click.echo(line, err=True), min_tissue=min_tissue)
+                                 say=lambda line: click.echo(line, err=True), min_tissue=min_tissue,
+                                 canvas=canvas)
         click.echo(format_table(results))
     if json_path is not None:
         from nca_tiles.runtime.outputs import atomic_write_json

@@ -223,3 +223,40 @@ def test_slide_evaluation_reads_its_chunk_and_compares_layout_with_real_slides(t
     assert result.exit_code == 0, result.output
     assert "chunk 48 px" in result.output  # from the slide's generator record
     assert "layout at 4 µm/px" in result.output and "W1 log10 tissue region area" in result.output
+
+
+def test_cut_patches_tiles_a_canvas_row_by_row():
+    from nca_tiles.evaluation.protocol import cut_patches
+
+    canvas = np.arange(6 * 9 * 3, dtype=np.int32).reshape(6, 9, 3)
+    patches = cut_patches(canvas, 3)
+    assert patches.shape == (6, 3, 3, 3)
+    for i, (r, c) in enumerate((r, c) for r in range(2) for c in range(3)):
+        assert np.array_equal(patches[i], canvas[3 * r : 3 * r + 3, 3 * c : 3 * c + 3])
+
+
+def test_synthetic_patches_are_cut_from_seeded_canvases(store_and_model):
+    from nca_tiles.diffusion.levels import generate_level_patches, generate_levels, load_synthesis_model
+    from nca_tiles.diffusion.rng import derive_seed
+    from nca_tiles.evaluation.protocol import cut_patches, synthetic_patches
+
+    model = load_synthesis_model(store_and_model[1], "cpu")
+    patches = synthetic_patches(model, 5, 16, 32, seed=3, steps=2, sampler="ddim")
+    expected = np.concatenate([cut_patches(generate_levels(model, 32, 32, derive_seed(3, i), 2), 16) for i in (0, 1)])
+    assert np.array_equal(patches, expected[:5])
+    alone = synthetic_patches(model, 2, 16, 16, seed=3, steps=2, sampler="ddim")
+    assert np.array_equal(alone, generate_level_patches(model, 2, size=16, seed=3, steps=2))
+
+
+def test_evaluate_refuses_a_canvas_that_does_not_hold_whole_patches(store_and_model):
+    from nca_tiles_cli.evaluate import evaluate as command
+    from nca_tiles.evaluation.protocol import DEFAULT_CANVAS
+
+    patches, model = store_and_model
+    from nca_tiles.training.patches import open_patch_store
+
+    size = open_patch_store(patches).patch_size
+    for bad in (size // 2, size + size // 2):
+        with pytest.raises(NcaTilesError, match=f"--canvas must be a multiple of the store's {size} px patches"):
+            evaluate_model(model, patches, n=4, canvas=bad)
+    assert next(p.default for p in command.params if p.name == "canvas") == DEFAULT_CANVAS

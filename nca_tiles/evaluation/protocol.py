@@ -193,7 +193,8 @@ def format_table(results: dict[str, Any]) -> str:
     if drawn:
         lines.append(f"synthetic: {kept} patches with ≥ {results['min_tissue']:.0%} tissue of {drawn} drawn "
                      f"({kept / drawn:.0%})" + ("; the rest were glass (a layout level draws background)"
-                                                if kept < drawn else ""))
+                                                if kept < drawn else "")
+                     + (f"; cut from {results['canvas']} x {results['canvas']} px canvases" if results.get("canvas") else ""))
     lines += ["", *_text_table(header, rows)]
     medians = results.get("nuclei_medians")  # absent in results saved before it existed
     if medians:
@@ -209,6 +210,17 @@ MIN_PATCHES = 4
 # Real held-out patches have ≥ 62 % stained pixels (the bundled store's val split), background ≤ 10 %.
 MIN_TISSUE = 0.5
 MAX_SAMPLING_ROUNDS = 8  # rounds of n candidates, at most, to find n tissue patches
+# Synthetic patches are cut from canvases this wide, as a user cuts them from a slide: a patch
+# sampled alone is all border, and a layout level 16× coarser decides it on 4 × 4 cells
+# (docs/design.md §8). 512 px: 32² cells of such a level, 64 patches of 64² per canvas.
+DEFAULT_CANVAS = 512
+
+
+def cut_patches(canvas: np.ndarray, size: int) -> np.ndarray:
+    """The non-overlapping size × size patches of an (H, W, 3) canvas, row by row."""
+    rows, cols = canvas.shape[0] // size, canvas.shape[1] // size
+    grid = canvas[: rows * size, : cols * size].reshape(rows, size, cols, size, canvas.shape[2])
+    return grid.swapaxes(1, 2).reshape(rows * cols, size, size, canvas.shape[2])
 
 
 def sample_tissue_patches(sample: Callable[[int, int], np.ndarray], n: int, min_tissue: float,
@@ -228,6 +240,21 @@ def sample_tissue_patches(sample: Callable[[int, int], np.ndarray], n: int, min_
     return (np.stack(kept[:n]) if kept else np.zeros((0, *candidates.shape[1:]), np.uint8)), drawn
 
 
+def synthetic_patches(model, count: int, size: int, canvas: int, seed: int, steps: int | None,
+                      sampler: str) -> np.ndarray:
+    """``count`` size × size patches cut from canvas × canvas canvases of a SynthesisModel, canvas i
+    seeded (seed, i); ``canvas == size``: each patch sampled alone (``generate_level_patches``)."""
+    from nca_tiles.diffusion.levels import generate_level_patches, generate_levels
+    from nca_tiles.diffusion.rng import derive_seed
+
+    if canvas == size:
+        return generate_level_patches(model, count, size=size, seed=seed, steps=steps, sampler=sampler)
+    per_canvas = (canvas // size) ** 2
+    canvases = (generate_levels(model, canvas, canvas, derive_seed(seed, i), steps, sampler)
+                for i in range(-(-count // per_canvas)))
+    return np.concatenate([cut_patches(c, size) for c in canvases])[:count]
+
+
 def _read_rows(images: Any, rows: np.ndarray) -> np.ndarray:
     rows = np.sort(np.asarray(rows))
     oindex = getattr(images, "oindex", None)  # zarr: orthogonal selection reads only those rows
@@ -245,15 +272,18 @@ def evaluate_model(
     device: str = "auto",
     say: Callable[[str], None] | None = None,
     min_tissue: float = MIN_TISSUE,
+    canvas: int = DEFAULT_CANVAS,
 ) -> dict[str, Any]:
     """Sample ``n`` synthetic patches from ``model`` (None: the bundled one) and score them with
     ``evaluate_patches`` against ``n`` real patches of the store's ``split`` ("val" or "test"),
     the floor being ``n`` of its training patches. Fewer patches in the store: n shrinks to
     fit. Synthetic patches with fewer than ``min_tissue`` stained pixels (glass) are drawn again,
     as the real ones were extracted from tissue; how many were drawn is in the results
-    (``synthetic_drawn``). ``say`` receives progress lines. Returns ``evaluate_patches``' results
+    (``synthetic_drawn``). Synthetic patches are cut from ``canvas`` × ``canvas`` canvases, one
+    seed each (``canvas`` equal to the patch size: each patch sampled alone). ``say`` receives
+    progress lines. Returns ``evaluate_patches``' results
     plus the inputs."""
-    from nca_tiles.diffusion.levels import generate_level_patches, load_synthesis_model
+    from nca_tiles.diffusion.levels import load_synthesis_model
     from nca_tiles.training.patches import open_patch_store
 
     say = say or (lambda line: None)
@@ -283,6 +313,8 @@ def evaluate_model(
         say(f"note: the store has fewer patches than --n {n}: evaluating on {n_used} per set")
     real_train, real_heldout = _read_rows(store.images, picked["train"]), _read_rows(store.images, picked[split])
     size = real_heldout.shape[1]
+    if canvas < size or canvas % size:
+        raise NcaTilesError(f"--canvas must be a multiple of the store's {size} px patches, got {canvas}")
 
     loaded = load_synthesis_model(model, device)
     if abs(loaded.mpp - store.mpp) > 0.01 * store.mpp:
@@ -290,13 +322,14 @@ def evaluate_model(
             f"the model was trained at {loaded.mpp:g} µm/px but {patches} holds {store.mpp:g} µm/px patches: "
             f"compare at the same resolution (extract-patches --mpp {loaded.mpp:g})"
         )
-    say(f"sampling {n_used} synthetic {size} x {size} patches ({sampler}) with ≥ {min_tissue:.0%} tissue...")
+    say(f"sampling {n_used} synthetic {size} x {size} patches ({sampler}) with ≥ {min_tissue:.0%} tissue, "
+        f"cut from {canvas} x {canvas} canvases...")
 
     from nca_tiles.diffusion.rng import derive_seed
 
     def sample(count: int, round_: int) -> np.ndarray:
         round_seed = seed if round_ == 0 else derive_seed(seed, round_)
-        return generate_level_patches(loaded, count, size=size, seed=round_seed, steps=steps, sampler=sampler)
+        return synthetic_patches(loaded, count, size, canvas, round_seed, steps, sampler)
 
     synthetic, drawn = sample_tissue_patches(sample, n_used, min_tissue)
     if len(synthetic) < MIN_PATCHES:
@@ -308,7 +341,8 @@ def evaluate_model(
     say("computing metrics...")
     results = evaluate_patches(real_train, real_heldout, synthetic, seed=seed, mpp=store.mpp)
     results.update(model=None if model is None else str(model), patches=str(patches), split=split, steps=steps,
-                   sampler=sampler, min_tissue=min_tissue, synthetic_drawn=drawn, synthetic_kept=len(synthetic))
+                   sampler=sampler, min_tissue=min_tissue, synthetic_drawn=drawn, synthetic_kept=len(synthetic),
+                   canvas=canvas)
     return results
 
 
