@@ -599,7 +599,7 @@ def test_the_library_resolves_device_and_precision(store, tmp_path):
 # -- relay training: a finer level learns the states the sampler hands it ----------------------------
 def test_relay_start_is_the_samplers_upsampling_of_an_area_average():
     from nca_tiles.diffusion.scale_space import upsample_window
-    from nca_tiles.training.trainer import relay_start
+    from nca_tiles.diffusion.scale_space import relay_start
 
     x0 = torch.rand(2, 3, 32, 32) * 2 - 1
     coarse = torch.nn.functional.avg_pool2d(x0, 4)
@@ -610,7 +610,8 @@ def test_relay_start_is_the_samplers_upsampling_of_an_area_average():
 
 def test_relay_state_at_t_start_is_the_hand_over_and_ddim_stays_on_it():
     from nca_tiles.diffusion.schedule import NoiseSchedule
-    from nca_tiles.training.trainer import relay_start, relay_target
+    from nca_tiles.diffusion.scale_space import relay_start
+    from nca_tiles.training.trainer import relay_target
 
     schedule = NoiseSchedule()
     x0 = (torch.rand(1, 3, 32, 32) * 1.6 - 0.8)

@@ -40,7 +40,7 @@ from nca_tiles.diffusion.checkpoint import (
     save_model_dir,
 )
 from nca_tiles.diffusion.pipeline import Pipeline, build_pipeline, initial_noise, predict_noise, reverse_step, to_uint8
-from nca_tiles.diffusion.scale_space import level_size, renoise, upsample_window
+from nca_tiles.diffusion.scale_space import level_size, relay_start, renoise, upsample_window
 from nca_tiles.errors import NcaTilesError
 
 SCALE_SPACE_FORMAT = 2
@@ -195,9 +195,7 @@ def choose_t_start(patches: np.ndarray, ratio: int, alpha_bars: np.ndarray) -> i
     h, w = x.shape[-2:]
     h, w = h - h % ratio, w - w % ratio
     x = x[..., :h, :w]
-    coarse = torch.nn.functional.avg_pool2d(x, ratio)
-    up = torch.nn.functional.interpolate(coarse, scale_factor=ratio, mode="bilinear", align_corners=False)
-    detail = float((x - up).std())
+    detail = float((x - relay_start(x, ratio)).std())
     noise_to_signal = np.sqrt((1.0 - alpha_bars) / alpha_bars)
     above = np.flatnonzero(noise_to_signal >= T_START_NOISE_TO_DETAIL * detail)
     return int(above[0]) if len(above) else len(alpha_bars) - 1

@@ -59,6 +59,14 @@ def upsample_window(coarse: torch.Tensor, c_origin: tuple[int, int], coarse_shap
     return out
 
 
+def relay_start(x0: torch.Tensor, factor: int) -> torch.Tensor:
+    """What the sampler hands a level from one ``factor`` times coarser, made from real (B, C, H, W)
+    patches: area-averaged by ``factor``, then upsampled back bilinearly at cell centres with edge
+    cells repeated — ``upsample_window``'s operator (H and W multiples of ``factor``)."""
+    coarse = torch.nn.functional.avg_pool2d(x0, factor)
+    return torch.nn.functional.interpolate(coarse, scale_factor=factor, mode="bilinear", align_corners=False)
+
+
 def renoise(x0: torch.Tensor, alpha_bar: float, seed: int, level: int, origin: tuple[int, int]) -> torch.Tensor:
     """x_t = √ᾱ_t · x0 + √(1 − ᾱ_t) · ε, with ε keyed by (seed, level, global y, x, channel):
     the forward process applied to the upsampled coarse result (SDEdit, Relay Diffusion)."""

@@ -46,6 +46,7 @@ from nca_tiles.training.patches import open_patch_store
 from nca_tiles.runtime.preflight import check_writable
 from nca_tiles.runtime.threads import rebalance_threads
 from nca_tiles.diffusion.pipeline import autocast, resolve_device, resolve_precision
+from nca_tiles.diffusion.scale_space import relay_start
 from nca_tiles.diffusion.schedule import NoiseSchedule, ScheduleConfig
 
 METRICS_NAME = "metrics.jsonl"
@@ -120,14 +121,6 @@ def dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         sample = torch.rot90(sample, k, dims=(1, 2))
         out.append(torch.flip(sample, dims=(2,)) if flip else sample)
     return torch.stack(out)
-
-
-def relay_start(x0: torch.Tensor, factor: int) -> torch.Tensor:
-    """What the sampler hands a level from one ``factor`` times coarser, made from real patches:
-    area-averaged by ``factor``, then upsampled back bilinearly at cell centres with edge cells
-    repeated — the operator of ``scale_space.upsample_window``."""
-    coarse = F.avg_pool2d(x0, factor)
-    return F.interpolate(coarse, scale_factor=factor, mode="bilinear", align_corners=False)
 
 
 def relay_target(schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, factor: int,
