@@ -23,7 +23,7 @@ from nca_tiles_cli.options import compile_option, device_option, seed_option, th
                    "extracted from tissue; draw others instead (0: keep every patch).")
 @click.option("--canvas", type=int, default=512, show_default=True,
               help="Cut the synthetic patches from canvases this wide, as from a slide (a multiple of the patch "
-                   "size; the patch size itself: each patch sampled alone, all border).")
+                   "size, at most 2048; the patch size itself: each patch sampled alone, all border).")
 @device_option()
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the results as JSON to this file.")
 @click.option("--slide", type=click.Path(path_type=Path), help="Score the seams of this synthesized slide (OME-TIFF or OME-Zarr) instead.")

@@ -250,13 +250,13 @@ def test_synthetic_patches_are_cut_from_seeded_canvases(store_and_model):
 
 def test_evaluate_refuses_a_canvas_that_does_not_hold_whole_patches(store_and_model):
     from nca_tiles_cli.evaluate import evaluate as command
-    from nca_tiles.evaluation.protocol import DEFAULT_CANVAS
+    from nca_tiles.evaluation.protocol import DEFAULT_CANVAS, MAX_CANVAS
 
     patches, model = store_and_model
     from nca_tiles.training.patches import open_patch_store
 
     size = open_patch_store(patches).patch_size
-    for bad in (size // 2, size + size // 2):
+    for bad in (size // 2, size + size // 2, MAX_CANVAS + size):
         with pytest.raises(NcaTilesError, match=f"--canvas must be a multiple of the store's {size} px patches"):
             evaluate_model(model, patches, n=4, canvas=bad)
     assert next(p.default for p in command.params if p.name == "canvas") == DEFAULT_CANVAS

@@ -214,6 +214,7 @@ MAX_SAMPLING_ROUNDS = 8  # rounds of n candidates, at most, to find n tissue pat
 # sampled alone is all border, and a layout level 16× coarser decides it on 4 × 4 cells
 # (docs/design.md §8). 512 px: 32² cells of such a level, 64 patches of 64² per canvas.
 DEFAULT_CANVAS = 512
+MAX_CANVAS = 2048  # sampled whole in memory (generate_levels): peak RSS 1.4 GB for the bundled model at 2048²
 
 
 def cut_patches(canvas: np.ndarray, size: int) -> np.ndarray:
@@ -313,8 +314,9 @@ def evaluate_model(
         say(f"note: the store has fewer patches than --n {n}: evaluating on {n_used} per set")
     real_train, real_heldout = _read_rows(store.images, picked["train"]), _read_rows(store.images, picked[split])
     size = real_heldout.shape[1]
-    if canvas < size or canvas % size:
-        raise NcaTilesError(f"--canvas must be a multiple of the store's {size} px patches, got {canvas}")
+    if canvas < size or canvas % size or canvas > MAX_CANVAS:
+        raise NcaTilesError(f"--canvas must be a multiple of the store's {size} px patches up to {MAX_CANVAS}, "
+                            f"got {canvas}")
 
     loaded = load_synthesis_model(model, device)
     if abs(loaded.mpp - store.mpp) > 0.01 * store.mpp:
