@@ -133,10 +133,9 @@ def relay_target(schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor,
     prediction is the sharp patch, and a deterministic DDIM step from t to t' lands exactly on the
     same family at t' (Relay Diffusion's blurring, Teng et al. 2023, in the ε-parameterisation).
     """
-    sigma = torch.as_tensor(np.sqrt((1.0 - schedule.alphas_cumprod) / schedule.alphas_cumprod), dtype=torch.float32)
-    target = noise + (relay_start(x0, factor) - x0) / float(sigma[t_start])
-    ab = torch.as_tensor(schedule.alphas_cumprod, dtype=torch.float32)[t].view(-1, 1, 1, 1)
-    return ab.sqrt() * x0 + (1.0 - ab).sqrt() * target, target
+    ab_s = schedule.alpha_bar(t_start)
+    target = noise + (relay_start(x0, factor) - x0) / math.sqrt((1.0 - ab_s) / ab_s)
+    return schedule.add_noise(x0, target, t), target
 
 
 def diffusion_loss(model: DiffNCA, schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generator,
