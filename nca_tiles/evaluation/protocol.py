@@ -300,6 +300,10 @@ def evaluate_model(
     if not patches.exists():
         raise NcaTilesError(f"{patches} does not exist: give the patch store written by extract-patches")
     store = open_patch_store(patches)
+    size = store.patch_size
+    if canvas < size or canvas % size or canvas > MAX_CANVAS:
+        raise NcaTilesError(f"--canvas must be a multiple of the store's {size} px patches up to {MAX_CANVAS}, "
+                            f"got {canvas}")
     rng = np.random.default_rng(seed)
     picked = {}
     for name in ("train", split):
@@ -313,10 +317,6 @@ def evaluate_model(
     if n_used < n:
         say(f"note: the store has fewer patches than --n {n}: evaluating on {n_used} per set")
     real_train, real_heldout = _read_rows(store.images, picked["train"]), _read_rows(store.images, picked[split])
-    size = real_heldout.shape[1]
-    if canvas < size or canvas % size or canvas > MAX_CANVAS:
-        raise NcaTilesError(f"--canvas must be a multiple of the store's {size} px patches up to {MAX_CANVAS}, "
-                            f"got {canvas}")
 
     loaded = load_synthesis_model(model, device)
     if abs(loaded.mpp - store.mpp) > 0.01 * store.mpp:
