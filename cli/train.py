@@ -45,6 +45,9 @@ BETA_SCHEDULES = ("linear", "cosine")
                    "coarser: patches area-averaged by N and upsampled back, the lost detail counted as noise, so the "
                    "level learns to redraw it. Needs --max-timestep; build-model then starts the level at "
                    "--t-start equal to it, N times finer than the level below.")
+@click.option("--balance-slides", is_flag=True,
+              help="Draw training patches slide by slide: each slide equally likely, whatever its patch count "
+                   "(a large overview slide otherwise decides what the model draws). Kept on --resume.")
 @click.option("--beta-schedule", type=click.Choice(BETA_SCHEDULES), default="linear", show_default=True,
               help="Noise schedule over the 300 timesteps. linear: the paper's (its last step keeps 22 % of the "
                    "image, so sampling from pure noise lacks the large-scale contrast, e.g. background); cosine "
@@ -54,8 +57,8 @@ BETA_SCHEDULES = ("linear", "cosine")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @threads_option()
 def train(patches, out, preset, steps, batch_size, lr, device, precision, resume, overwrite, seed,
-          val_every, sample_every, checkpoint_every, max_timestep, relay_factor, beta_schedule, init_from,
-          no_progress) -> None:
+          val_every, sample_every, checkpoint_every, max_timestep, relay_factor, balance_slides, beta_schedule,
+          init_from, no_progress) -> None:
     """Train Diff-NCA with the paper's recipe (MSE + L1 on ε, Adam, ExponentialLR, EMA 0.99).
 
     Ctrl-C saves a checkpoint; rerun with --resume to continue exactly where it stopped.
@@ -65,7 +68,7 @@ def train(patches, out, preset, steps, batch_size, lr, device, precision, resume
 
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, val_every=val_every,
                          sample_every=sample_every, checkpoint_every=checkpoint_every, max_timestep=max_timestep,
-                         relay_factor=relay_factor)
+                         relay_factor=relay_factor, balance_slides=balance_slides)
     trainer, last = run_training(patches, out, preset, config, device, precision,
                                  resume=resume, overwrite=overwrite, progress=not no_progress, init_from=init_from,
                                  schedule=ScheduleConfig(beta_schedule=beta_schedule),

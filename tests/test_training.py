@@ -666,3 +666,62 @@ def test_build_model_refuses_a_relay_level_at_another_ratio(store, tmp_path):
         save_scale_space_model(tmp_path / "m", [coarse4, fine], [4, 1], [None, 40])
     with pytest.raises(NcaTilesError, match="it is the coarsest level"):
         save_scale_space_model(tmp_path / "m2", [fine], [1], [None])
+
+
+# -- --balance-slides: each slide equally likely, whatever its patch count ---------------------------
+def test_balanced_draw_gives_every_slide_an_equal_share():
+    from nca_tiles.training.trainer import SlideGroups, balanced_draw
+
+    slide_of_patch = np.array([2] * 5 + [0] * 90 + [1] * 4 + [0] * 1)  # grouped or not, any labels
+    groups = SlideGroups.of(slide_of_patch)
+    drawn = balanced_draw(groups, 30_000, torch.Generator().manual_seed(0))
+    shares = np.bincount(slide_of_patch[drawn], minlength=3) / len(drawn)
+    np.testing.assert_allclose(shares, 1 / 3, atol=0.015)
+    # Within a slide, every patch alike: slide 0's 91 patches, the lone last one included.
+    of_slide_0 = np.bincount(drawn[slide_of_patch[drawn] == 0], minlength=100)[np.flatnonzero(slide_of_patch == 0)]
+    assert of_slide_0.min() > 0.6 * of_slide_0.mean() and of_slide_0.max() < 1.4 * of_slide_0.mean()
+    again = balanced_draw(groups, 30_000, torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(drawn, again)  # a function of the generator's state
+
+
+@pytest.fixture(scope="module")
+def two_slide_store(tmp_path_factory, sample_slide) -> Path:
+    """The sample slide (up to 200 patches) and a small ovary region (a few dozen): unbalanced."""
+    path = tmp_path_factory.mktemp("two") / "p.zarr"
+    ovary = REPO / "nca_tiles" / "data" / "training" / "ovary_hgsc_stroma.jpg"
+    extract_patches([sample_slide, ovary], path, stride=64, max_per_slide=200, progress=False,
+                    source_mpp={"ovary_*": 0.25})
+    return path
+
+
+def test_balance_slides_draws_the_small_slide_as_often_as_the_large(two_slide_store, tmp_path):
+    from nca_tiles.diffusion.model import preset
+    from nca_tiles.training.trainer import TrainConfig, Trainer, balanced_draw
+
+    store = open_patch_store(two_slide_store)
+    slide_of_train = store.slide_index[np.sort(store.indices("train"))]
+    counts = np.bincount(slide_of_train)
+    assert len(counts) == 2 and counts.max() > 3 * counts.min()  # the fixture is unbalanced
+    trainer = Trainer(store, tmp_path / "run", preset("tiny"), ScheduleConfig(), TrainConfig(balance_slides=True),
+                      torch.device("cpu"), compile=False)
+    drawn = slide_of_train[balanced_draw(trainer.train_slides, 4000, torch.Generator().manual_seed(1))]
+    np.testing.assert_allclose(np.bincount(drawn) / len(drawn), 0.5, atol=0.03)
+
+
+def test_balance_slides_is_recorded_resumes_exactly_and_must_be_kept(two_slide_store, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert_ok(train(two_slide_store, straight, "--steps", 4, "--balance-slides"))
+    assert load_checkpoint(straight)["meta"]["training"]["balance_slides"] is True
+    assert_ok(train(two_slide_store, resumed, "--steps", 2, "--balance-slides"))
+    assert_one_line_error(train(two_slide_store, resumed, "--steps", 4, "--resume"), "with --balance-slides")
+    assert_ok(train(two_slide_store, resumed, "--steps", 4, "--resume", "--balance-slides"))
+    assert_identical(load_checkpoint(straight)["model"], load_checkpoint(resumed)["model"])
+    plain = tmp_path / "plain"
+    assert_ok(train(two_slide_store, plain, "--steps", 1))
+    assert "balance_slides" not in load_checkpoint(plain)["meta"]["training"]
+    assert_one_line_error(train(two_slide_store, plain, "--steps", 2, "--resume", "--balance-slides"),
+                          "without --balance-slides")
+    # Balanced batches are other batches: the weights differ from the plain run's after one step.
+    assert_ok(train(two_slide_store, tmp_path / "one", "--steps", 1, "--balance-slides"))
+    a, b = load_checkpoint(plain)["model"], load_checkpoint(tmp_path / "one")["model"]
+    assert any(not torch.equal(a[key], b[key]) for key in a)

@@ -88,6 +88,10 @@ class TrainConfig:
     # patches down- and upsampled, the lost detail treated as noise (relay_start, docs/design.md §7).
     # Needs max_timestep (the hand-over t). None: re-noised real patches only.
     relay_factor: int | None = None
+    # Draw each batch patch from a slide chosen uniformly, then a patch of it uniformly: a slide
+    # with many patches (a large low-magnification overview) otherwise decides what the model
+    # learns to draw. False: every train patch equally likely.
+    balance_slides: bool = False
 
     def __post_init__(self) -> None:
         check_int("--steps", self.steps, 1, MAX_STEPS)
@@ -121,6 +125,28 @@ def dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         sample = torch.rot90(sample, k, dims=(1, 2))
         out.append(torch.flip(sample, dims=(2,)) if flip else sample)
     return torch.stack(out)
+
+
+def balanced_draw(groups: "SlideGroups", count: int, generator: torch.Generator) -> np.ndarray:
+    """``count`` patch indices: a slide uniformly at random, then one of its patches uniformly."""
+    slide = torch.randint(len(groups.sizes), (count,), generator=generator).numpy()
+    u = torch.rand(count, generator=generator, dtype=torch.float64).numpy()
+    within = np.minimum((u * groups.sizes[slide]).astype(np.int64), groups.sizes[slide] - 1)
+    return groups.order[groups.starts[slide] + within]
+
+
+@dataclass(frozen=True)
+class SlideGroups:
+    """The train patches grouped by slide: ``order[starts[k]:starts[k] + sizes[k]]`` are slide k's."""
+    order: np.ndarray
+    starts: np.ndarray
+    sizes: np.ndarray
+
+    @classmethod
+    def of(cls, slide_of_patch: np.ndarray) -> "SlideGroups":
+        order = np.argsort(slide_of_patch, kind="stable")
+        _, starts, sizes = np.unique(slide_of_patch[order], return_index=True, return_counts=True)
+        return cls(order, starts, sizes)
 
 
 def relay_target(schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, factor: int,
@@ -194,6 +220,7 @@ class Trainer:
         self.ema.compiled = False
         self.forward = self.model
         self.train_images, self.val_images = self._load_splits("train", "val")
+        self.train_slides = SlideGroups.of(store.slide_index[np.sort(store.indices("train"))])
         if len(self.train_images) == 0:
             raise NcaTilesError(f"{store.path} has no patches in its train split: extract from more tissue")
         self._stop_requested = False
@@ -225,7 +252,10 @@ class Trainer:
         return [images[idx] for idx in indices]
 
     def _batch(self, generator: torch.Generator) -> torch.Tensor:
-        idx = torch.randint(len(self.train_images), (self.cfg.batch_size,), generator=generator).numpy()
+        if self.cfg.balance_slides:
+            idx = balanced_draw(self.train_slides, self.cfg.batch_size, generator)
+        else:
+            idx = torch.randint(len(self.train_images), (self.cfg.batch_size,), generator=generator).numpy()
         return dihedral(to_model_space(self.train_images[idx]), generator)
 
     def _autocast(self):
@@ -241,6 +271,7 @@ class Trainer:
             "training": {"step": self.step, "preset": self.preset_name, "seed": self.cfg.seed,
                          **({} if self.cfg.max_timestep is None else {"max_timestep": self.cfg.max_timestep}),
                          **({} if self.cfg.relay_factor is None else {"relay_factor": self.cfg.relay_factor}),
+                         **({"balance_slides": True} if self.cfg.balance_slides else {}),
                          **({} if self.initialized_from is None else {"initialized_from": self.initialized_from})},
             "nca_tiles_version": __version__,
         }
@@ -310,6 +341,9 @@ class Trainer:
         if saved_relay != self.cfg.relay_factor:
             given = "without --relay-factor: drop it" if saved_relay is None else f"with --relay-factor {saved_relay}: give the same"
             raise NcaTilesError(f"--resume: {path} was trained {given}")
+        if bool((saved.get("training") or {}).get("balance_slides")) != self.cfg.balance_slides:
+            kept = "with --balance-slides: give it" if self.cfg.balance_slides is False else "without --balance-slides: drop it"
+            raise NcaTilesError(f"--resume: {path} was trained {kept} (the batches it draws must not change)")
         self.initialized_from = (saved.get("training") or {}).get("initialized_from")
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
