@@ -127,14 +127,6 @@ def dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.stack(out)
 
 
-def balanced_draw(groups: "SlideGroups", count: int, generator: torch.Generator) -> np.ndarray:
-    """``count`` patch indices: a slide uniformly at random, then one of its patches uniformly."""
-    slide = torch.randint(len(groups.sizes), (count,), generator=generator).numpy()
-    u = torch.rand(count, generator=generator, dtype=torch.float64).numpy()
-    within = np.minimum((u * groups.sizes[slide]).astype(np.int64), groups.sizes[slide] - 1)
-    return groups.order[groups.starts[slide] + within]
-
-
 @dataclass(frozen=True)
 class SlideGroups:
     """The train patches grouped by slide: ``order[starts[k]:starts[k] + sizes[k]]`` are slide k's."""
@@ -147,6 +139,14 @@ class SlideGroups:
         order = np.argsort(slide_of_patch, kind="stable")
         _, starts, sizes = np.unique(slide_of_patch[order], return_index=True, return_counts=True)
         return cls(order, starts, sizes)
+
+
+def balanced_draw(groups: SlideGroups, count: int, generator: torch.Generator) -> np.ndarray:
+    """``count`` patch indices: a slide uniformly at random, then one of its patches uniformly."""
+    slide = torch.randint(len(groups.sizes), (count,), generator=generator).numpy()
+    u = torch.rand(count, generator=generator, dtype=torch.float64).numpy()
+    within = np.minimum((u * groups.sizes[slide]).astype(np.int64), groups.sizes[slide] - 1)
+    return groups.order[groups.starts[slide] + within]
 
 
 def relay_target(schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, factor: int,
@@ -220,7 +220,7 @@ class Trainer:
         self.ema.compiled = False
         self.forward = self.model
         self.train_images, self.val_images = self._load_splits("train", "val")
-        self.train_slides = SlideGroups.of(store.slide_index[np.sort(store.indices("train"))])
+        self.train_slides = SlideGroups.of(store.slide_index[self._split_indices("train")])  # rows of train_images
         if len(self.train_images) == 0:
             raise NcaTilesError(f"{store.path} has no patches in its train split: extract from more tissue")
         self._stop_requested = False
@@ -238,11 +238,15 @@ class Trainer:
         return first if mode != "off" and compiled.available(self.device) else None
 
     # -- data ---------------------------------------------------------------------------------
+    def _split_indices(self, split: str) -> np.ndarray:
+        """The store rows of ``split``, in the order its patches are held in memory."""
+        return np.sort(self.store.indices(split))
+
     def _load_splits(self, *splits: str) -> list[np.ndarray]:
         """The patches of each split, from one read of the store (small stores: one read is
         faster than many)."""
         p = self.store.patch_size
-        indices = [np.sort(self.store.indices(split)) for split in splits]
+        indices = [self._split_indices(split) for split in splits]
         for split, idx in zip(splits, indices):
             if len(idx) * p * p * 3 > MAX_IN_MEMORY_BYTES:
                 raise NcaTilesError(f"{split} split is larger than {MAX_IN_MEMORY_BYTES >> 30} GiB: use --max-per-slide when extracting")
@@ -342,8 +346,8 @@ class Trainer:
             given = "without --relay-factor: drop it" if saved_relay is None else f"with --relay-factor {saved_relay}: give the same"
             raise NcaTilesError(f"--resume: {path} was trained {given}")
         if bool((saved.get("training") or {}).get("balance_slides")) != self.cfg.balance_slides:
-            kept = "with --balance-slides: give it" if self.cfg.balance_slides is False else "without --balance-slides: drop it"
-            raise NcaTilesError(f"--resume: {path} was trained {kept} (the batches it draws must not change)")
+            given = "without --balance-slides: drop it" if self.cfg.balance_slides else "with --balance-slides: give it"
+            raise NcaTilesError(f"--resume: {path} was trained {given} (the batches it draws must not change)")
         self.initialized_from = (saved.get("training") or {}).get("initialized_from")
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
