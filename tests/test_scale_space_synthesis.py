@@ -107,6 +107,24 @@ def test_a_coarsest_level_with_its_own_schedule_tiles_exactly(tmp_path):
     assert abs(linear.astype(int) - whole.astype(int)).max() > 10  # the schedule is used, not ignored
 
 
+def test_levels_of_different_architectures_tile_exactly(tmp_path):
+    """A wider coarse rule with a longer reach (a `medium` layout level over a `small` fine one, in
+    miniature): each level's halo is its own rule's, and tiled still equals whole."""
+    from nca_tiles.diffusion.model import ModelConfig
+
+    wide = ModelConfig(channels=12, hidden=24, nca_steps=5, embedding_hidden=16, encoding_dim=8)
+    coarse = save_test_model(tmp_path / "coarse", config=wide, seed=3, mpp=2.0)
+    fine = save_test_model(tmp_path / "fine", seed=4, mpp=1.0)
+    model_dir = save_scale_space_model(tmp_path / "m", [coarse, fine], [2, 1], [None, 120])
+    model = load_synthesis_model(model_dir, "cpu")
+    assert [lv.pipeline.halo for lv in model.levels] == [5, 3]
+    whole = synthesize(model_dir, tmp_path / "whole.ome.tif", chunk=max(W, H))
+    assert whole.std() > 5
+    assert_same_image(generate_levels(model, H, W, seed=7, steps=6), whole)
+    for chunk in (32, 48):
+        assert_same_image(synthesize(model_dir, tmp_path / f"tiled{chunk}.ome.tif", chunk=chunk), whole)
+
+
 def test_each_level_tiled_equals_whole(model_dir, tmp_path):
     """The coarse level's result (kept with the canvas) is the same whatever the chunking."""
     levels = {}
