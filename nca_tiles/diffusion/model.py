@@ -85,7 +85,7 @@ class ModelConfig:
 
 # Presets. `paper` is the paper's model, a GPU model (≈ 85 s per training step on 2 CPU cores).
 # `small` is sized by measurement (benchmarks/bench_presets.py) to take ~1–2 k training steps an
-# hour on a 2-core CPU: the bundled default model. `medium` (3× its parameters, 4× its MACs) is for
+# hour on a 2-core CPU: the bundled model's finer levels. `medium` (3× its parameters, 4× its MACs) is for
 # a coarse level, whose cells cost 1/f² of a full-resolution pixel: a 16 µm/px layout level of it
 # costs less per output pixel than one more 1 µm/px step of `small`. `tiny` is for tests.
 PRESETS: dict[str, ModelConfig] = {
