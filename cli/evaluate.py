@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from nca_tiles.errors import NcaTilesError
-from nca_tiles_cli.options import compile_option, device_option, seed_option, threads_option
+from nca_tiles_cli.options import STEP_COUNTS, compile_option, device_option, seed_option, threads_option
 
 
 @click.command(short_help="Quality metrics of a model against real patches, or a slide's seam score.")
@@ -16,7 +16,8 @@ from nca_tiles_cli.options import compile_option, device_option, seed_option, th
 @click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True, help="Held-out real patches to compare with.")
 @click.option("--n", "n", type=int, default=1024, show_default=True, help="Patches per set (synthetic, held-out real, train real, noise).")
 @seed_option()
-@click.option("--steps", type=int, help="DDIM sampling steps (default 50; ddpm always takes all).")
+@click.option("--steps", type=STEP_COUNTS, default=None,
+              help="Denoising steps (ddim: default 50, shared by a scale-space model's levels, cheap coarse levels taking more; N,N,...: each level's, coarse to fine; ddpm: always all).")
 @click.option("--sampler", default="ddim", show_default=True, help="Sampler: ddim or ddpm.")
 @click.option("--min-tissue", type=float, default=0.5, show_default=True,
               help="Keep synthetic patches with at least this share of stained pixels, as real patches were "

@@ -92,3 +92,23 @@ def check_output(path: Path, overwrite: bool) -> None:
     """Refuse to replace an existing output unless asked to."""
     if path.exists() and not overwrite:
         raise NcaTilesError(f"{path} exists: pass --overwrite to replace it, or choose another --out")
+
+
+class StepCounts(click.ParamType):
+    """``--steps N``, shared by a scale-space model's levels, or ``--steps A,B,C``: each level's DDIM
+    steps, coarse to fine (checked against the model where it is loaded)."""
+
+    name = "N[,N...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, tuple)):
+            return value
+        try:
+            counts = tuple(int(part) for part in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not a step count or a comma-separated list of them, one per level "
+                      "(e.g. 50 or 75,26,20)", param, ctx)
+        return counts[0] if len(counts) == 1 else counts
+
+
+STEP_COUNTS = StepCounts()

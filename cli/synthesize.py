@@ -7,7 +7,14 @@ from pathlib import Path
 import click
 
 from nca_tiles_cli.export import COMPRESSION_NAMES
-from nca_tiles_cli.options import compile_option, device_option, overwrite_option, seed_option, threads_option
+from nca_tiles_cli.options import (
+    STEP_COUNTS,
+    compile_option,
+    device_option,
+    overwrite_option,
+    seed_option,
+    threads_option,
+)
 
 
 @click.command(short_help="Synthesize a whole-slide image of any size, chunk by chunk.")
@@ -19,7 +26,8 @@ from nca_tiles_cli.options import compile_option, device_option, overwrite_optio
 @click.option("--chunk", type=int, default=1024, show_default=True, help="Chunk side in pixels (one zarr shard, one unit of work).")
 @seed_option()
 @click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
-@click.option("--steps", type=int, default=None, help="Denoising steps (ddim: default 50; ddpm: always T).")
+@click.option("--steps", type=STEP_COUNTS, default=None,
+              help="Denoising steps (ddim: default 50, shared by a scale-space model's levels, cheap coarse levels taking more; N,N,...: each level's, coarse to fine; ddpm: always all).")
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM η (0: deterministic).")
 @device_option()
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,

@@ -16,6 +16,7 @@ import tifffile
 import zarr
 
 from nca_tiles.diffusion.levels import (
+    generate_level_patches,
     generate_levels,
     level_timesteps,
     load_synthesis_model,
@@ -62,18 +63,75 @@ def test_steps_are_shared_between_levels(model_dir):
         level_timesteps(model, "ddim", 1)
 
 
-def test_a_cheap_coarsest_level_takes_at_least_its_minimum_of_steps(tmp_path):
-    """A 16× coarser level's step costs 1/256 of a full-resolution one: it takes at least
-    COARSEST_MIN_STEPS (DDIM with few steps drifts to the mean: no background in the layout);
-    a 2× or 4× coarser one keeps its share, its steps are not cheap."""
-    from nca_tiles.diffusion.levels import COARSEST_MIN_STEPS
+def test_cheap_coarser_levels_take_short_ddim_strides(tmp_path):
+    """A level whose step costs at most CHEAP_STEP_COST of a finest one (16× coarser: 1/256; 4×
+    coarser, same width: 1/16) takes DDIM steps at most CHEAP_LEVEL_MAX_STRIDE timesteps apart, on
+    top of --steps (long strides drift to the mean: no background, few nuclei); a 2× coarser level,
+    or a 16× coarser one 42× wider, keeps its share."""
+    from helpers import save_test_model
+
+    from nca_tiles.diffusion.levels import CHEAP_LEVEL_MAX_STRIDE, step_cost
+    from nca_tiles.diffusion.model import PRESETS
+
+    def strides(ts):
+        return np.diff([*ts, -1]) * -1
 
     far = load_synthesis_model(scale_space_model(tmp_path / "f16", factor=16), "cpu")
     coarse, fine = level_timesteps(far, "ddim", 20)
-    assert len(coarse) == COARSEST_MIN_STEPS and coarse[0] == 299 and len(fine) == 20 - round(20 * 300 / 421)
+    assert step_cost(far, 0) == 1 / 256 and coarse[0] == 299 and max(strides(coarse)) <= CHEAP_LEVEL_MAX_STRIDE
+    assert len(coarse) == 300 // CHEAP_LEVEL_MAX_STRIDE and len(fine) == 20 - round(20 * 300 / 421)
     assert len(level_timesteps(far, "ddim", 400)[0]) == round(400 * 300 / 421)  # its share, when larger
-    near = load_synthesis_model(scale_space_model(tmp_path / "f4", factor=4), "cpu")
-    assert len(level_timesteps(near, "ddim", 20)[0]) == round(20 * 300 / 421)
+    four = load_synthesis_model(scale_space_model(tmp_path / "f4", factor=4), "cpu")
+    assert len(level_timesteps(four, "ddim", 20)[0]) == 300 // CHEAP_LEVEL_MAX_STRIDE
+    two = load_synthesis_model(scale_space_model(tmp_path / "f2", factor=2), "cpu")
+    assert step_cost(two, 0) == 1 / 4 and len(level_timesteps(two, "ddim", 20)[0]) == round(20 * 300 / 421)
+    wide = save_test_model(tmp_path / "wide", PRESETS["small"], mpp=16.0)
+    fine_dir = save_test_model(tmp_path / "fine", mpp=1.0)
+    heavy = load_synthesis_model(save_scale_space_model(tmp_path / "heavy", [wide, fine_dir], [16, 1], [None, 120]), "cpu")
+    assert step_cost(heavy, 0) > 1 / 16 and len(level_timesteps(heavy, "ddim", 20)[0]) == round(20 * 300 / 421)
+
+
+def test_every_cheap_level_of_three_takes_short_strides(tmp_path):
+    """The middle level of a 16, 4, 1 model, relay-started at t = 100, is cheap too: 26 steps of
+    its 101 timesteps, where its share of --steps 30 would be 5 (stride 20)."""
+    from helpers import save_test_model
+
+    from nca_tiles.diffusion.levels import CHEAP_LEVEL_MAX_STRIDE
+
+    dirs = [save_test_model(tmp_path / name, mpp=mpp) for name, mpp in (("c16", 16.0), ("c4", 4.0), ("f1", 1.0))]
+    model = load_synthesis_model(save_scale_space_model(tmp_path / "m", dirs, [16, 4, 1], [None, 100, 200]), "cpu")
+    layout, coarse, fine = level_timesteps(model, "ddim", 30)
+    assert len(layout) == 75 and len(coarse) == 26 and coarse[0] == 100 and len(fine) == round(30 * 201 / 602)
+    assert max(np.diff([*coarse, -1]) * -1) <= CHEAP_LEVEL_MAX_STRIDE
+    assert [len(ts) for ts in level_timesteps(model, "ddpm", None)] == [300, 101, 201]  # DDPM: every timestep
+
+
+def test_steps_can_be_given_per_level(model_dir, tmp_path):
+    """``--steps 5,3``: each level's DDIM steps as given, coarse to fine; a tiled slide drawn so is
+    the in-memory canvas drawn so; wrong counts are one-line errors."""
+    from helpers import assert_one_line_error, run_cli
+
+    model = load_synthesis_model(model_dir, "cpu")
+    coarse, fine = level_timesteps(model, "ddim", (5, 3))
+    assert coarse == [299, 239, 179, 119, 59] and fine == [120, 80, 39]
+    for bad, words in [((5,), "1 step counts for a model of 2 level(s)"), ((5, 3, 2), "3 step counts"),
+                       ((0, 3), "level 0 (1/2) takes 1 to 300"), ((5, 122), "level 1 (1/1) takes 1 to 121")]:
+        with pytest.raises(NcaTilesError, match=rf"{words.replace('(', '[(]').replace(')', '[)]')}"):
+            level_timesteps(model, "ddim", bad)
+    with pytest.raises(NcaTilesError, match="ddpm always takes every timestep"):
+        level_timesteps(model, "ddpm", (5, 3))
+
+    tiled = synthesize(model_dir, tmp_path / "tiled.ome.tif", chunk=64, steps=(5, 3))
+    assert_same_image(tiled, generate_levels(model, H, W, seed=7, steps=(5, 3)))
+    assert not np.array_equal(tiled, synthesize(model_dir, tmp_path / "shared.ome.tif", chunk=64, steps=8))
+    out = tmp_path / "cli.ome.tif"
+    assert_one_line_error(run_cli("synthesize", "--model", model_dir, "--width", 64, "--height", 64, "--out", out,
+                                  "--steps", "5,3,2"), "--steps gives 3 step counts for a model of 2 level(s)")
+    assert not out.exists()
+    bad = run_cli("synthesize", "--model", model_dir, "--width", 64, "--height", 64, "--out", out, "--steps", "5,x")
+    assert bad.exit_code == 2 and "comma-separated list" in bad.output and not out.exists()
+    single = load_synthesis_model(save_test_model(tmp_path / "single"), "cpu")  # one level: one count
+    np.testing.assert_array_equal(generate_level_patches(single, 2, 16, steps=(4,)), generate_level_patches(single, 2, 16, steps=4))
 
 
 def test_single_scale_levels_are_the_old_sampler(tmp_path):
@@ -188,7 +246,8 @@ def test_dry_run_shows_each_level_and_the_flop_saving(tmp_path):
     req = SlideRequest(width=4096, height=4096, out=tmp_path / "big.ome.tif", chunk=1024, steps=50)
     text, problems = plan_job(req, model, calibrate=False)
     assert "level 0 (1/4): 1024 × 1024 cells of 4 µm" in text and "level 1 (1/1): 4096 × 4096 cells" in text
-    ratio = float(text.split("single-scale sampling at the same 50 steps: ")[1].split()[0])
+    # --steps 50 shared 38 + 12; the cheap 4× coarser level takes 75 (stride 4): 87 in all.
+    ratio = float(text.split("single-scale sampling at the same 87 steps: ")[1].split()[0])
     assert ratio <= 0.5  # at least 2× fewer FLOPs per output pixel
     assert not problems
 

@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -287,20 +288,33 @@ def describe_scale_space_model(path: Path) -> str:
 
 
 # -- steps per level --------------------------------------------------------------------------------
-# DDIM steps the coarsest level takes at least, where they are cheap (below). It starts from pure
-# noise and decides the layout; with few steps DDIM drifts to the mean: a 16 µm/px layout level
-# drew ~5 % background at 17 steps and ~35 % at 50 (docs/design.md §7, "Steps per level").
-COARSEST_MIN_STEPS = 50
+# A cheap level's DDIM steps are at most this many timesteps apart. DDIM with long strides drifts
+# to the mean image: the 16 µm/px layout level drew ~5 % background at stride 18 and ~35 % at 6; the
+# relay-started 4 µm/px level, at stride 20, handed the fine level a smoother image with a quarter
+# fewer nuclei than at stride 4 (docs/design.md §7, "Steps per level").
+CHEAP_LEVEL_MAX_STRIDE = 4
+# A level is cheap when one of its steps costs at most this share of a finest-level step
+# (MACs per cell ÷ f²): a 4× coarser level of the same preset, a 16× coarser one 4× wider.
+CHEAP_STEP_COST = 1 / 16
 
 
-def level_timesteps(model: SynthesisModel, sampler: str, steps: int | None) -> list[list[int]]:
+def step_cost(model: SynthesisModel, index: int) -> float:
+    """One denoising step of level ``index`` per output pixel ÷ one of the finest level."""
+    level = model.levels[index]
+    return macs_per_denoising_step(level.pipeline) / macs_per_denoising_step(model.finest) / level.factor**2
+
+
+def level_timesteps(model: SynthesisModel, sampler: str, steps: int | Sequence[int] | None) -> list[list[int]]:
     """The timesteps each level visits. DDPM: every timestep of each level's span. DDIM: ``steps``
     in all (default 50), shared in proportion to the span of t each level covers (the coarsest
-    covers T; a finer one t_start + 1), at least one each — except that the coarsest level takes
-    at least COARSEST_MIN_STEPS (at most its span) where they cost less than one step of the
-    finest level (factor² > COARSEST_MIN_STEPS), on top of ``steps``."""
+    covers T; a finer one t_start + 1), at least one each — except that a cheap coarser level
+    (``step_cost`` ≤ CHEAP_STEP_COST) takes, on top of ``steps`` where its share is fewer, steps at
+    most CHEAP_LEVEL_MAX_STRIDE timesteps apart: together they cost a few finest-level steps.
+    ``steps`` as a sequence: each level's DDIM steps, coarse to fine, as given."""
     spans = [lv.t_start + 1 if lv.t_start is not None else lv.pipeline.schedule.timesteps for lv in model.levels]
     starts = [span - 1 for span in spans]
+    if isinstance(steps, Sequence):
+        return _timesteps_as_given(model, sampler, list(steps), starts)
     if sampler == "ddpm" or not model.is_scale_space:
         return [lv.pipeline.schedule.sampling_timesteps(sampler, steps, start)
                 for lv, start in zip(model.levels, starts)]
@@ -313,11 +327,26 @@ def level_timesteps(model: SynthesisModel, sampler: str, steps: int | None) -> l
     shares[0] += total - sum(shares)  # rounding goes to the (cheap) coarsest level
     if not 1 <= shares[0] <= spans[0]:
         raise NcaTilesError(f"cannot share --steps {total} among levels of spans {spans}: give another --steps")
-    relative = model.levels[0].factor // model.levels[-1].factor
-    if relative**2 > COARSEST_MIN_STEPS:
-        shares[0] = max(shares[0], min(spans[0], COARSEST_MIN_STEPS))
+    for i, span in enumerate(spans[:-1]):
+        if step_cost(model, i) <= CHEAP_STEP_COST:
+            shares[i] = max(shares[i], math.ceil(span / CHEAP_LEVEL_MAX_STRIDE))
     return [lv.pipeline.schedule.sampling_timesteps(sampler, n, start)
             for lv, n, start in zip(model.levels, shares, starts)]
+
+
+def _timesteps_as_given(model: SynthesisModel, sampler: str, steps: list[int], starts: list[int]) -> list[list[int]]:
+    levels = len(model.levels)
+    if sampler == "ddpm":
+        raise NcaTilesError("ddpm always takes every timestep of each level: drop --steps or use --sampler ddim")
+    if len(steps) != levels:
+        raise NcaTilesError(f"--steps gives {len(steps)} step counts for a model of {levels} level(s): "
+                            f"give one number (shared by the levels) or {levels}, coarse to fine")
+    timesteps = []
+    for index, (level, n, start) in enumerate(zip(model.levels, steps, starts)):
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= start + 1:
+            raise NcaTilesError(f"--steps: level {index} (1/{level.factor}) takes 1 to {start + 1} DDIM steps, got {n!r}")
+        timesteps.append(level.pipeline.schedule.sampling_timesteps(sampler, n, start))
+    return timesteps
 
 
 def macs_per_denoising_step(pipeline: Pipeline) -> int:
@@ -333,7 +362,8 @@ def macs_per_output_pixel(model: SynthesisModel, timesteps: list[list[int]]) -> 
 
 # -- the in-memory reference ------------------------------------------------------------------------
 @torch.no_grad()
-def generate_levels(model: SynthesisModel | Pipeline, height: int, width: int, seed: int = 0, steps: int | None = 50,
+def generate_levels(model: SynthesisModel | Pipeline, height: int, width: int, seed: int = 0,
+                    steps: int | Sequence[int] | None = 50,
                     sampler: str = "ddim", eta: float = 0.0) -> np.ndarray:
     """Synthesize a whole (height, width) canvas in memory, level by level: uint8 (H, W, 3).
 
@@ -361,13 +391,16 @@ def generate_levels(model: SynthesisModel | Pipeline, height: int, width: int, s
     return to_uint8(previous)
 
 
-def generate_level_patches(model: SynthesisModel, n: int, size: int = 64, seed: int = 0, steps: int | None = 50,
+def generate_level_patches(model: SynthesisModel, n: int, size: int = 64, seed: int = 0,
+                           steps: int | Sequence[int] | None = 50,
                            sampler: str = "ddim", eta: float = 0.0) -> np.ndarray:
     """n independent size × size samples, uint8 (n, size, size, 3); sample i uses seed (seed, i).
     A single-scale model samples them in batches (``generate_patches``)."""
     from nca_tiles.diffusion.pipeline import generate_patches
 
     if not model.is_scale_space:
+        if isinstance(steps, Sequence):  # one count for the one level
+            steps = len(level_timesteps(model, sampler, steps)[0])
         return generate_patches(model.finest, n, size=size, seed=seed, steps=steps, sampler=sampler, eta=eta)
     return np.stack([generate_levels(model, size, size, rng.derive_seed(seed, i), steps, sampler, eta) for i in range(n)])
 

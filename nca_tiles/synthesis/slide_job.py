@@ -49,7 +49,7 @@ class SlideRequest:
     seed: int = 0
     chunk: int = 1024
     sampler: str = "ddim"
-    steps: int | None = 50
+    steps: int | tuple[int, ...] | None = 50  # one count shared by the levels, or one per level
     eta: float = 0.0
     batch: int = 1
     work_dir: Path | None = None
@@ -87,7 +87,7 @@ def check_request(req: SlideRequest, model: SynthesisModel) -> None:
         raise NcaTilesError("--batch must be ≥ 1")
     check_int("--batch", req.batch, 1, MAX_BATCH)
     check_seed("--seed", req.seed)
-    if req.sampler == "ddim" and req.steps is not None and not model.is_scale_space:
+    if req.sampler == "ddim" and isinstance(req.steps, int) and not model.is_scale_space:
         check_int("--steps", req.steps, 1, model.timesteps, f" (the model has {model.timesteps} timesteps)")
     # What make_job would refuse (steps per level, the sampler), refused now.
     make_job(model, req.seed, req.width, req.height, req.chunk, req.sampler, req.steps, req.eta)
