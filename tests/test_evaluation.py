@@ -132,6 +132,8 @@ def test_evaluate_model_refuses_bad_numbers_before_any_work(store_and_model, tmp
         evaluate_model(model, patches, n=3)
     with pytest.raises(NcaTilesError, match="--steps must be at least 1"):
         evaluate_model(model, patches, steps=0)
+    with pytest.raises(NcaTilesError, match=r"--steps gives 2 step counts for a model of 1 level"):
+        evaluate_model(model, patches, steps=(2, 3))  # one count per level, checked before sampling
     with pytest.raises(NcaTilesError, match="does not exist"):
         evaluate_model(model, tmp_path / "missing.zarr")
     for bad in (-0.1, 1.0, 2):

@@ -241,7 +241,7 @@ def sample_tissue_patches(sample: Callable[[int, int], np.ndarray], n: int, min_
     return (np.stack(kept[:n]) if kept else np.zeros((0, *candidates.shape[1:]), np.uint8)), drawn
 
 
-def synthetic_patches(model, count: int, size: int, canvas: int, seed: int, steps: int | None,
+def synthetic_patches(model, count: int, size: int, canvas: int, seed: int, steps: int | tuple[int, ...] | None,
                       sampler: str) -> np.ndarray:
     """``count`` size × size patches cut from canvas × canvas canvases of a SynthesisModel, canvas i
     seeded (seed, i); ``canvas == size``: each patch sampled alone (``generate_level_patches``)."""
@@ -268,7 +268,7 @@ def evaluate_model(
     split: str = "test",
     n: int = 1024,
     seed: int = 0,
-    steps: int | None = None,
+    steps: int | tuple[int, ...] | None = None,
     sampler: str = "ddim",
     device: str = "auto",
     say: Callable[[str], None] | None = None,
@@ -292,7 +292,7 @@ def evaluate_model(
         raise NcaTilesError(f"unknown --split {split!r}: val or test (held-out patches)")
     if n < MIN_PATCHES:
         raise NcaTilesError(f"--n must be at least {MIN_PATCHES}, got {n}")
-    if steps is not None and steps < 1:
+    if isinstance(steps, int) and steps < 1:  # per-level counts: checked against the model below
         raise NcaTilesError(f"--steps must be at least 1, got {steps}")
     if not 0 <= min_tissue < 1:
         raise NcaTilesError(f"--min-tissue is a fraction in 0..1 (0: keep every patch), got {min_tissue}")
@@ -324,6 +324,9 @@ def evaluate_model(
             f"the model was trained at {loaded.mpp:g} µm/px but {patches} holds {store.mpp:g} µm/px patches: "
             f"compare at the same resolution (extract-patches --mpp {loaded.mpp:g})"
         )
+    from nca_tiles.diffusion.levels import level_timesteps
+
+    level_timesteps(loaded, sampler, steps)  # refuse bad step counts before any sampling
     say(f"sampling {n_used} synthetic {size} x {size} patches ({sampler}) with ≥ {min_tissue:.0%} tissue, "
         f"cut from {canvas} x {canvas} canvases...")
 
