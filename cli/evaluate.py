@@ -19,6 +19,7 @@ from nca_tiles_cli.options import STEP_COUNTS, compile_option, device_option, se
 @click.option("--steps", type=STEP_COUNTS, default=None,
               help="Denoising steps (ddim: default 50, shared by a scale-space model's levels, cheap coarse levels taking more; N,N,...: each level's, coarse to fine; ddpm: always all).")
 @click.option("--sampler", default="ddim", show_default=True, help="Sampler: ddim or ddpm.")
+@click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM η (0: deterministic), as in synthesize.")
 @click.option("--min-tissue", type=float, default=0.5, show_default=True,
               help="Keep synthetic patches with at least this share of stained pixels, as real patches were "
                    "extracted from tissue; draw others instead (0: keep every patch).")
@@ -42,8 +43,9 @@ def evaluate(
     split: str,
     n: int,
     seed: int,
-    steps: int | None,
+    steps: int | tuple[int, ...] | None,
     sampler: str,
+    eta: float,
     min_tissue: float,
     canvas: int,
     device: str,
@@ -89,7 +91,7 @@ def evaluate(
 
         results = evaluate_model(model, patches, split, n, seed, steps, sampler, device,
                                  say=lambda line: click.echo(line, err=True), min_tissue=min_tissue,
-                                 canvas=canvas)
+                                 canvas=canvas, eta=eta)
         click.echo(format_table(results))
     if json_path is not None:
         from nca_tiles.runtime.outputs import atomic_write_json

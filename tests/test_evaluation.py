@@ -134,6 +134,9 @@ def test_evaluate_model_refuses_bad_numbers_before_any_work(store_and_model, tmp
         evaluate_model(model, patches, steps=0)
     with pytest.raises(NcaTilesError, match=r"--steps gives 2 step counts for a model of 1 level"):
         evaluate_model(model, patches, steps=(2, 3))  # one count per level, checked before sampling
+    for bad in (-0.1, 1.5):
+        with pytest.raises(NcaTilesError, match="--eta must be between 0"):
+            evaluate_model(model, patches, eta=bad)
     with pytest.raises(NcaTilesError, match="does not exist"):
         evaluate_model(model, tmp_path / "missing.zarr")
     for bad in (-0.1, 1.0, 2):
@@ -248,6 +251,10 @@ def test_synthetic_patches_are_cut_from_seeded_canvases(store_and_model):
     assert np.array_equal(patches, expected[:5])
     alone = synthetic_patches(model, 2, 16, 16, seed=3, steps=2, sampler="ddim")
     assert np.array_equal(alone, generate_level_patches(model, 2, size=16, seed=3, steps=2))
+    # DDIM η reaches the sampler: stochastic steps draw other patches, seeded alike each time.
+    noisy = synthetic_patches(model, 5, 16, 32, seed=3, steps=2, sampler="ddim", eta=1.0)
+    assert not np.array_equal(noisy, patches)
+    assert np.array_equal(noisy, synthetic_patches(model, 5, 16, 32, seed=3, steps=2, sampler="ddim", eta=1.0))
 
 
 def test_evaluate_refuses_a_canvas_that_does_not_hold_whole_patches(store_and_model):

@@ -242,16 +242,16 @@ def sample_tissue_patches(sample: Callable[[int, int], np.ndarray], n: int, min_
 
 
 def synthetic_patches(model, count: int, size: int, canvas: int, seed: int, steps: int | tuple[int, ...] | None,
-                      sampler: str) -> np.ndarray:
+                      sampler: str, eta: float = 0.0) -> np.ndarray:
     """``count`` size × size patches cut from canvas × canvas canvases of a SynthesisModel, canvas i
     seeded (seed, i); ``canvas == size``: each patch sampled alone (``generate_level_patches``)."""
     from nca_tiles.diffusion.levels import generate_level_patches, generate_levels
     from nca_tiles.diffusion.rng import derive_seed
 
     if canvas == size:
-        return generate_level_patches(model, count, size=size, seed=seed, steps=steps, sampler=sampler)
+        return generate_level_patches(model, count, size=size, seed=seed, steps=steps, sampler=sampler, eta=eta)
     per_canvas = (canvas // size) ** 2
-    canvases = (generate_levels(model, canvas, canvas, derive_seed(seed, i), steps, sampler)
+    canvases = (generate_levels(model, canvas, canvas, derive_seed(seed, i), steps, sampler, eta)
                 for i in range(-(-count // per_canvas)))
     return np.concatenate([cut_patches(c, size) for c in canvases])[:count]
 
@@ -274,6 +274,7 @@ def evaluate_model(
     say: Callable[[str], None] | None = None,
     min_tissue: float = MIN_TISSUE,
     canvas: int = DEFAULT_CANVAS,
+    eta: float = 0.0,
 ) -> dict[str, Any]:
     """Sample ``n`` synthetic patches from ``model`` (None: the bundled one) and score them with
     ``evaluate_patches`` against ``n`` real patches of the store's ``split`` ("val" or "test"),
@@ -294,6 +295,8 @@ def evaluate_model(
         raise NcaTilesError(f"--n must be at least {MIN_PATCHES}, got {n}")
     if isinstance(steps, int) and steps < 1:  # per-level counts: checked against the model below
         raise NcaTilesError(f"--steps must be at least 1, got {steps}")
+    if not 0 <= eta <= 1:
+        raise NcaTilesError(f"--eta must be between 0 (deterministic DDIM) and 1, got {eta}")
     if not 0 <= min_tissue < 1:
         raise NcaTilesError(f"--min-tissue is a fraction in 0..1 (0: keep every patch), got {min_tissue}")
     patches = Path(patches)
@@ -334,7 +337,7 @@ def evaluate_model(
 
     def sample(count: int, round_: int) -> np.ndarray:
         round_seed = seed if round_ == 0 else derive_seed(seed, round_)
-        return synthetic_patches(loaded, count, size, canvas, round_seed, steps, sampler)
+        return synthetic_patches(loaded, count, size, canvas, round_seed, steps, sampler, eta)
 
     synthetic, drawn = sample_tissue_patches(sample, n_used, min_tissue)
     if len(synthetic) < MIN_PATCHES:
@@ -346,7 +349,7 @@ def evaluate_model(
     say("computing metrics...")
     results = evaluate_patches(real_train, real_heldout, synthetic, seed=seed, mpp=store.mpp)
     results.update(model=None if model is None else str(model), patches=str(patches), split=split, steps=steps,
-                   sampler=sampler, min_tissue=min_tissue, synthetic_drawn=drawn, synthetic_kept=len(synthetic),
+                   sampler=sampler, eta=eta, min_tissue=min_tissue, synthetic_drawn=drawn, synthetic_kept=len(synthetic),
                    canvas=canvas)
     return results
 
