@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from nca_tiles.errors import NcaTilesError
-from nca_tiles_cli.options import STEP_COUNTS, compile_option, device_option, seed_option, threads_option
+from nca_tiles_cli.options import ETAS, STEP_COUNTS, compile_option, device_option, seed_option, threads_option
 
 
 @click.command(short_help="Quality metrics of a model against real patches, or a slide's seam score.")
@@ -19,7 +19,8 @@ from nca_tiles_cli.options import STEP_COUNTS, compile_option, device_option, se
 @click.option("--steps", type=STEP_COUNTS, default=None,
               help="Denoising steps (ddim: default 50, shared by a scale-space model's levels, cheap coarse levels taking more; N,N,...: each level's, coarse to fine; ddpm: always all).")
 @click.option("--sampler", default="ddim", show_default=True, help="Sampler: ddim or ddpm.")
-@click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM η (0: deterministic), as in synthesize.")
+@click.option("--eta", type=ETAS, default=None,
+              help="DDIM η (0: deterministic, 1: as much fresh noise as DDPM); X,X,...: each level's, coarse to fine. Default: 0, except 1 on a cheap relay-started level of a scale-space model (docs/design.md §7).")
 @click.option("--min-tissue", type=float, default=0.5, show_default=True,
               help="Keep synthetic patches with at least this share of stained pixels, as real patches were "
                    "extracted from tissue; draw others instead (0: keep every patch).")
@@ -45,7 +46,7 @@ def evaluate(
     seed: int,
     steps: int | tuple[int, ...] | None,
     sampler: str,
-    eta: float,
+    eta: float | tuple[float, ...] | None,
     min_tissue: float,
     canvas: int,
     device: str,

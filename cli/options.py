@@ -94,21 +94,24 @@ def check_output(path: Path, overwrite: bool) -> None:
         raise NcaTilesError(f"{path} exists: pass --overwrite to replace it, or choose another --out")
 
 
-class StepCounts(click.ParamType):
-    """``--steps N``, shared by a scale-space model's levels, or ``--steps A,B,C``: each level's DDIM
-    steps, coarse to fine (checked against the model where it is loaded)."""
+class PerLevel(click.ParamType):
+    """One number for every level of a model, or one per level, coarse to fine (``A,B,C``); checked
+    against the model where it is loaded."""
 
-    name = "N[,N...]"
+    def __init__(self, kind: type, example: str):
+        self.kind, self.example = kind, example
+        self.name = "N[,N...]" if kind is int else "X[,X...]"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, (int, tuple)):
+        if isinstance(value, (self.kind, tuple)):
             return value
         try:
-            counts = tuple(int(part) for part in str(value).split(","))
+            values = tuple(self.kind(part) for part in str(value).split(","))
         except ValueError:
-            self.fail(f"{value!r} is not a step count or a comma-separated list of them, one per level "
-                      "(e.g. 50 or 75,26,20)", param, ctx)
-        return counts[0] if len(counts) == 1 else counts
+            self.fail(f"{value!r} is not a {self.kind.__name__} or a comma-separated list of them, one per level "
+                      f"(e.g. {self.example})", param, ctx)
+        return values[0] if len(values) == 1 else values
 
 
-STEP_COUNTS = StepCounts()
+STEP_COUNTS = PerLevel(int, "50 or 50,26,17")
+ETAS = PerLevel(float, "0 or 0,1,0")

@@ -133,6 +133,73 @@ def test_steps_can_be_given_per_level(model_dir, tmp_path):
     np.testing.assert_array_equal(generate_level_patches(single, 2, 16, steps=(4,)), generate_level_patches(single, 2, 16, steps=4))
 
 
+@pytest.fixture(scope="module")
+def three_level_dir(tmp_path_factory) -> Path:
+    """Layout 1/16, a relay-started 1/4 level (cheap: stochastic by default), fine 1/1."""
+    root = tmp_path_factory.mktemp("three")
+    dirs = [save_test_model(root / name, seed=seed, mpp=mpp)
+            for name, seed, mpp in (("c16", 3, 16.0), ("c4", 5, 4.0), ("f1", 4, 1.0))]
+    return save_scale_space_model(root / "m", dirs, [16, 4, 1], [None, 100, 200])
+
+
+def test_a_cheap_relay_level_is_stochastic_by_default(three_level_dir, model_dir, tmp_path):
+    from nca_tiles.diffusion.levels import RELAY_ETA, level_etas
+
+    three = load_synthesis_model(three_level_dir, "cpu")
+    assert level_etas(three, None) == [0.0, RELAY_ETA, 0.0]
+    assert level_etas(three, 0.5) == [0.5] * 3 and level_etas(three, (0, 0.25, 1)) == [0.0, 0.25, 1.0]
+    assert level_etas(load_synthesis_model(model_dir, "cpu"), None) == [0.0, 0.0]  # 2× coarser: not cheap
+    assert level_etas(load_synthesis_model(save_test_model(tmp_path / "single"), "cpu"), None) == [0.0]
+    for bad, words in [((0, 1), "2 values for a model of 3 level"), ((0, 1.5, 0), "between 0"),
+                       (float("nan"), "between 0"), (-0.1, "between 0")]:
+        with pytest.raises(NcaTilesError, match=words):
+            level_etas(three, bad)
+
+
+@pytest.mark.parametrize("eta", [None, (0.0, 0.5, 1.0)])
+def test_stochastic_levels_tile_exactly(three_level_dir, tmp_path, eta):
+    """Per-level η draws its noise from counters keyed by level and global position: tiled equals
+    whole equals in memory, and the noise is really drawn (η = 0 everywhere gives another image)."""
+    model = load_synthesis_model(three_level_dir, "cpu")
+    steps = (4, 3, 3)
+    whole = synthesize(three_level_dir, tmp_path / "whole.ome.tif", chunk=max(W, H), steps=steps, eta=eta)
+    assert_same_image(generate_levels(model, H, W, seed=7, steps=steps, eta=eta), whole)
+    for chunk in (32, 64):
+        assert_same_image(synthesize(three_level_dir, tmp_path / f"t{chunk}.ome.tif", chunk=chunk, steps=steps, eta=eta),
+                          whole)
+    deterministic = generate_levels(model, H, W, seed=7, steps=steps, eta=0.0)
+    assert np.abs(deterministic.astype(int) - whole.astype(int)).max() > 10
+
+
+def test_a_job_manifest_from_before_per_level_eta_reads_as_one_eta_for_all(three_level_dir):
+    from nca_tiles.synthesis.job import Job, make_job
+
+    model = load_synthesis_model(three_level_dir, "cpu")
+    job = make_job(model, 7, W, H, 64, "ddim", (4, 3, 3), 0.3)
+    old = job.to_dict()
+    for level in old["levels"]:
+        del level["eta"]
+    old["eta"] = 0.3
+    assert Job.from_dict(old) == job and Job.from_dict(job.to_dict()) == job
+    assert [lv.eta for lv in make_job(model, 7, W, H, 64, "ddim", (4, 3, 3)).levels] == [0.0, 1.0, 0.0]
+
+
+def test_eta_per_level_on_the_command_line(three_level_dir, tmp_path):
+    from helpers import assert_one_line_error, run_cli
+
+    out = tmp_path / "s.ome.tif"
+    args = ["synthesize", "--model", three_level_dir, "--width", 64, "--height", 64, "--out", out, "--steps", "3,2,2"]
+    assert_one_line_error(run_cli(*args, "--eta", "0,1"), "--eta gives 2 values for a model of 3 level(s)")
+    assert_one_line_error(run_cli(*args, "--eta", "0,2,0"), "--eta must be between 0")
+    bad = run_cli(*args, "--eta", "0,x,0")
+    assert bad.exit_code == 2 and "comma-separated list" in bad.output and not out.exists()
+    assert run_cli(*args, "--eta", "0,0.5,0").exit_code == 0
+    from nca_tiles.wsi.slide import open_slide
+
+    with open_slide(out) as slide:  # the slide records each level's η
+        assert slide.metadata.generator["eta"] == [0.0, 0.5, 0.0]
+
+
 def test_single_scale_levels_are_the_old_sampler(tmp_path):
     model = load_synthesis_model(save_test_model(tmp_path / "m"), "cpu")
     np.testing.assert_array_equal(generate_levels(model, 40, 30, seed=5, steps=3),

@@ -301,6 +301,31 @@ RELAY_MAX_STRIDE = 4
 CHEAP_STEP_COST = 1 / 16
 
 
+# DDIM η of a cheap relay-started level, unless --eta says otherwise. Deterministic DDIM walks to
+# the conditional mean; fresh noise at each step lets the 4 µm/px level redraw cell-dense detail
+# from its blurred start (docs/design.md §7, "Stochastic relay levels"). The coarsest level stays
+# deterministic (η = 1 there scattered the layout: FD 2.06 against 0.88) and so does the finest
+# (its few steps leave the noise in the image).
+RELAY_ETA = 1.0
+
+
+def level_etas(model: SynthesisModel, eta: float | Sequence[float] | None) -> list[float]:
+    """DDIM η of each level, coarse to fine. None: 0 (deterministic) on every level but a cheap
+    relay-started one, which takes RELAY_ETA; one number: every level; a sequence: each level's."""
+    levels = len(model.levels)
+    if eta is None:
+        return [RELAY_ETA if lv.t_start is not None and i < levels - 1 and step_cost(model, i) <= CHEAP_STEP_COST
+                else 0.0 for i, lv in enumerate(model.levels)]
+    etas = list(eta) if isinstance(eta, Sequence) else [eta] * levels
+    if len(etas) != levels:
+        raise NcaTilesError(f"--eta gives {len(etas)} values for a model of {levels} level(s): "
+                            f"give one number (every level) or {levels}, coarse to fine")
+    for value in etas:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:  # NaN too
+            raise NcaTilesError(f"--eta must be between 0 (deterministic DDIM) and 1, got {value!r}")
+    return [float(value) for value in etas]
+
+
 def step_cost(model: SynthesisModel, index: int) -> float:
     """One denoising step of level ``index`` per output pixel ÷ one of the finest level."""
     level = model.levels[index]
@@ -369,7 +394,7 @@ def macs_per_output_pixel(model: SynthesisModel, timesteps: list[list[int]]) -> 
 @torch.no_grad()
 def generate_levels(model: SynthesisModel | Pipeline, height: int, width: int, seed: int = 0,
                     steps: int | Sequence[int] | None = 50,
-                    sampler: str = "ddim", eta: float = 0.0) -> np.ndarray:
+                    sampler: str = "ddim", eta: float | Sequence[float] | None = None) -> np.ndarray:
     """Synthesize a whole (height, width) canvas in memory, level by level: uint8 (H, W, 3).
 
     What tiled synthesis must equal, pixel for pixel up to float rounding, whatever its chunking.
@@ -380,6 +405,7 @@ def generate_levels(model: SynthesisModel | Pipeline, height: int, width: int, s
     if height < 2 or width < 2:
         raise NcaTilesError("height and width must be at least 2 px")
     previous = None
+    etas = level_etas(model, eta)
     for index, (level, ts) in enumerate(zip(model.levels, level_timesteps(model, sampler, steps))):
         p, s = level.pipeline, level_seed(seed, index)
         h, w = level_size(height, level.factor), level_size(width, level.factor)
@@ -391,14 +417,14 @@ def generate_levels(model: SynthesisModel | Pipeline, height: int, width: int, s
             x = renoise(up, p.schedule.alpha_bar(level.t_start), seed, index, (0, 0))
         for t, t_prev in zip(ts, [*ts[1:], -1]):
             eps = predict_noise(p, x[None], t, [(0, 0)], [s])[0]
-            x = reverse_step(p, sampler, eps, x, t, t_prev, s, (0, 0), eta)
+            x = reverse_step(p, sampler, eps, x, t, t_prev, s, (0, 0), etas[index])
         previous = x
     return to_uint8(previous)
 
 
 def generate_level_patches(model: SynthesisModel, n: int, size: int = 64, seed: int = 0,
                            steps: int | Sequence[int] | None = 50,
-                           sampler: str = "ddim", eta: float = 0.0) -> np.ndarray:
+                           sampler: str = "ddim", eta: float | Sequence[float] | None = None) -> np.ndarray:
     """n independent size × size samples, uint8 (n, size, size, 3); sample i uses seed (seed, i).
     A single-scale model samples them in batches (``generate_patches``)."""
     from nca_tiles.diffusion.pipeline import generate_patches
@@ -406,7 +432,8 @@ def generate_level_patches(model: SynthesisModel, n: int, size: int = 64, seed: 
     if not model.is_scale_space:
         if isinstance(steps, Sequence):  # one count for the one level
             steps = len(level_timesteps(model, sampler, steps)[0])
-        return generate_patches(model.finest, n, size=size, seed=seed, steps=steps, sampler=sampler, eta=eta)
+        return generate_patches(model.finest, n, size=size, seed=seed, steps=steps, sampler=sampler,
+                                eta=level_etas(model, eta)[0])
     return np.stack([generate_levels(model, size, size, rng.derive_seed(seed, i), steps, sampler, eta) for i in range(n)])
 
 

@@ -242,7 +242,7 @@ def sample_tissue_patches(sample: Callable[[int, int], np.ndarray], n: int, min_
 
 
 def synthetic_patches(model, count: int, size: int, canvas: int, seed: int, steps: int | tuple[int, ...] | None,
-                      sampler: str, eta: float = 0.0) -> np.ndarray:
+                      sampler: str, eta: float | tuple[float, ...] | None = None) -> np.ndarray:
     """``count`` size × size patches cut from canvas × canvas canvases of a SynthesisModel, canvas i
     seeded (seed, i); ``canvas == size``: each patch sampled alone (``generate_level_patches``)."""
     from nca_tiles.diffusion.levels import generate_level_patches, generate_levels
@@ -274,7 +274,7 @@ def evaluate_model(
     say: Callable[[str], None] | None = None,
     min_tissue: float = MIN_TISSUE,
     canvas: int = DEFAULT_CANVAS,
-    eta: float = 0.0,
+    eta: float | tuple[float, ...] | None = None,
 ) -> dict[str, Any]:
     """Sample ``n`` synthetic patches from ``model`` (None: the bundled one) and score them with
     ``evaluate_patches`` against ``n`` real patches of the store's ``split`` ("val" or "test"),
@@ -295,7 +295,7 @@ def evaluate_model(
         raise NcaTilesError(f"--n must be at least {MIN_PATCHES}, got {n}")
     if isinstance(steps, int) and steps < 1:  # per-level counts: checked against the model below
         raise NcaTilesError(f"--steps must be at least 1, got {steps}")
-    if not 0 <= eta <= 1:
+    if isinstance(eta, (int, float)) and not 0 <= eta <= 1:  # per-level values: checked against the model below
         raise NcaTilesError(f"--eta must be between 0 (deterministic DDIM) and 1, got {eta}")
     if not 0 <= min_tissue < 1:
         raise NcaTilesError(f"--min-tissue is a fraction in 0..1 (0: keep every patch), got {min_tissue}")
@@ -327,9 +327,10 @@ def evaluate_model(
             f"the model was trained at {loaded.mpp:g} µm/px but {patches} holds {store.mpp:g} µm/px patches: "
             f"compare at the same resolution (extract-patches --mpp {loaded.mpp:g})"
         )
-    from nca_tiles.diffusion.levels import level_timesteps
+    from nca_tiles.diffusion.levels import level_etas, level_timesteps
 
-    level_timesteps(loaded, sampler, steps)  # refuse bad step counts before any sampling
+    level_timesteps(loaded, sampler, steps)  # refuse bad step counts and η before any sampling
+    etas = level_etas(loaded, eta)
     say(f"sampling {n_used} synthetic {size} x {size} patches ({sampler}) with ≥ {min_tissue:.0%} tissue, "
         f"cut from {canvas} x {canvas} canvases...")
 
@@ -349,7 +350,7 @@ def evaluate_model(
     say("computing metrics...")
     results = evaluate_patches(real_train, real_heldout, synthetic, seed=seed, mpp=store.mpp)
     results.update(model=None if model is None else str(model), patches=str(patches), split=split, steps=steps,
-                   sampler=sampler, eta=eta, min_tissue=min_tissue, synthetic_drawn=drawn, synthetic_kept=len(synthetic),
+                   sampler=sampler, eta=etas, min_tissue=min_tissue, synthetic_drawn=drawn, synthetic_kept=len(synthetic),
                    canvas=canvas)
     return results
 

@@ -463,7 +463,7 @@ def probe_fixed_costs(job: Job, pipeline: Pipeline, export: ExportOptions, mpp: 
         read = _median_time(lambda: read_windows(buffer, [window])) / window.window_pixels
         x = initial_noise(1, 0, 0, side, side).to(pipeline.device)
         eps = initial_noise(2, 0, 0, side, side).to(pipeline.device)
-        step = _median_time(lambda: reverse_step(pipeline, job.sampler, eps, x, t, t_prev, 0, (0, 0), job.eta))
+        step = _median_time(lambda: reverse_step(pipeline, job.sampler, eps, x, t, t_prev, 0, (0, 0), level.eta))
         lift = 0.0
         if len(job.levels) > 1:
             ratio = job.levels[-2].factor // job.levels[-1].factor

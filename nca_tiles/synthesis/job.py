@@ -9,9 +9,10 @@ denoising step ``i − 1``. The job's sweeps are the levels' sweeps in order, co
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from nca_tiles.diffusion.levels import SynthesisModel, level_seed, level_timesteps
+from nca_tiles.diffusion.levels import SynthesisModel, level_etas, level_seed, level_timesteps
 from nca_tiles.diffusion.scale_space import level_size
 
 
@@ -23,6 +24,7 @@ class LevelJob:
     model_hash: str
     timesteps: tuple[int, ...]  # the (t) visited, in order
     t_start: int | None = None  # None: from pure noise; else lifted from the coarser level
+    eta: float = 0.0  # DDIM η of this level's steps
 
     @property
     def sweeps(self) -> int:
@@ -46,7 +48,6 @@ class Job:
     chunk: int
     sampler: str
     levels: tuple[LevelJob, ...]
-    eta: float = 0.0
 
     @property
     def sweeps(self) -> int:
@@ -86,19 +87,20 @@ class Job:
         if "levels" not in d:  # manifest version 1: a single-scale job
             d["levels"] = [{"factor": 1, "width": d["width"], "height": d["height"], "model_hash": d["model_hash"],
                             "timesteps": d.pop("timesteps")}]
-        levels = tuple(LevelJob(**{**level, "timesteps": tuple(level["timesteps"])}) for level in d.pop("levels"))
+        eta = d.pop("eta", 0.0)  # before per-level η: one η for every level
+        levels = tuple(LevelJob(**{"eta": eta, **level, "timesteps": tuple(level["timesteps"])}) for level in d.pop("levels"))
         return cls(**d, levels=levels)
 
 
 def make_job(model: SynthesisModel, seed: int, width: int, height: int, chunk: int, sampler: str,
-             steps: int | None, eta: float = 0.0) -> Job:
+             steps: int | Sequence[int] | None, eta: float | Sequence[float] | None = None) -> Job:
     levels = tuple(
         LevelJob(factor=lv.factor, width=level_size(width, lv.factor), height=level_size(height, lv.factor),
-                 model_hash=lv.pipeline.hash, timesteps=tuple(ts), t_start=lv.t_start)
-        for lv, ts in zip(model.levels, level_timesteps(model, sampler, steps))
+                 model_hash=lv.pipeline.hash, timesteps=tuple(ts), t_start=lv.t_start, eta=level_eta)
+        for lv, ts, level_eta in zip(model.levels, level_timesteps(model, sampler, steps), level_etas(model, eta))
     )
     return Job(model_hash=model.hash, seed=seed, width=width, height=height, chunk=chunk, sampler=sampler,
-               levels=levels, eta=eta)
+               levels=levels)
 
 
 # -- the chunk grid ---------------------------------------------------------------------------------

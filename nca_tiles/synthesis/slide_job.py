@@ -50,7 +50,7 @@ class SlideRequest:
     chunk: int = 1024
     sampler: str = "ddim"
     steps: int | tuple[int, ...] | None = 50  # one count shared by the levels, or one per level
-    eta: float = 0.0
+    eta: float | tuple[float, ...] | None = None  # None: each level's default (levels.level_etas)
     batch: int = 1
     work_dir: Path | None = None
     keep_canvas: bool = False
@@ -89,10 +89,8 @@ def check_request(req: SlideRequest, model: SynthesisModel) -> None:
     check_seed("--seed", req.seed)
     if req.sampler == "ddim" and isinstance(req.steps, int) and not model.is_scale_space:
         check_int("--steps", req.steps, 1, model.timesteps, f" (the model has {model.timesteps} timesteps)")
-    # What make_job would refuse (steps per level, the sampler), refused now.
+    # What make_job would refuse (steps and η per level, the sampler), refused now.
     make_job(model, req.seed, req.width, req.height, req.chunk, req.sampler, req.steps, req.eta)
-    if not 0.0 <= req.eta <= 1.0:  # also refuses NaN
-        raise NcaTilesError(f"--eta must be between 0 (deterministic DDIM) and 1, got {req.eta}")
     if req.workers is not None and req.scheduler is not None:
         raise NcaTilesError("give --workers or --scheduler, not both")
     if req.workers is not None:
@@ -128,7 +126,7 @@ def generator_metadata(model: SynthesisModel, req: SlideRequest, job: Job) -> di
         "seed": req.seed,
         "sampler": req.sampler,
         "steps": job.steps,
-        "eta": req.eta,
+        "eta": [level.eta for level in job.levels],  # each level's, coarse to fine
         "chunk": req.chunk,  # what a seam check of the slide needs to know
     }
 

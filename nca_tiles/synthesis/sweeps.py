@@ -75,7 +75,7 @@ def denoise_group(model: SynthesisModel, job: Job, level: int, index: int, group
     for i, c in enumerate(group):
         ys, xs = slice(c.y0 - c.wy0, c.y1 - c.wy0), slice(c.x0 - c.wx0, c.x1 - c.wx0)
         out.append(reverse_step(pipeline, job.sampler, eps[i, :, ys, xs], windows[i, :, ys, xs],
-                                t, t_prev, seed, (c.y0, c.x0), job.eta))
+                                t, t_prev, seed, (c.y0, c.x0), job.levels[level].eta))
     return out
 
 
