@@ -143,12 +143,13 @@ def three_level_dir(tmp_path_factory) -> Path:
 
 
 def test_a_cheap_relay_level_is_stochastic_by_default(three_level_dir, model_dir, tmp_path):
-    from nca_tiles.diffusion.levels import RELAY_ETA, level_etas
+    from nca_tiles.diffusion.levels import FINEST_ETA, RELAY_ETA, level_etas
 
     three = load_synthesis_model(three_level_dir, "cpu")
-    assert level_etas(three, None) == [0.0, RELAY_ETA, 0.0]
+    assert level_etas(three, None) == [0.0, RELAY_ETA, FINEST_ETA] and 0 < FINEST_ETA < RELAY_ETA
     assert level_etas(three, 0.5) == [0.5] * 3 and level_etas(three, (0, 0.25, 1)) == [0.0, 0.25, 1.0]
-    assert level_etas(load_synthesis_model(model_dir, "cpu"), None) == [0.0, 0.0]  # 2× coarser: not cheap
+    assert level_etas(load_synthesis_model(model_dir, "cpu"), None) == [0.0, FINEST_ETA]  # 2× coarser: not cheap
+    # A single-scale model stays deterministic: its slides are what they always were.
     assert level_etas(load_synthesis_model(save_test_model(tmp_path / "single"), "cpu"), None) == [0.0]
     for bad, words in [((0, 1), "2 values for a model of 3 level"), ((0, 1.5, 0), "between 0"),
                        (float("nan"), "between 0"), (-0.1, "between 0")]:
@@ -181,7 +182,7 @@ def test_a_job_manifest_from_before_per_level_eta_reads_as_one_eta_for_all(three
         del level["eta"]
     old["eta"] = 0.3
     assert Job.from_dict(old) == job and Job.from_dict(job.to_dict()) == job
-    assert [lv.eta for lv in make_job(model, 7, W, H, 64, "ddim", (4, 3, 3)).levels] == [0.0, 1.0, 0.0]
+    assert [lv.eta for lv in make_job(model, 7, W, H, 64, "ddim", (4, 3, 3)).levels] == [0.0, 1.0, 0.3]
 
 
 def test_eta_per_level_on_the_command_line(three_level_dir, tmp_path):
