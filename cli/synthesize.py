@@ -28,9 +28,12 @@ from nca_tiles_cli.options import (
 @seed_option()
 @click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
 @click.option("--steps", type=STEP_COUNTS, default=None,
-              help="Denoising steps (ddim: default 50, shared by a scale-space model's levels, cheap coarse levels taking more; N,N,...: each level's, coarse to fine; ddpm: always all).")
+              help="Denoising steps (ddim: default 50, shared by a scale-space model's levels, cheap coarse "
+                   "levels taking more; N,N,...: each level's, coarse to fine; ddpm: always all).")
 @click.option("--eta", type=ETAS, default=None,
-              help="DDIM η (0: deterministic, 1: as much fresh noise as DDPM); X,X,...: each level's, coarse to fine. Default: 0, except 1 on a cheap relay-started level of a scale-space model (docs/design.md §7).")
+              help="DDIM η (0: deterministic, 1: as much fresh noise as DDPM); X,X,...: each level's, coarse "
+                   "to fine. Default: 0; on a scale-space model 1 on a cheap relay-started level and 0.3 on the "
+                   "finest (docs/design.md §7).")
 @device_option()
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="auto: bf16 autocast on CUDA, fp32 on CPU.")
