@@ -7,7 +7,14 @@ from pathlib import Path
 import click
 
 from nca_tiles.errors import NcaTilesError
-from nca_tiles_cli.options import ETAS, STEP_COUNTS, compile_option, device_option, seed_option, threads_option
+from nca_tiles_cli.options import (
+    compile_option,
+    device_option,
+    eta_option,
+    seed_option,
+    steps_option,
+    threads_option,
+)
 
 
 @click.command(short_help="Quality metrics of a model against real patches, or a slide's seam score.")
@@ -16,14 +23,9 @@ from nca_tiles_cli.options import ETAS, STEP_COUNTS, compile_option, device_opti
 @click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True, help="Held-out real patches to compare with.")
 @click.option("--n", "n", type=int, default=1024, show_default=True, help="Patches per set (synthetic, held-out real, train real, noise).")
 @seed_option()
-@click.option("--steps", type=STEP_COUNTS, default=None,
-              help="Denoising steps (ddim: default 50, shared by a scale-space model's levels, cheap coarse "
-                   "levels taking more; N,N,...: each level's, coarse to fine; ddpm: always all).")
+@steps_option()
 @click.option("--sampler", default="ddim", show_default=True, help="Sampler: ddim or ddpm.")
-@click.option("--eta", type=ETAS, default=None,
-              help="DDIM η (0: deterministic, 1: as much fresh noise as DDPM); X,X,...: each level's, coarse "
-                   "to fine. Default: 0; on a scale-space model 1 on a cheap relay-started level and 0.3 on the "
-                   "finest (docs/design.md §7).")
+@eta_option()
 @click.option("--min-tissue", type=float, default=0.5, show_default=True,
               help="Keep synthetic patches with at least this share of stained pixels, as real patches were "
                    "extracted from tissue; draw others instead (0: keep every patch).")

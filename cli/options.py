@@ -115,3 +115,18 @@ class PerLevel(click.ParamType):
 
 STEP_COUNTS = PerLevel(int, "50 or 50,26,17")
 ETAS = PerLevel(float, "0 or 0,1,0")
+
+
+def steps_option():
+    return click.option(
+        "--steps", type=STEP_COUNTS, default=None,
+        help="Denoising steps (ddim: default 50, shared by a scale-space model's levels, cheap coarse levels "
+             "taking more; N,N,...: each level's, coarse to fine; ddpm: always all).")
+
+
+def eta_option():
+    return click.option(
+        "--eta", type=ETAS, default=None,
+        help="DDIM η (0: deterministic, 1: as much fresh noise as DDPM); X,X,...: each level's, coarse to fine. "
+             "Default: 0; on a scale-space model 1 on a cheap relay-started level and 0.3 on the finest "
+             "(docs/design.md §7).")

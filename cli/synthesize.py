@@ -8,12 +8,12 @@ import click
 
 from nca_tiles_cli.export import COMPRESSION_NAMES
 from nca_tiles_cli.options import (
-    ETAS,
-    STEP_COUNTS,
     compile_option,
     device_option,
+    eta_option,
     overwrite_option,
     seed_option,
+    steps_option,
     threads_option,
 )
 
@@ -27,13 +27,8 @@ from nca_tiles_cli.options import (
 @click.option("--chunk", type=int, default=1024, show_default=True, help="Chunk side in pixels (one zarr shard, one unit of work).")
 @seed_option()
 @click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
-@click.option("--steps", type=STEP_COUNTS, default=None,
-              help="Denoising steps (ddim: default 50, shared by a scale-space model's levels, cheap coarse "
-                   "levels taking more; N,N,...: each level's, coarse to fine; ddpm: always all).")
-@click.option("--eta", type=ETAS, default=None,
-              help="DDIM η (0: deterministic, 1: as much fresh noise as DDPM); X,X,...: each level's, coarse "
-                   "to fine. Default: 0; on a scale-space model 1 on a cheap relay-started level and 0.3 on the "
-                   "finest (docs/design.md §7).")
+@steps_option()
+@eta_option()
 @device_option()
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="auto: bf16 autocast on CUDA, fp32 on CPU.")
