@@ -25,7 +25,7 @@ from nca_tiles.diffusion.levels import (
 from nca_tiles.diffusion.pipeline import generate_region
 from nca_tiles.errors import NcaTilesError
 from nca_tiles.synthesis.slide_job import SlideRequest, plan_job, synthesize_slide
-from helpers import assert_same_image, save_test_model, synthesize_test_slide
+from helpers import assert_one_line_error, assert_same_image, run_cli, save_test_model, synthesize_test_slide
 from helpers import save_test_scale_space_model as scale_space_model
 
 W, H = 150, 230  # not multiples of the chunks, nor of the level factor
@@ -68,8 +68,6 @@ def test_a_cheap_coarsest_level_takes_at_least_its_minimum_of_steps(tmp_path):
     coarser, same width: 1/16) takes at least COARSEST_MIN_STEPS when it is the coarsest, on top of
     --steps (DDIM with few steps drifts to the mean: no background in the layout); a 2× coarser
     level, or a 16× coarser one 42× wider, keeps its share."""
-    from helpers import save_test_model
-
     from nca_tiles.diffusion.levels import COARSEST_MIN_STEPS, step_cost
     from nca_tiles.diffusion.model import PRESETS
 
@@ -88,16 +86,13 @@ def test_a_cheap_coarsest_level_takes_at_least_its_minimum_of_steps(tmp_path):
     assert step_cost(heavy, 0) > 1 / 16 and len(level_timesteps(heavy, "ddim", 20)[0]) == round(20 * 300 / 421)
 
 
-def test_a_cheap_relay_level_takes_short_ddim_strides(tmp_path):
+def test_a_cheap_relay_level_takes_short_ddim_strides(three_level_dir):
     """The middle level of a 16, 4, 1 model, relay-started at t = 100, is cheap too: steps at most
     RELAY_MAX_STRIDE apart (26 of its 101 timesteps), where its share of --steps 30 would be 5
     (stride 20: a smoother image, fewer nuclei); the coarsest takes its 50, the finest its share."""
-    from helpers import save_test_model
-
     from nca_tiles.diffusion.levels import COARSEST_MIN_STEPS, RELAY_MAX_STRIDE
 
-    dirs = [save_test_model(tmp_path / name, mpp=mpp) for name, mpp in (("c16", 16.0), ("c4", 4.0), ("f1", 1.0))]
-    model = load_synthesis_model(save_scale_space_model(tmp_path / "m", dirs, [16, 4, 1], [None, 100, 200]), "cpu")
+    model = load_synthesis_model(three_level_dir, "cpu")
     layout, coarse, fine = level_timesteps(model, "ddim", 30)
     assert len(layout) == COARSEST_MIN_STEPS and len(fine) == round(30 * 201 / 602)
     assert len(coarse) == 26 and coarse[0] == 100 and max(np.diff([*coarse, -1]) * -1) <= RELAY_MAX_STRIDE
@@ -108,8 +103,6 @@ def test_a_cheap_relay_level_takes_short_ddim_strides(tmp_path):
 def test_steps_can_be_given_per_level(model_dir, tmp_path):
     """``--steps 5,3``: each level's DDIM steps as given, coarse to fine; a tiled slide drawn so is
     the in-memory canvas drawn so; wrong counts are one-line errors."""
-    from helpers import assert_one_line_error, run_cli
-
     model = load_synthesis_model(model_dir, "cpu")
     coarse, fine = level_timesteps(model, "ddim", (5, 3))
     assert coarse == [299, 239, 179, 119, 59] and fine == [120, 80, 39]
@@ -186,8 +179,6 @@ def test_a_job_manifest_from_before_per_level_eta_reads_as_one_eta_for_all(three
 
 
 def test_eta_per_level_on_the_command_line(three_level_dir, tmp_path):
-    from helpers import assert_one_line_error, run_cli
-
     out = tmp_path / "s.ome.tif"
     args = ["synthesize", "--model", three_level_dir, "--width", 64, "--height", 64, "--out", out, "--steps", "3,2,2"]
     assert_one_line_error(run_cli(*args, "--eta", "0,1"), "--eta gives 2 values for a model of 3 level(s)")

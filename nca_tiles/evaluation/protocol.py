@@ -338,7 +338,7 @@ def evaluate_model(
 
     def sample(count: int, round_: int) -> np.ndarray:
         round_seed = seed if round_ == 0 else derive_seed(seed, round_)
-        return synthetic_patches(loaded, count, size, canvas, round_seed, steps, sampler, eta)
+        return synthetic_patches(loaded, count, size, canvas, round_seed, steps, sampler, etas)
 
     synthetic, drawn = sample_tissue_patches(sample, n_used, min_tissue)
     if len(synthetic) < MIN_PATCHES:
