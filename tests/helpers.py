@@ -370,9 +370,10 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="
 PRELUDE = "from nca_tiles.runtime.memory import peak_kib, status_kib\n"
 
 
-def run_measuring(script: str, *args: object) -> list[int]:
-    """Run ``script`` (which may call ``peak_kib()`` or ``status_kib(field)`` and prints integers) in a child; its integers."""
+def run_measuring(script: str, *args: object, env: dict[str, str] | None = None) -> list[int]:
+    """Run ``script`` (which may call ``peak_kib()`` or ``status_kib(field)`` and prints integers) in a child,
+    with ``env`` added to its environment; its integers."""
     result = subprocess.run([sys.executable, "-c", PRELUDE + script, *map(str, args)],
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     assert result.returncode == 0, result.stderr[-3000:]
     return [int(v) for v in result.stdout.split()]

@@ -137,21 +137,53 @@ print(before, peak_kib())
 
 
 @needs_proc
-@pytest.mark.parametrize("kind", ["single-scale", "scale-space"])
-def test_memory_is_bounded_by_chunk_not_canvas(model_dir, tmp_path, kind):
+@pytest.mark.parametrize("kind, compile_mode", [("single-scale", "off"), ("scale-space", "off"), ("single-scale", "on")])
+def test_memory_is_bounded_by_chunk_not_canvas(model_dir, tmp_path, kind, compile_mode):
     """Also across the levels of a scale-space model: its coarse level and the move between levels
-    (one denoising step a level) stay within the bound."""
+    (one denoising step a level) stay within the bound; and with the compiled rule. The compile
+    mode is pinned: under --compile auto a run compiles once its eager calls pass 10 s, so on a
+    slow machine the larger canvas alone would pay the compile's one-time ~180 MiB."""
     model, steps = (model_dir, 1) if kind == "single-scale" else (save_test_scale_space_model(tmp_path / "ss"), 2)
+    env = {"NCA_TILES_COMPILE": compile_mode}
     # The small canvas is 2 × 2 chunks, so that both runs hold as many chunks in flight (reads
     # ahead, writes behind, each with its step's temporaries: the noise of a stochastic level);
     # what differs is the canvas alone.
-    small_before, small = run_measuring(PEAK_RSS, model, 512, tmp_path / "small.ome.tif", steps)
-    large_before, large = run_measuring(PEAK_RSS, model, 2048, tmp_path / "large.ome.tif", steps)
+    small_before, small = run_measuring(PEAK_RSS, model, 512, tmp_path / "small.ome.tif", steps, env=env)
+    large_before, large = run_measuring(PEAK_RSS, model, 2048, tmp_path / "large.ome.tif", steps, env=env)
     assert small > small_before  # the measurement sees the run (no inherited peak hides it)
     assert large <= 1.5 * small, (small, large)
     # Stronger: the larger canvas adds far less than one of its float buffers (48 MiB) to the peak.
     growth = (large - large_before) - (small - small_before)
     assert growth < 24 * 1024, f"peak grew by {growth} KiB for a 64× larger canvas"
+
+
+PLAN_VS_PEAK = """
+import sys
+from pathlib import Path
+from nca_tiles.diffusion.levels import load_synthesis_model
+from nca_tiles.synthesis.job import make_job
+from nca_tiles.synthesis.plan import make_plan
+from nca_tiles.synthesis.slide_job import SlideRequest, synthesize_slide
+before = peak_kib()  # before the model loads: --compile on loads inductor's modules with it
+model = load_synthesis_model(sys.argv[1], "cpu")
+side, chunk, steps = map(int, sys.argv[3:6])
+plan = make_plan(model, make_job(model, 1, side, side, chunk, "ddim", steps), 1, calibrate=False)
+synthesize_slide(SlideRequest(width=side, height=side, out=Path(sys.argv[2]), chunk=chunk, steps=steps, seed=1),
+                 model, progress=False)
+print(before, peak_kib(), plan.host_bytes // 1024, plan.compile_bytes // 1024)
+"""
+
+
+@needs_proc
+@pytest.mark.parametrize("compile_mode", ["off", "on"])
+def test_the_plans_host_memory_estimate_covers_the_run(model_dir, tmp_path, compile_mode):
+    """What --dry-run prints as host memory is what the run adds to the process' peak: it had
+    counted the tensors alone (15 MiB here against a measured 54 MiB, 130 MiB compiled)."""
+    before, peak, estimate, compile_part = run_measuring(
+        PLAN_VS_PEAK, model_dir, tmp_path / "slide.ome.tif", 1024, 256, 2, env={"NCA_TILES_COMPILE": compile_mode})
+    assert (compile_part > 0) == (compile_mode == "on")
+    assert peak - before <= estimate, f"the run added {(peak - before) // 1024} MiB, the plan said {estimate // 1024}"
+    assert estimate <= 3 * (peak - before), "the estimate is too far above the run to size a machine by"
 
 
 def test_the_reader_and_writer_threads_run_no_torch_op(tmp_path):

@@ -141,6 +141,23 @@ def test_run_without_keep_canvas_leaves_no_work_dir(model, tmp_path):
     assert image.shape == (H, W, 3) and image.std() > 5
 
 
+def test_dry_run_counts_the_compiles_memory_unless_no_compile(model, tmp_path):
+    """torch.compile's first compile adds ~180 MiB to a process, whatever the canvas: the host
+    memory the dry run prints includes it, and --no-compile leaves it out."""
+    from nca_tiles.diffusion import compiled
+
+    def host_line(*args) -> str:
+        compiled.reset()  # nothing compiled in this process yet, as in a fresh `nca-tiles synthesize`
+        result = synth(model, tmp_path / "x.ome.tif", "--dry-run", *args)
+        assert_ok(result)
+        (line,) = [line for line in result.output.splitlines() if line.startswith("host memory")]
+        return line
+
+    assert "of which torch.compile's 192.0 MiB once" in host_line()
+    assert "compile" not in host_line("--no-compile")
+    assert entries(tmp_path) == set()
+
+
 @pytest.fixture(scope="module")
 def kept(model, tmp_path_factory) -> tuple[Path, Path]:
     """A finished synthesis with --keep-canvas in a given --work-dir, seed 5."""

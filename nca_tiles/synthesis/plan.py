@@ -28,6 +28,15 @@ from nca_tiles.synthesis.calibration import (
 from nca_tiles.synthesis.diskspace import canvas_bytes, format_bytes
 from nca_tiles.synthesis.job import Job, level_grids
 
+MIB = 2**20
+# What a run adds to the host's peak besides the tensors counted below, whatever the canvas:
+# zarr's codecs and their buffers, the reader and writer threads' heaps (40–50 MiB measured on
+# CPU with chunks of 256 and 512; README § Measurements).
+RUNTIME_HOST_BYTES = 64 * MIB
+# The first torch.compile in a process: inductor's, dynamo's and sympy's modules and the
+# generated kernels, 170–180 MiB measured on CPU, once, whatever the canvas (--no-compile: none).
+COMPILE_HOST_BYTES = 192 * MIB
+
 
 @dataclass(frozen=True)
 class LevelEstimate:
@@ -87,13 +96,14 @@ class Plan:
     canvas_pixels: int
     sweeps: int
     canvas_bytes: int
-    host_bytes: int
+    host_bytes: int  # the run's peak host memory above the loaded model, compile_bytes included
     device_bytes: int
     cost_ratio_to_single_scale: float  # FLOPs per output pixel ÷ the finest level alone, same steps
     fixed_costs: FixedCosts | None = None  # the probe of what a run does besides the model
     export_seconds: float = 0.0  # writing the output, estimated from the probe
     calibration_seconds: float = 0.0  # wall time of the whole calibration
     threads: int | None = None  # torch threads the calibration ran with
+    compile_bytes: int = 0  # of host_bytes: torch.compile's, if the run may compile
 
     @property
     def chunks_y(self) -> int:
@@ -139,6 +149,15 @@ def activation_bytes(pipeline: Pipeline, window_pixels: int) -> int:
     return 4 * (window_pixels * (2 * cfg.channels + cfg.image_channels) + band * (6 * cfg.channels + 3 * cfg.hidden))
 
 
+def may_compile(model: SynthesisModel) -> bool:
+    """Whether a run of ``model`` in this process may still pay torch.compile's first compile
+    (--compile on or auto, the rule not compiled here yet)."""
+    from nca_tiles.diffusion import compiled
+    from nca_tiles.diffusion.model import cell_rule
+
+    return any(lv.pipeline.compile != "off" for lv in model.levels) and not compiled.is_warm(cell_rule)
+
+
 def make_plan(model: SynthesisModel, job: Job, batch: int, calibrate: bool = True,
               export: ExportOptions | None = None, budget_s: float | None = None) -> Plan:
     """The plan of ``job``; ``calibrate``: with a time estimate from timing the job's own window
@@ -159,14 +178,16 @@ def make_plan(model: SynthesisModel, job: Job, batch: int, calibrate: bool = Tru
     io = 3 * batch * window * 3 * 4  # one group being read, one computed, one written
     step = 6 * batch * job.chunk**2 * 3 * 4  # the schedule's step and its noise: ~6 chunk-sized tensors
     on_cpu = model.device.type == "cpu"
+    compile_bytes = COMPILE_HOST_BYTES if may_compile(model) else 0
     plan = Plan(
         levels=levels,
         canvas_pixels=job.width * job.height,
         sweeps=job.sweeps,
         canvas_bytes=canvas_bytes(job.width, job.height, job.chunk, [(lv.width, lv.height) for lv in job.levels]),
-        host_bytes=io + step + (act if on_cpu else 0),
+        host_bytes=io + step + (act if on_cpu else 0) + RUNTIME_HOST_BYTES + compile_bytes,
         device_bytes=act + step if not on_cpu else 0,
         cost_ratio_to_single_scale=cost_ratio_to_single_scale(model, [list(lv.timesteps) for lv in job.levels]),
+        compile_bytes=compile_bytes,
     )
     return calibrate_plan(plan, model, job, batch, export or ExportOptions(), budget_s) if calibrate else plan
 
@@ -317,7 +338,9 @@ def describe_plan(plan: Plan, model: SynthesisModel, job: Job, batch: int, work_
         f"{plan.cost_ratio_to_single_scale:.3f}",
         f"disk for the canvas: {format_bytes(plan.canvas_bytes)} in {work_dir} (as zarr stores it: edge inner chunks "
         "whole, shard indexes)",
-        f"host memory (estimate, on top of the loaded model and libraries): {format_bytes(plan.host_bytes)}",
+        f"host memory (estimate, on top of the loaded model): {format_bytes(plan.host_bytes)}"
+        + (f", of which torch.compile's {format_bytes(plan.compile_bytes)} once (--no-compile: none)"
+           if plan.compile_bytes else ""),
         f"device memory (estimate): {format_bytes(plan.device_bytes)}" if plan.device_bytes else "device memory: none (CPU)",
     ]
     estimate = plan.estimate
