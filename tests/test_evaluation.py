@@ -117,6 +117,8 @@ def test_cli_evaluates_a_model_against_a_patch_store(store_and_model, tmp_path):
     assert "NOT Inception" in result.output and "real vs real (floor)" in result.output
     saved = json.loads(out.read_text())
     assert saved["n"] == 16 and saved["split"] == "test" and saved["model"] == str(model)
+    # what each level ran, resolved: the steps asked (and the η defaults) shared out per level
+    assert (saved["steps"], saved["level_steps"], saved["eta"]) == (2, [2], [0.0])
     # an untrained model's colour noise is all "stained": nothing drawn again
     assert (saved["min_tissue"], saved["synthetic_kept"], saved["synthetic_drawn"]) == (MIN_TISSUE, 16, 16)
     assert "synthetic: 16 patches with ≥ 50% tissue of 16 drawn (100%)" in result.output

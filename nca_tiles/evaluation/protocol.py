@@ -329,7 +329,8 @@ def evaluate_model(
         )
     from nca_tiles.diffusion.levels import level_etas, level_timesteps
 
-    level_timesteps(loaded, sampler, steps)  # refuse bad step counts and η before any sampling
+    # Resolved per level (refusing bad step counts and η before any sampling): what the record says.
+    level_steps = [len(ts) for ts in level_timesteps(loaded, sampler, steps)]
     etas = level_etas(loaded, eta)
     say(f"sampling {n_used} synthetic {size} x {size} patches ({sampler}) with ≥ {min_tissue:.0%} tissue, "
         f"cut from {canvas} x {canvas} canvases...")
@@ -350,7 +351,7 @@ def evaluate_model(
     say("computing metrics...")
     results = evaluate_patches(real_train, real_heldout, synthetic, seed=seed, mpp=store.mpp)
     results.update(model=None if model is None else str(model), patches=str(patches), split=split, steps=steps,
-                   sampler=sampler, eta=etas, min_tissue=min_tissue, synthetic_drawn=drawn, synthetic_kept=len(synthetic),
+                   level_steps=level_steps, sampler=sampler, eta=etas, min_tissue=min_tissue, synthetic_drawn=drawn, synthetic_kept=len(synthetic),
                    canvas=canvas)
     return results
 
