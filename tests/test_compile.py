@@ -86,6 +86,19 @@ def test_compiled_fire_masks_are_the_eager_ones_bit_for_bit():
             assert 0.2 < eager.mean() < 0.8
 
 
+def test_compiled_step_noise_is_the_eager_noise_bit_for_bit():
+    """A stochastic step's noise is hashed through a compiled kernel when the rule is compiled:
+    integer arithmetic and an exact int → float map, so the same bits in either mode."""
+    from nca_tiles.diffusion import rng
+
+    for seed, step, (y0, x0), (h, w) in [(0, 299, (3, 11), (7, 13)), (2**45 + 3, 1, (2**31 - 5, -7), (16, 16)),
+                                         (5, 40, (-20, 2**32 + 7), (5, 300))]:
+        eager = rng.normal(seed, rng.Stream.STEP_NOISE, step, y0, x0, h, w, 3)
+        fast = rng.normal(seed, rng.Stream.STEP_NOISE, step, y0, x0, h, w, 3, compiled=True)
+        assert torch.equal(eager, fast), (seed, step, y0, x0)
+        assert abs(float(eager.mean())) < 0.5 and 0.5 < float(eager.std()) < 1.5
+
+
 def test_compiled_training_step_equals_eager():
     eager = tiny_model(1).train()
     comp = copy.deepcopy(eager)

@@ -161,7 +161,8 @@ def reverse_step(pipeline: Pipeline, sampler: str, eps: torch.Tensor, x_t: torch
     noise = None
     if schedule.needs_noise(sampler, t, eta):
         _, h, w = x_t.shape
-        noise = rng.normal(seed, rng.Stream.STEP_NOISE, t, origin[0], origin[1], h, w, 3, device=x_t.device)
+        noise = rng.normal(seed, rng.Stream.STEP_NOISE, t, origin[0], origin[1], h, w, 3, device=x_t.device,
+                           compiled=pipeline.model.compiled)
     return schedule.step(sampler, eps, t, t_prev, x_t, noise, eta)
 
 

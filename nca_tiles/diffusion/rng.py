@@ -91,15 +91,31 @@ def uniform(seed: int, stream: Stream, step: int, y0: int, x0: int, height: int,
 
 
 def normal(seed: int, stream: Stream, step: int, y0: int, x0: int, height: int, width: int,
-           channels: int = 1, *, substep: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+           channels: int = 1, *, substep: int = 0, device: torch.device | str = "cpu",
+           compiled: bool = False) -> torch.Tensor:
     """Standard normal float32 values, shape (channels, H, W), by the Box–Muller transform.
 
     The two uniforms come from two hashes of the same coordinates that differ in the last key.
+    ``compiled``: hash through torch.compile (one fused kernel instead of ~40 int64 passes; the
+    same bits, as integer arithmetic and the exact int → float map are not rounded).
     """
-    h = hash_grid(seed, stream, step, y0, x0, height, width, channels, substep=substep, device=device)
-    u1 = _to_unit_interval(h)
-    u2 = _to_unit_interval(_fold(h, 0x5BD1E995))
+    from nca_tiles.diffusion import compiled as compiling
+
+    key = torch.full((1, 1, 1), _key_state(seed, stream, step, substep), dtype=torch.int64, device=device)
+    ys = torch.arange(y0, y0 + height, dtype=torch.int64, device=device).view(1, -1, 1)
+    xs = torch.arange(x0, x0 + width, dtype=torch.int64, device=device).view(1, 1, -1)
+    cs = torch.arange(channels, dtype=torch.int64, device=device).view(-1, 1, 1)
+    u1, u2 = compiling.run(normal_uniforms, key, ys, xs, cs, enabled=compiled, dynamic=True)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+
+
+def normal_uniforms(key: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor,
+                    cs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two uniforms :func:`normal` transforms at each (channel, y, x), as in :func:`hash_grid`:
+    ``key`` the hash state before the coordinates, ``ys``, ``xs``, ``cs`` broadcastable ranges.
+    Tensors only, so one compiled copy serves every window, step and seed."""
+    h = _fold(_fold(_fold(key, ys & _MASK32), xs & _MASK32), cs)
+    return _to_unit_interval(h), _to_unit_interval(_fold(h, 0x5BD1E995))
 
 
 def bernoulli(p: float, seed: int, stream: Stream, step: int, y0: int, x0: int, height: int, width: int,
