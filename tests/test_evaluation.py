@@ -40,6 +40,28 @@ def test_floor_is_below_the_noise_ceiling_on_real_crops(results):
     assert floor["fd_random"] < synthetic["fd_random"] < ceiling["fd_random"]
 
 
+def test_the_structure_fd_is_blind_to_colour_but_not_to_blur(real_crops):
+    """The random-feature FD is mostly colour: paler or hue-swapped real tissue scores far from
+    real. The grey-structure FD scores them as real and still sees what blurring took away."""
+    from skimage.filters import gaussian
+
+    from nca_tiles.evaluation.metrics import feature_frechet_distance, random_features, structure_features
+
+    reference, real = real_crops[:96], real_crops[192:288]
+    pale = np.clip(real.astype(np.float32) * 0.7 + 70, 0, 255).round().astype(np.uint8)
+    hue_swapped = np.ascontiguousarray(real[..., ::-1])
+    blurred = np.rint(gaussian(real, sigma=(0, 2, 2, 0), channel_axis=-1) * 255).astype(np.uint8)
+
+    def fd(features, patches) -> float:
+        return feature_frechet_distance(features(reference), features(patches))
+
+    floor = fd(structure_features, real)
+    for recoloured in (pale, hue_swapped):
+        assert fd(structure_features, recoloured) < 1.5 * floor
+        assert fd(random_features, recoloured) > 5 * fd(random_features, real)
+    assert fd(structure_features, blurred) > 5 * floor
+
+
 def test_results_are_json_serialisable_and_complete(results):
     again = json.loads(json.dumps(results, allow_nan=False))
     assert again["n"] == 96 and again["patch_size"] == [64, 64] and again["seed"] == 0

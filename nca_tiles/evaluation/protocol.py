@@ -32,6 +32,7 @@ COMPARISONS: dict[str, str] = {
 # metric key -> table label
 METRICS: dict[str, str] = {
     "fd_random": "FD, random features",
+    "fd_structure": "FD, grey structure",
     "kid_random": "KID x 1e3, random features",
     "w1_haematoxylin": "W1 haematoxylin OD",
     "w1_eosin": "W1 eosin OD",
@@ -66,6 +67,8 @@ def _compare(
     features: np.ndarray,
     reference: np.ndarray,
     reference_features: np.ndarray,
+    structure: np.ndarray,
+    reference_structure: np.ndarray,
     seed: int,
     kid_subset_size: int,
     kid_subsets: int,
@@ -82,6 +85,7 @@ def _compare(
     stains = metrics.stain_wasserstein(patches, reference, n_pixels=n_pixels, seed=seed)
     return {
         "fd_random": metrics.feature_frechet_distance(features, reference_features),
+        "fd_structure": metrics.feature_frechet_distance(structure, reference_structure),
         "kid_random": kid_mean,
         "kid_random_std": kid_std,
         **{f"w1_{stain}": value for stain, value in stains.items()},
@@ -127,6 +131,7 @@ def evaluate_patches(
     # Noise coloured like the training patches: the model saw those colours, not the held-out ones.
     sets["noise"] = metrics.colour_matched_noise(sets["train"], n, seed=seed)
     features = {name: metrics.random_features(patches, seed=seed) for name, patches in sets.items()}
+    structure = {name: metrics.structure_features(patches, seed=seed) for name, patches in sets.items()}
     threshold = nuclei.nuclei_threshold(sets["heldout"], mpp)
     stats = {name: nuclei.nuclei_stats(patches, threshold, mpp) for name, patches in sets.items()}
     spectra = {name: spectrum.power_spectrum(patches) for name, patches in sets.items()}
@@ -139,7 +144,8 @@ def evaluate_patches(
         "c2st_steps": c2st_steps,
     }
     results = {
-        comparison: _compare(sets[name], features[name], sets["heldout"], features["heldout"], **options,
+        comparison: _compare(sets[name], features[name], sets["heldout"], features["heldout"], structure[name],
+                             structure["heldout"], **options,
                              nuclei_stats=stats[name], reference_nuclei=stats["heldout"],
                              spectrum_=spectra[name], reference_spectrum=spectra["heldout"])
         for comparison, name in (("floor", "train"), ("synthetic", "synthetic"), ("ceiling", "noise"))
