@@ -357,8 +357,8 @@ def evaluate_model(
     say("computing metrics...")
     results = evaluate_patches(real_train, real_heldout, synthetic, seed=seed, mpp=store.mpp)
     results.update(model=None if model is None else str(model), patches=str(patches), split=split, steps=steps,
-                   level_steps=level_steps, sampler=sampler, eta=etas, min_tissue=min_tissue, synthetic_drawn=drawn, synthetic_kept=len(synthetic),
-                   canvas=canvas)
+                   level_steps=level_steps, sampler=sampler, eta=etas, min_tissue=min_tissue, synthetic_drawn=drawn,
+                   synthetic_kept=len(synthetic), canvas=canvas)
     return results
 
 
