@@ -40,12 +40,14 @@ def test_floor_is_below_the_noise_ceiling_on_real_crops(results):
     assert floor["fd_random"] < synthetic["fd_random"] < ceiling["fd_random"]
 
 
-def test_the_structure_fd_is_blind_to_colour_but_not_to_blur(real_crops):
-    """The random-feature FD is mostly colour: paler or hue-swapped real tissue scores far from
-    real. The grey-structure FD scores them as real and still sees what blurring took away."""
+def test_grey_structure_metrics_are_blind_to_colour_but_not_to_blur(real_crops):
+    """The random-feature FD and the C2ST see colour first: paler or hue-swapped real tissue scores
+    far from real. On grey structure patches they score it as real and still see what blurring
+    took away."""
     from skimage.filters import gaussian
 
-    from nca_tiles.evaluation.metrics import feature_frechet_distance, random_features, structure_features
+    from nca_tiles.evaluation.metrics import (
+        c2st_auc, feature_frechet_distance, random_features, structure_features, structure_patches)
 
     reference, real = real_crops[:96], real_crops[192:288]
     pale = np.clip(real.astype(np.float32) * 0.7 + 70, 0, 255).round().astype(np.uint8)
@@ -55,11 +57,16 @@ def test_the_structure_fd_is_blind_to_colour_but_not_to_blur(real_crops):
     def fd(features, patches) -> float:
         return feature_frechet_distance(features(reference), features(patches))
 
+    def c2st_grey(patches) -> float:
+        return c2st_auc(structure_patches(reference), structure_patches(patches), steps=150)
+
     floor = fd(structure_features, real)
     for recoloured in (pale, hue_swapped):
         assert fd(structure_features, recoloured) < 1.5 * floor
         assert fd(random_features, recoloured) > 5 * fd(random_features, real)
+        assert c2st_auc(reference, recoloured, steps=150) > 0.95 and c2st_grey(recoloured) < 0.65
     assert fd(structure_features, blurred) > 5 * floor
+    assert c2st_grey(blurred) > 0.9
 
 
 def test_results_are_json_serialisable_and_complete(results):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -105,43 +104,38 @@ def random_features(patches: np.ndarray, seed: int = 0, batch: int = 256) -> np.
     import torch
 
     patches = check_patches(patches)
-    return _net_features(patches, seed, batch, lambda x: x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0))
-
-
-# Luminance weights (ITU-R BT.601), and the spread below which a patch counts as flat: 1 grey level.
-LUMA = (0.299, 0.587, 0.114)
-FLAT_SPREAD = 1.0
-
-
-def structure_features(patches: np.ndarray, seed: int = 0, batch: int = 256) -> np.ndarray:
-    """The random CNN's features (N, 352) of each patch's luminance, standardised per patch (zero
-    mean, unit spread) and fed to all three inputs: blind to hue, brightness and contrast, so an FD
-    on them measures shapes and texture — the random-feature FD is mostly colour (docs/design.md §8)."""
-    import torch
-
-    patches = check_patches(patches)
-    luma = torch.tensor(LUMA, dtype=torch.float32)
-
-    def standardised_grey(x: torch.Tensor) -> torch.Tensor:
-        grey = x.float() @ luma  # (B, H, W)
-        grey = grey - grey.mean(dim=(1, 2), keepdim=True)
-        spread = grey.square().mean(dim=(1, 2), keepdim=True).sqrt().clamp_min(FLAT_SPREAD)
-        return (grey / spread)[:, None].expand(-1, 3, -1, -1)
-
-    return _net_features(patches, seed, batch, standardised_grey)
-
-
-def _net_features(patches: np.ndarray, seed: int, batch: int, prepare: Callable) -> np.ndarray:
-    """The random CNN's features of uint8 patches, ``prepare`` turning each (B, H, W, 3) batch into its input."""
-    import torch
-
     net = _random_feature_net(seed)
     out = []
     with torch.inference_mode():
         for start in range(0, len(patches), batch):
-            x = prepare(torch.from_numpy(np.ascontiguousarray(patches[start : start + batch])))
+            x = torch.from_numpy(np.ascontiguousarray(patches[start : start + batch]))
+            x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
             out.append(net(x).double().numpy())
     return np.concatenate(out)
+
+
+# Luminance weights (ITU-R BT.601); the spread below which a patch counts as flat (1 grey level);
+# grey levels per standard deviation in structure patches (±4 σ fit in uint8).
+LUMA = (0.299, 0.587, 0.114)
+FLAT_SPREAD = 1.0
+LEVELS_PER_SPREAD = 32
+
+
+def structure_patches(patches: np.ndarray) -> np.ndarray:
+    """Each patch's luminance standardised per patch (zero mean, unit spread; 128 ± 32 per σ),
+    as grey uint8 RGB patches: blind to hue, brightness and contrast, so a metric on them measures
+    shapes and texture — colour dominates the random-feature FD and the C2ST (docs/design.md §8)."""
+    patches = check_patches(patches)
+    grey = patches.astype(np.float32) @ np.asarray(LUMA, np.float32)  # (N, H, W)
+    grey -= grey.mean(axis=(1, 2), keepdims=True)
+    spread = np.maximum(np.sqrt(np.square(grey).mean(axis=(1, 2), keepdims=True)), FLAT_SPREAD)
+    levels = np.clip(np.rint(128 + LEVELS_PER_SPREAD * grey / spread), 0, 255).astype(np.uint8)
+    return np.repeat(levels[..., None], 3, axis=-1)
+
+
+def structure_features(patches: np.ndarray, seed: int = 0, batch: int = 256) -> np.ndarray:
+    """The random CNN's features (N, 352) of :func:`structure_patches`."""
+    return random_features(structure_patches(patches), seed, batch)
 
 
 # --------------------------------------------------------------------------- Fréchet distance

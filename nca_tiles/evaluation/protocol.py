@@ -38,6 +38,7 @@ METRICS: dict[str, str] = {
     "w1_eosin": "W1 eosin OD",
     "w1_dab": "W1 DAB OD",
     "c2st_auc": "C2ST AUC (0.5 = same)",
+    "c2st_structure": "C2ST AUC, grey structure",
     "nuclei_density_per_mm2": "W1 nuclei per mm²",
     "nuclei_area_um2": "W1 nucleus area µm²",
     "nuclei_eccentricity": "W1 nucleus eccentricity",
@@ -69,6 +70,8 @@ def _compare(
     reference_features: np.ndarray,
     structure: np.ndarray,
     reference_structure: np.ndarray,
+    structure_features: np.ndarray,
+    reference_structure_features: np.ndarray,
     seed: int,
     kid_subset_size: int,
     kid_subsets: int,
@@ -85,11 +88,12 @@ def _compare(
     stains = metrics.stain_wasserstein(patches, reference, n_pixels=n_pixels, seed=seed)
     return {
         "fd_random": metrics.feature_frechet_distance(features, reference_features),
-        "fd_structure": metrics.feature_frechet_distance(structure, reference_structure),
+        "fd_structure": metrics.feature_frechet_distance(structure_features, reference_structure_features),
         "kid_random": kid_mean,
         "kid_random_std": kid_std,
         **{f"w1_{stain}": value for stain, value in stains.items()},
         "c2st_auc": metrics.c2st_auc(reference, patches, seed=seed, steps=c2st_steps),
+        "c2st_structure": metrics.c2st_auc(reference_structure, structure, seed=seed, steps=c2st_steps),
         **{f"nuclei_{name}": value for name, value in nuclei.nuclei_distances(nuclei_stats, reference_nuclei).items()},
         "spectrum": spectrum.spectrum_distance(spectrum_, reference_spectrum),
     }
@@ -131,7 +135,9 @@ def evaluate_patches(
     # Noise coloured like the training patches: the model saw those colours, not the held-out ones.
     sets["noise"] = metrics.colour_matched_noise(sets["train"], n, seed=seed)
     features = {name: metrics.random_features(patches, seed=seed) for name, patches in sets.items()}
-    structure = {name: metrics.structure_features(patches, seed=seed) for name, patches in sets.items()}
+    # The same, blind to colour: grey, contrast-standardised copies (metrics.structure_patches).
+    structure = {name: metrics.structure_patches(patches) for name, patches in sets.items()}
+    structure_features = {name: metrics.random_features(patches, seed=seed) for name, patches in structure.items()}
     threshold = nuclei.nuclei_threshold(sets["heldout"], mpp)
     stats = {name: nuclei.nuclei_stats(patches, threshold, mpp) for name, patches in sets.items()}
     spectra = {name: spectrum.power_spectrum(patches) for name, patches in sets.items()}
@@ -145,7 +151,7 @@ def evaluate_patches(
     }
     results = {
         comparison: _compare(sets[name], features[name], sets["heldout"], features["heldout"], structure[name],
-                             structure["heldout"], **options,
+                             structure["heldout"], structure_features[name], structure_features["heldout"], **options,
                              nuclei_stats=stats[name], reference_nuclei=stats["heldout"],
                              spectrum_=spectra[name], reference_spectrum=spectra["heldout"])
         for comparison, name in (("floor", "train"), ("synthetic", "synthetic"), ("ceiling", "noise"))
