@@ -179,6 +179,10 @@ print(before, peak_kib(), plan.host_bytes // 1024, plan.compile_bytes // 1024)
 def test_the_plans_host_memory_estimate_covers_the_run(model_dir, tmp_path, compile_mode):
     """What --dry-run prints as host memory is what the run adds to the process' peak: it had
     counted the tensors alone (15 MiB here against a measured 54 MiB, 130 MiB compiled)."""
+    from nca_tiles.diffusion import compiled
+
+    if compile_mode == "on" and not compiled.available("cpu"):
+        pytest.skip("no C++ compiler for torch.compile")
     before, peak, estimate, compile_part = run_measuring(
         PLAN_VS_PEAK, model_dir, tmp_path / "slide.ome.tif", 1024, 256, 2, env={"NCA_TILES_COMPILE": compile_mode})
     assert (compile_part > 0) == (compile_mode == "on")
