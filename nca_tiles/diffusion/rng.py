@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from nca_tiles.diffusion import compiled as compiling
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -99,8 +101,6 @@ def normal(seed: int, stream: Stream, step: int, y0: int, x0: int, height: int, 
     ``compiled``: hash through torch.compile (one fused kernel instead of ~40 int64 passes; the
     same bits, as integer arithmetic and the exact int → float map are not rounded).
     """
-    from nca_tiles.diffusion import compiled as compiling
-
     key = torch.full((1, 1, 1), _key_state(seed, stream, step, substep), dtype=torch.int64, device=device)
     ys = torch.arange(y0, y0 + height, dtype=torch.int64, device=device).view(1, -1, 1)
     xs = torch.arange(x0, x0 + width, dtype=torch.int64, device=device).view(1, 1, -1)
