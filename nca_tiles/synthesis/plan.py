@@ -338,7 +338,8 @@ def describe_plan(plan: Plan, model: SynthesisModel, job: Job, batch: int, work_
         f"{plan.cost_ratio_to_single_scale:.3f}",
         f"disk for the canvas: {format_bytes(plan.canvas_bytes)} in {work_dir} (as zarr stores it: edge inner chunks "
         "whole, shard indexes)",
-        f"host memory (estimate, on top of the loaded model): {format_bytes(plan.host_bytes)}"
+        f"host memory per process (estimate, on top of the loaded model; each dask worker is one): "
+        f"{format_bytes(plan.host_bytes)}"
         + (f", of which torch.compile's {format_bytes(plan.compile_bytes)} once (--no-compile: none)"
            if plan.compile_bytes else ""),
         f"device memory (estimate): {format_bytes(plan.device_bytes)}" if plan.device_bytes else "device memory: none (CPU)",
