@@ -552,8 +552,8 @@ def print_rss(result: dict, device) -> None:
                "plan host MiB", "x_t buffer MiB"]
     gpu = device.type == "cuda"
     headers += ["GPU peak MiB", "plan device MiB"] if gpu else []
-    rows = [[f"{r['size']}²", r["seconds"], r["compile_mib"], r["rss_before_mib"], r["ru_maxrss_mib"], r["growth_mib"], r["vm_hwm_mib"],
-             r["plan_host_mib"], round(r["size"] ** 2 * 3 * 4 / MIB, 1)]
+    rows = [[f"{r['size']}²", r["seconds"], r["compile_mib"], r["rss_before_mib"], r["ru_maxrss_mib"], r["growth_mib"],
+             r["vm_hwm_mib"], r["plan_host_mib"], round(r["size"] ** 2 * 3 * 4 / MIB, 1)]
             + ([r["gpu_peak_mib"], r["plan_device_mib"]] if gpu else [])
             for r in result["rows"]]
     print(format_table(headers, rows))

@@ -137,7 +137,8 @@ print(before, peak_kib())
 
 
 @needs_proc
-@pytest.mark.parametrize("kind, compile_mode", [("single-scale", "off"), ("scale-space", "off"), ("single-scale", "on")])
+@pytest.mark.parametrize("kind, compile_mode",
+                         [("single-scale", "off"), ("scale-space", "off"), ("single-scale", "on")])
 def test_memory_is_bounded_by_chunk_not_canvas(model_dir, tmp_path, kind, compile_mode):
     """Also across the levels of a scale-space model: its coarse level and the move between levels
     (one denoising step a level) stay within the bound; and with the compiled rule. The compile
