@@ -69,13 +69,23 @@ def hash_grid(
     ``(y0, x0)`` is the window's origin in global canvas coordinates; ``step`` and ``substep``
     (e.g. the denoising step and the NCA step inside it) select independent draws.
     """
-    h = torch.full((1, 1, 1), _key_state(seed, stream, step, substep), dtype=torch.int64, device=device)
+    return _coordinate_hash(*_window_keys(seed, stream, step, y0, x0, height, width, channels, substep, device))
+
+
+def _window_keys(seed: int, stream: Stream, step: int, y0: int, x0: int, height: int, width: int, channels: int,
+                 substep: int, device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    """The hash state after (seed, stream, step, substep) (1, 1, 1), and the window's global rows
+    (1, H, 1), columns (1, 1, W) and channels (C, 1, 1), as int64 tensors."""
+    key = torch.full((1, 1, 1), _key_state(seed, stream, step, substep), dtype=torch.int64, device=device)
     ys = torch.arange(y0, y0 + height, dtype=torch.int64, device=device).view(1, -1, 1)
     xs = torch.arange(x0, x0 + width, dtype=torch.int64, device=device).view(1, 1, -1)
     cs = torch.arange(channels, dtype=torch.int64, device=device).view(-1, 1, 1)
-    h = _fold(h, ys & _MASK32)
-    h = _fold(h, xs & _MASK32)
-    return _fold(h, cs)
+    return key, ys, xs, cs
+
+
+def _coordinate_hash(key: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
+    """The hash of every (channel, y, x): the key state with the coordinates folded in."""
+    return _fold(_fold(_fold(key, ys & _MASK32), xs & _MASK32), cs)
 
 
 def _to_unit_interval(h: torch.Tensor) -> torch.Tensor:
@@ -101,20 +111,16 @@ def normal(seed: int, stream: Stream, step: int, y0: int, x0: int, height: int, 
     ``compiled``: hash through torch.compile (one fused kernel instead of ~40 int64 passes; the
     same bits, as integer arithmetic and the exact int → float map are not rounded).
     """
-    key = torch.full((1, 1, 1), _key_state(seed, stream, step, substep), dtype=torch.int64, device=device)
-    ys = torch.arange(y0, y0 + height, dtype=torch.int64, device=device).view(1, -1, 1)
-    xs = torch.arange(x0, x0 + width, dtype=torch.int64, device=device).view(1, 1, -1)
-    cs = torch.arange(channels, dtype=torch.int64, device=device).view(-1, 1, 1)
-    u1, u2 = compiling.run(normal_uniforms, key, ys, xs, cs, enabled=compiled, dynamic=True)
+    keys = _window_keys(seed, stream, step, y0, x0, height, width, channels, substep, device)
+    u1, u2 = compiling.run(normal_uniforms, *keys, enabled=compiled, dynamic=True)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
 
 
 def normal_uniforms(key: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor,
                     cs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two uniforms :func:`normal` transforms at each (channel, y, x), as in :func:`hash_grid`:
-    ``key`` the hash state before the coordinates, ``ys``, ``xs``, ``cs`` broadcastable ranges.
-    Tensors only, so one compiled copy serves every window, step and seed."""
-    h = _fold(_fold(_fold(key, ys & _MASK32), xs & _MASK32), cs)
+    """The two uniforms :func:`normal` transforms at each (channel, y, x) of a window
+    (:func:`_window_keys`). Tensors only, so one compiled copy serves every window, step and seed."""
+    h = _coordinate_hash(key, ys, xs, cs)
     return _to_unit_interval(h), _to_unit_interval(_fold(h, 0x5BD1E995))
 
 

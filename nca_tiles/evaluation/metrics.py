@@ -133,11 +133,6 @@ def structure_patches(patches: np.ndarray) -> np.ndarray:
     return np.repeat(levels[..., None], 3, axis=-1)
 
 
-def structure_features(patches: np.ndarray, seed: int = 0, batch: int = 256) -> np.ndarray:
-    """The random CNN's features (N, 352) of :func:`structure_patches`."""
-    return random_features(structure_patches(patches), seed, batch)
-
-
 # --------------------------------------------------------------------------- Fréchet distance
 
 
