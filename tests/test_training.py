@@ -725,3 +725,27 @@ def test_balance_slides_is_recorded_resumes_exactly_and_must_be_kept(two_slide_s
     assert_ok(train(two_slide_store, tmp_path / "one", "--steps", 1, "--balance-slides"))
     a, b = load_checkpoint(plain)["model"], load_checkpoint(tmp_path / "one")["model"]
     assert any(not torch.equal(a[key], b[key]) for key in a)
+
+
+def test_a_finer_levels_sample_grid_shows_what_it_makes_of_the_hand_over(store, tmp_path):
+    # A level trained only up to --max-timestep never starts from pure noise: samples from noise
+    # showed nothing it learned. Its grid: real validation patches, the hand-over, the result.
+    from nca_tiles.diffusion.scale_space import relay_start
+    from nca_tiles.training.sample_grid import handover_patches
+
+    out = tmp_path / "relay"
+    assert_ok(run_cli("train", "--patches", store, "--out", out, *BASE, "--steps", 2, "--sample-every", 2,
+                      "--max-timestep", 60, "--relay-factor", 4))
+    opened = open_patch_store(store)
+    real = handover_patches(opened.images[:][np.sort(opened.indices("val"))])
+    assert len(real) == 8
+    with Image.open(out / "samples" / "step_0000002.png") as png:
+        grid = np.asarray(png.convert("RGB"))
+    assert grid.shape == (3 * 64 + 2 * 2, 8 * 64 + 7 * 2, 3)
+    rows = [np.stack([grid[r * 66 : r * 66 + 64, c * 66 : c * 66 + 64] for c in range(8)]) for r in range(3)]
+    np.testing.assert_array_equal(rows[0], real)
+    # The hand-over is the blurred patch re-noised to t = 60 (ᾱ ≈ 0.96): near the blur, not the patch.
+    blurred = relay_start(torch.from_numpy(real).permute(0, 3, 1, 2).float(), 4).permute(0, 2, 3, 1).numpy()
+    handed = rows[1].astype(np.float32)
+    assert np.abs(handed - blurred).mean() < np.abs(handed - real).mean()
+    assert not np.array_equal(rows[2], rows[1])  # the level's result

@@ -200,14 +200,22 @@ def generate_patches(pipeline: Pipeline, n: int, size: int = 64, seed: int = 0, 
                      sampler: str = "ddim", batch: int = 64, eta: float = 0.0) -> np.ndarray:
     """n independent size × size samples, uint8 (n, size, size, 3); sample i uses seed (seed, i)."""
     out = np.empty((n, size, size, 3), dtype=np.uint8)
-    plan = sampling_plan(pipeline, sampler, steps)
     for start in range(0, n, batch):
         seeds = [rng.derive_seed(seed, i) for i in range(start, min(n, start + batch))]
         x = torch.stack([initial_noise(s, 0, 0, size, size, pipeline.device) for s in seeds])
-        origins = [(0, 0)] * len(seeds)
-        for t, t_prev in plan:
-            eps = predict_noise(pipeline, x, t, origins, seeds)
-            x = torch.stack([reverse_step(pipeline, sampler, eps[i], x[i], t, t_prev, s, (0, 0), eta)
-                             for i, s in enumerate(seeds)])
-        out[start : start + len(seeds)] = to_uint8(x)
+        out[start : start + len(seeds)] = to_uint8(denoise_patches(pipeline, x, seeds, steps, sampler, eta))
     return out
+
+
+@torch.no_grad()
+def denoise_patches(pipeline: Pipeline, x: torch.Tensor, seeds: list[int], steps: int | None = 50,
+                    sampler: str = "ddim", eta: float = 0.0, start: int | None = None) -> torch.Tensor:
+    """Run the reverse process on independent patches x (B, 3, H, W) from timestep ``start``
+    (default T − 1: x is pure noise) down to 0; patch i's masks and noise keyed by ``seeds[i]``."""
+    origins = [(0, 0)] * len(seeds)
+    ts = pipeline.schedule.sampling_timesteps(sampler, steps, start)
+    for t, t_prev in zip(ts, ts[1:] + [-1]):
+        eps = predict_noise(pipeline, x, t, origins, seeds)
+        x = torch.stack([reverse_step(pipeline, sampler, eps[i], x[i], t, t_prev, s, (0, 0), eta)
+                         for i, s in enumerate(seeds)])
+    return x

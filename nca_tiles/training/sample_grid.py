@@ -1,4 +1,11 @@
-"""A PNG of samples to watch training: sixteen patch-sized samples and one 4× larger canvas."""
+"""PNGs to watch training.
+
+A level trained on the whole schedule: sixteen patch-sized samples from pure noise and one 4×
+larger canvas. A finer level of a scale-space model (trained only up to ``--max-timestep``, where
+the sampler hands it the coarser level's result) never starts from pure noise, so samples from
+noise would show nothing it learned: its grid shows what it makes of a hand-over instead — real
+validation patches, the state the sampler would hand over for them, and the level's result.
+"""
 
 from __future__ import annotations
 
@@ -32,6 +39,40 @@ def save_sample_grid(pipeline, path: Path, seed: int = 0, steps: int = 50, size:
     canvas[: large.shape[0], patches.shape[1] + 8 :] = large
     save_png(canvas, Path(path))
     return canvas
+
+
+HANDOVER_COLUMNS = 8
+
+
+def save_handover_grid(pipeline, real: np.ndarray, path: Path, start: int, relay_factor: int | None,
+                       seed: int = 0, steps: int = 50) -> np.ndarray:
+    """Three rows of ``real`` (N, H, W, 3) uint8 patches: the patches; the state at timestep
+    ``start`` the sampler hands this level for them (with ``relay_factor``: blurred as one that
+    many times coarser leaves it, docs/design.md §7; re-noised to ``start``); the level's DDIM result."""
+    import torch
+
+    from nca_tiles.diffusion import rng
+    from nca_tiles.diffusion.pipeline import denoise_patches, to_uint8
+    from nca_tiles.diffusion.scale_space import relay_start
+
+    x0 = torch.from_numpy(np.ascontiguousarray(real)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    handed = relay_start(x0, relay_factor) if relay_factor else x0
+    seeds = [rng.derive_seed(seed, i) for i in range(len(real))]
+    _, c, h, w = x0.shape
+    noise = torch.stack([rng.normal(s, rng.Stream.LEVEL_NOISE, 0, 0, 0, h, w, c) for s in seeds])
+    alpha_bar = pipeline.schedule.alpha_bar(start)
+    x_t = (alpha_bar ** 0.5 * handed + (1.0 - alpha_bar) ** 0.5 * noise).to(pipeline.device)
+    result = denoise_patches(pipeline, x_t, seeds, min(steps, start + 1), start=start)
+    rows = np.concatenate([real, to_uint8(x_t), to_uint8(result)])
+    grid = tile_grid(rows, columns=len(real))
+    save_png(grid, Path(path))
+    return grid
+
+
+def handover_patches(images: np.ndarray, n: int = HANDOVER_COLUMNS) -> np.ndarray:
+    """n patches spread evenly over ``images`` (a store's split, grouped by slide): fixed across a run."""
+    idx = np.linspace(0, len(images) - 1, min(n, len(images))).round().astype(int)
+    return images[idx]
 
 
 def save_png(image: np.ndarray, path: Path) -> None:

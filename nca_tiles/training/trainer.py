@@ -417,7 +417,14 @@ class Trainer:
 
         pipeline = build_pipeline(self.meta(), self.ema.state_dict(), self.device, self.precision)
         path = self._sample_path()
-        save_sample_grid(pipeline, path, seed=self.cfg.seed, steps=self.cfg.sample_steps)
+        if self.cfg.max_timestep is None:
+            save_sample_grid(pipeline, path, seed=self.cfg.seed, steps=self.cfg.sample_steps)
+        else:  # a finer level: what it makes of the hand-over, not samples from noise
+            from nca_tiles.training.sample_grid import handover_patches, save_handover_grid
+
+            real = handover_patches(self.val_images if len(self.val_images) else self.train_images)
+            save_handover_grid(pipeline, real, path, self.cfg.max_timestep, self.cfg.relay_factor,
+                               seed=self.cfg.seed, steps=self.cfg.sample_steps)
         return path
 
     def _sample_path(self) -> Path:
