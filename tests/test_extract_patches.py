@@ -592,3 +592,20 @@ def test_identity_is_that_of_the_data_not_of_where_the_files_are(tmp_path, sampl
     assert other.identity != here.identity
     coarser = open_patch_store(extract([sample_slide], tmp_path / "d.zarr", **{**settings, "target_mpp": 4.0}).out)
     assert coarser.identity != here.identity
+
+
+def test_a_region_split_keeps_the_overlapping_patches_a_stride_asks_for(tmp_path):
+    """The ovarian tumour (1500², 0.25 µm/px) at 1 µm/px, stride 16: 400 positions. Regions one
+    patch wide had kept one patch each (25), so the densest tissue all but vanished from the
+    fine level's training data whatever --stride said."""
+    tumour = Path(__file__).resolve().parents[1] / "nca_tiles/data/training/ovary_hgsc_tumour.jpg"
+    result = extract([tumour], tmp_path / "p.zarr", patch_size=64, stride=16, target_mpp=1.0, source_mpp=0.25,
+                     min_tissue=0.05, split_by="region")
+    store = open_patch_store(result.out)
+    footprint = 64 * 4
+    region = store.slides[0]["region_size"]
+    assert region >= 2 * footprint
+    assert len(store) >= 150  # ≥ 39 % of 400 (was 25)
+    for coordinate in (store.x, store.y):
+        assert (coordinate // region == (coordinate + footprint - 1) // region).all()
+    assert set(np.unique(store.split)) == {0, 1, 2}

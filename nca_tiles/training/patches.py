@@ -622,12 +622,17 @@ class _PatchReader:
 
 def _region_size(plan: _SlidePlan) -> int:
     """Region side in level-0 px: a whole number of strides, so that with stride >= patch size no
-    patch crosses a border; about ``REGIONS_PER_SLIDE`` regions cover the slide's tissue. A region
-    narrower than one patch holds none (every patch crosses a border: small slides at a coarse
-    µm/px came out empty), so such regions are made ``SMALL_SLIDE_REGION_FOOTPRINTS`` patches wide."""
+    patch crosses a border; about ``REGIONS_PER_SLIDE`` regions cover the slide's tissue.
+
+    With overlapping patches (stride < patch) a region of side R keeps ((R − F)/S + 1)² of its
+    (R/S)² positions (F the patch's footprint, S the stride): none where R < F (small slides at a
+    coarse µm/px came out empty), only (S/F)² where R = F — 1 in 16 at stride = patch/4, so a
+    1500 px ovarian slide gave 25 of its 400 patches at 1 µm/px. Regions are therefore at least
+    ``SMALL_SLIDE_REGION_FOOTPRINTS`` patches wide, which keeps 39 % or more."""
     strides_per_region = max(1, math.floor(math.sqrt(len(plan.xs) / REGIONS_PER_SLIDE)))
-    if strides_per_region * plan.stride < plan.footprint:
-        strides_per_region = math.ceil(SMALL_SLIDE_REGION_FOOTPRINTS * plan.footprint / plan.stride)
+    smallest = plan.footprint if plan.stride >= plan.footprint else SMALL_SLIDE_REGION_FOOTPRINTS * plan.footprint
+    if strides_per_region * plan.stride < smallest:
+        strides_per_region = math.ceil(smallest / plan.stride)
     return strides_per_region * plan.stride
 
 
