@@ -73,6 +73,22 @@ def test_compiled_inference_equals_eager():
         torch.testing.assert_close(predict(model, x), eager, rtol=1e-4, atol=1e-5)
 
 
+def test_compiled_inference_hashes_its_fire_masks_inside_the_rule(model_dir):
+    """One compiled call per band, the mask's hash fused into the rule's kernel; a later
+    --compile auto pipeline in the process sees the rule compiled and reuses it at once."""
+    from nca_tiles.diffusion import rng
+    from nca_tiles.diffusion.model import hashed_fire_cell_rule
+
+    compiled.reset()
+    model = tiny_model().eval()
+    model.compiled = True
+    predict(model, torch.randn(1, 3, 40, 50))
+    assert compiled.is_warm(hashed_fire_cell_rule) and not compiled.is_warm(rng.window_bernoulli_bits)
+    pipeline = load_model(model_dir, "cpu", compile="auto")
+    generate_region(pipeline, 16, 16, steps=1)
+    assert pipeline.compile == "on" and pipeline.model.compiled
+
+
 def test_compiled_fire_masks_are_the_eager_ones_bit_for_bit():
     """Inference hashes its fire masks through the compiled kernel when the rule is compiled: the
     same integer arithmetic, so the same bits (or tiled == whole would hold only per mode)."""

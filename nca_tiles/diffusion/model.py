@@ -164,13 +164,20 @@ class CounterFireMask:
 
     def __call__(self, nca_step: int, shape: tuple[int, int, int, int], device: torch.device,
                  row0: int = 0) -> torch.Tensor:
+        keys, ys, xs = self.coordinates(nca_step, shape, device, row0)
+        return compiled.run(rng.window_bernoulli_bits, keys, ys, xs, self.rate, enabled=self.compiled, dynamic=True)
+
+    def coordinates(self, nca_step: int, shape: tuple[int, int, int, int], device: torch.device,
+                    row0: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the masks are hashed from (``rng.window_bernoulli_bits``): each window's key for
+        this NCA step (B, 1, 1, 1), and the band's global rows (B, 1, H, 1) and columns (B, 1, 1, W)."""
         _, _, h, w = shape
         keys = rng.window_keys(self.seeds, rng.Stream.FIRE_MASK, self.timesteps, nca_step, device)
         ys = torch.stack([torch.arange(y0 + row0, y0 + row0 + h, dtype=torch.int64, device=device)
                           for y0, _ in self.origins]).view(-1, 1, h, 1)
         xs = torch.stack([torch.arange(x0, x0 + w, dtype=torch.int64, device=device)
                           for _, x0 in self.origins]).view(-1, 1, 1, w)
-        return compiled.run(rng.window_bernoulli_bits, keys, ys, xs, self.rate, enabled=self.compiled, dynamic=True)
+        return keys, ys, xs
 
 
 class PixelNorm(nn.Module):
@@ -269,6 +276,20 @@ def cell_rule(padded: torch.Tensor, state: torch.Tensor, fire: torch.Tensor, w: 
         hidden = torch.bmm(perceived, from_perceived).baddbmm_(state_rows, from_state).add_(w.hidden_bias)
     hidden = F.leaky_relu(F.layer_norm(hidden, hidden.shape[-1:], w.norm_weight, w.norm_bias, w.norm_eps), inplace=True)
     return torch.addcmul(state, update_channels_first(hidden, w, state.shape), fire)
+
+
+def hashed_fire_cell_rule(padded: torch.Tensor, state: torch.Tensor, keys: torch.Tensor, ys: torch.Tensor,
+                          xs: torch.Tensor, rate: float, w: StepWeights) -> torch.Tensor:
+    """:func:`cell_rule` with its fire mask hashed from coordinates (:class:`CounterFireMask`) in
+    the same function: compiled, the hash fuses into the update's kernel — one compiled call per
+    band instead of two, and no mask written and read back."""
+    return cell_rule(padded, state, rng.window_bernoulli_bits(keys, ys, xs, rate), w)
+
+
+def rule_is_warm() -> bool:
+    """Whether this process has run the compiled cell rule already (compiling another model's is
+    then almost free: the compiled copy is shared)."""
+    return compiled.is_warm(hashed_fire_cell_rule) or compiled.is_warm(cell_rule)
 
 
 def update_channels_first(hidden: torch.Tensor, w: StepWeights, shape: torch.Size) -> torch.Tensor:
@@ -396,11 +417,19 @@ class DiffNCA(nn.Module):
         # Same numbers as the whole-tensor path, up to float rounding.
         spare = torch.empty_like(state)
         bands = band_rows(h, max(1, self.band_pixels(x_t.device) // w))
+        hashed = self.compiled and isinstance(fire, CounterFireMask)  # the mask hashed inside the rule
         for k in range(cfg.nca_steps):
             step_weights = fold_step(weights, *self.conditioning(embeddings[k]).tensors())
             for r0, r1 in bands:
-                spare[:, :, r0:r1] = self.rule(reflect_pad_rows(state, r0, r1), state[:, :, r0:r1],
-                                               fire(k, (b, 1, r1 - r0, w), x_t.device, row0=r0), step_weights)
+                band = (b, 1, r1 - r0, w)
+                padded = reflect_pad_rows(state, r0, r1)
+                if hashed:
+                    spare[:, :, r0:r1] = compiled.run(
+                        hashed_fire_cell_rule, padded, state[:, :, r0:r1],
+                        *fire.coordinates(k, band, x_t.device, r0), fire.rate, step_weights, enabled=True, dynamic=True)
+                else:
+                    spare[:, :, r0:r1] = self.rule(padded, state[:, :, r0:r1], fire(k, band, x_t.device, row0=r0),
+                                                   step_weights)
             state, spare = spare, state
         return state[:, ic : 2 * ic].clone()  # not a view: the state buffers can go now
 

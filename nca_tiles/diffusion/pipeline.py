@@ -23,7 +23,7 @@ import torch
 from nca_tiles.diffusion import compiled, rng
 from nca_tiles.diffusion.checkpoint import load_model_files, load_weights, model_hash, resolve_model_path, validate_model_meta
 from nca_tiles.errors import NcaTilesError
-from nca_tiles.diffusion.model import CounterFireMask, DiffNCA, ModelConfig, cell_rule
+from nca_tiles.diffusion.model import CounterFireMask, DiffNCA, ModelConfig, rule_is_warm
 from nca_tiles.diffusion.schedule import NoiseSchedule, ScheduleConfig
 
 
@@ -148,7 +148,7 @@ def run_model(pipeline: Pipeline, *args) -> torch.Tensor:
         torch.cuda.synchronize(pipeline.device)  # only while deciding: queued kernels are time too
     pipeline.eager_seconds += time.perf_counter() - start
     # Compiled already in this process (another pipeline, another job): new models reuse it.
-    if compiled.is_warm(cell_rule) or pipeline.eager_seconds >= COMPILE_PAYS_AFTER_S.get(pipeline.device.type, 30.0):
+    if rule_is_warm() or pipeline.eager_seconds >= COMPILE_PAYS_AFTER_S.get(pipeline.device.type, 30.0):
         model.compiled = compiled.available(pipeline.device)
         pipeline.compile = "on" if model.compiled else "off"
     return out

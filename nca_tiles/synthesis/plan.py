@@ -152,10 +152,9 @@ def activation_bytes(pipeline: Pipeline, window_pixels: int) -> int:
 def may_compile(model: SynthesisModel) -> bool:
     """Whether a run of ``model`` in this process may still pay torch.compile's first compile
     (--compile on or auto, the rule not compiled here yet)."""
-    from nca_tiles.diffusion import compiled
-    from nca_tiles.diffusion.model import cell_rule
+    from nca_tiles.diffusion.model import rule_is_warm
 
-    return any(lv.pipeline.compile != "off" for lv in model.levels) and not compiled.is_warm(cell_rule)
+    return any(lv.pipeline.compile != "off" for lv in model.levels) and not rule_is_warm()
 
 
 def make_plan(model: SynthesisModel, job: Job, batch: int, calibrate: bool = True,
@@ -200,12 +199,12 @@ def calibrate_plan(plan: Plan, model: SynthesisModel, job: Job, batch: int, expo
     from dataclasses import replace
 
     from nca_tiles.diffusion import compiled
-    from nca_tiles.diffusion.model import cell_rule
+    from nca_tiles.diffusion.model import rule_is_warm
     from nca_tiles.runtime.memory import configure_allocator
 
     configure_allocator()  # as synthesize_slide: the allocator the run's model calls meet
     started = time.perf_counter()
-    warm = compiled.is_warm(cell_rule)  # compiled in this process already: a run here pays no compile
+    warm = rule_is_warm()  # compiled in this process already: a run here pays no compile
     budget = CALIBRATION_BUDGET_S.get(model.device.type, 20.0) if budget_s is None else budget_s
     flops = [level.flops for level in plan.levels]
     calibrations: list[LevelCalibration] = []
