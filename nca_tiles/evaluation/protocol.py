@@ -14,6 +14,7 @@ all depend on n.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,39 +64,41 @@ def _subsample(patches: np.ndarray, n: int, rng: np.random.Generator) -> np.ndar
     return patches[np.sort(rng.choice(len(patches), n, replace=False))]
 
 
-def _compare(
-    patches: np.ndarray,
-    features: np.ndarray,
-    reference: np.ndarray,
-    reference_features: np.ndarray,
-    structure: np.ndarray,
-    reference_structure: np.ndarray,
-    structure_features: np.ndarray,
-    reference_structure_features: np.ndarray,
-    seed: int,
-    kid_subset_size: int,
-    kid_subsets: int,
-    n_pixels: int,
-    c2st_steps: int,
-    nuclei_stats: nuclei.NucleiStats,
-    reference_nuclei: nuclei.NucleiStats,
-    spectrum_: np.ndarray,
-    reference_spectrum: np.ndarray,
-) -> dict[str, float]:
+@dataclass(frozen=True)
+class _Measured:
+    """One set of patches with everything the metrics compare: computed once per set."""
+
+    patches: np.ndarray
+    features: np.ndarray  # random-CNN features of the patches
+    structure: np.ndarray  # grey, contrast-standardised copies (metrics.structure_patches)
+    structure_features: np.ndarray
+    nuclei: nuclei.NucleiStats
+    spectrum: np.ndarray
+
+    @classmethod
+    def of(cls, patches: np.ndarray, seed: int, threshold: float, mpp: float) -> "_Measured":
+        structure = metrics.structure_patches(patches)
+        return cls(patches, metrics.random_features(patches, seed=seed), structure,
+                   metrics.random_features(structure, seed=seed), nuclei.nuclei_stats(patches, threshold, mpp),
+                   spectrum.power_spectrum(patches))
+
+
+def _compare(measured: _Measured, reference: _Measured, seed: int, kid_subset_size: int, kid_subsets: int,
+             n_pixels: int, c2st_steps: int) -> dict[str, float]:
     kid_mean, kid_std = metrics.kernel_inception_distance(
-        features, reference_features, n_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed
+        measured.features, reference.features, n_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed
     )
-    stains = metrics.stain_wasserstein(patches, reference, n_pixels=n_pixels, seed=seed)
+    stains = metrics.stain_wasserstein(measured.patches, reference.patches, n_pixels=n_pixels, seed=seed)
     return {
-        "fd_random": metrics.feature_frechet_distance(features, reference_features),
-        "fd_structure": metrics.feature_frechet_distance(structure_features, reference_structure_features),
+        "fd_random": metrics.feature_frechet_distance(measured.features, reference.features),
+        "fd_structure": metrics.feature_frechet_distance(measured.structure_features, reference.structure_features),
         "kid_random": kid_mean,
         "kid_random_std": kid_std,
         **{f"w1_{stain}": value for stain, value in stains.items()},
-        "c2st_auc": metrics.c2st_auc(reference, patches, seed=seed, steps=c2st_steps),
-        "c2st_structure": metrics.c2st_auc(reference_structure, structure, seed=seed, steps=c2st_steps),
-        **{f"nuclei_{name}": value for name, value in nuclei.nuclei_distances(nuclei_stats, reference_nuclei).items()},
-        "spectrum": spectrum.spectrum_distance(spectrum_, reference_spectrum),
+        "c2st_auc": metrics.c2st_auc(reference.patches, measured.patches, seed=seed, steps=c2st_steps),
+        "c2st_structure": metrics.c2st_auc(reference.structure, measured.structure, seed=seed, steps=c2st_steps),
+        **{f"nuclei_{name}": value for name, value in nuclei.nuclei_distances(measured.nuclei, reference.nuclei).items()},
+        "spectrum": spectrum.spectrum_distance(measured.spectrum, reference.spectrum),
     }
 
 
@@ -134,14 +137,8 @@ def evaluate_patches(
     }
     # Noise coloured like the training patches: the model saw those colours, not the held-out ones.
     sets["noise"] = metrics.colour_matched_noise(sets["train"], n, seed=seed)
-    features = {name: metrics.random_features(patches, seed=seed) for name, patches in sets.items()}
-    # The same, blind to colour: grey, contrast-standardised copies (metrics.structure_patches).
-    structure = {name: metrics.structure_patches(patches) for name, patches in sets.items()}
-    structure_features = {name: metrics.random_features(patches, seed=seed) for name, patches in structure.items()}
     threshold = nuclei.nuclei_threshold(sets["heldout"], mpp)
-    stats = {name: nuclei.nuclei_stats(patches, threshold, mpp) for name, patches in sets.items()}
-    spectra = {name: spectrum.power_spectrum(patches) for name, patches in sets.items()}
-
+    measured = {name: _Measured.of(patches, seed, threshold, mpp) for name, patches in sets.items()}
     options = {
         "seed": seed,
         "kid_subset_size": max(2, min(1000, n // 2)),
@@ -150,10 +147,7 @@ def evaluate_patches(
         "c2st_steps": c2st_steps,
     }
     results = {
-        comparison: _compare(sets[name], features[name], sets["heldout"], features["heldout"], structure[name],
-                             structure["heldout"], structure_features[name], structure_features["heldout"], **options,
-                             nuclei_stats=stats[name], reference_nuclei=stats["heldout"],
-                             spectrum_=spectra[name], reference_spectrum=spectra["heldout"])
+        comparison: _compare(measured[name], measured["heldout"], **options)
         for comparison, name in (("floor", "train"), ("synthetic", "synthetic"), ("ceiling", "noise"))
     }
     return {
@@ -165,7 +159,7 @@ def evaluate_patches(
         "patch_size": [int(s) for s in synthetic.shape[1:3]],
         "comparisons": dict(COMPARISONS),
         "results": results,
-        "nuclei_medians": {name: nuclei.nuclei_medians(stats[name]) for name in MEDIAN_SETS},
+        "nuclei_medians": {name: nuclei.nuclei_medians(measured[name].nuclei) for name in MEDIAN_SETS},
     }
 
 
