@@ -32,6 +32,10 @@ from nca_tiles_cli.options import (
 @click.option("--canvas", type=int, default=512, show_default=True,
               help="Cut the synthetic patches from canvases this wide, as from a slide (a multiple of the patch "
                    "size, at most 2048; the patch size itself: each patch sampled alone, all border).")
+@click.option("--hand-over", "hand_over", type=int, metavar="LEVEL",
+              help="Score one level of a scale-space model (1 = the one above the coarsest): its redraw of real "
+                   "patches of the other held-out split, handed over as a perfect coarser level would. --patches "
+                   "at that level's µm/px.")
 @device_option()
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the results as JSON to this file.")
 @click.option("--slide", type=click.Path(path_type=Path), help="Score the seams of this synthesized slide (OME-TIFF or OME-Zarr) instead.")
@@ -54,6 +58,7 @@ def evaluate(
     eta: float | tuple[float, ...] | None,
     min_tissue: float,
     canvas: int,
+    hand_over: int | None,
     device: str,
     json_path: Path | None,
     slide: Path | None,
@@ -74,6 +79,12 @@ def evaluate(
     two-sample test (AUC 0.5 = real and synthetic cannot be told apart).
 
     \b
+    With --hand-over LEVEL: the synthetic patches are that level's redraw of
+    real patches blurred as its coarser level hands them over (area-averaged
+    and upsampled by the levels' ratio, re-noised to its first timestep):
+    its own errors, apart from those of the levels below it.
+
+    \b
     With --slide FILE [--chunk C]: the seam score, mean gradient across chunk
     borders / inside chunks (1.00 = no seam), and a control on a shifted grid
     (JPEG blocks lift both; a seam lifts only the score). The slide is read
@@ -82,7 +93,7 @@ def evaluate(
     and lumina) against the real slides', beside a real-vs-real floor.
     """
     if slide is not None:
-        if patches is not None or model is not None:
+        if patches is not None or model is not None or hand_over is not None:
             raise NcaTilesError("give either --slide with --chunk (seam score) or --patches with --model, not both")
         from nca_tiles.evaluation.protocol import evaluate_slide, format_seam_report
 
@@ -97,7 +108,7 @@ def evaluate(
 
         results = evaluate_model(model, patches, split, n, seed, steps, sampler, device,
                                  say=lambda line: click.echo(line, err=True), min_tissue=min_tissue,
-                                 canvas=canvas, eta=eta)
+                                 canvas=canvas, eta=eta, hand_over=hand_over)
         click.echo(format_table(results))
     if json_path is not None:
         from nca_tiles.runtime.outputs import atomic_write_json

@@ -303,3 +303,83 @@ def test_evaluate_refuses_a_canvas_that_does_not_hold_whole_patches(store_and_mo
         with pytest.raises(NcaTilesError, match=f"--canvas must be a multiple of the store's {size} px patches"):
             evaluate_model(model, patches, n=4, canvas=bad)
     assert next(p.default for p in command.params if p.name == "canvas") == DEFAULT_CANVAS
+
+
+# --------------------------------------------------------------------------- one level's hand-over
+
+
+@pytest.fixture(scope="module")
+def scale_space_and_fine_store(sample_slide: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """A two-level tiny model (2 µm/px, then 1 µm/px from t = 1: an untrained level handed a
+    nearly clean state returns nearly that state) and a 1 µm/px store."""
+    from helpers import save_test_scale_space_model
+
+    from nca_tiles.training.patches import extract_patches
+
+    root = tmp_path_factory.mktemp("hand-over")
+    model = save_test_scale_space_model(root, factor=2, t_start=1)
+    extract_patches([sample_slide], root / "fine.zarr", target_mpp=1.0, stride=32, progress=False)
+    return model, root / "fine.zarr"
+
+
+def test_cli_scores_one_levels_redraw_of_real_patches(scale_space_and_fine_store, tmp_path):
+    model, store = scale_space_and_fine_store
+    common = ["evaluate", "--model", str(model), "--patches", str(store), "--n", "16", "--steps", "2"]
+    result = CliRunner().invoke(cli, [*common, "--hand-over", "1", "--json", str(tmp_path / "h.json")])
+    assert result.exit_code == 0, result.output
+    assert "level 1's redraw of the val split's real patches, handed over at t = 1" in result.output
+    saved = json.loads((tmp_path / "h.json").read_text())
+    assert saved["hand_over"] == {"level": 1, "t_start": 1, "inputs": "val", "ratio": 2} and saved["n"] == 16
+    # Handed real tissue blurred by 2 at t = 1, the level returns about that: far closer to the
+    # held-out patches than the whole model drawing from noise (untrained levels: colour noise).
+    assert_ok = CliRunner().invoke(cli, [*common, "--json", str(tmp_path / "whole.json")])
+    assert assert_ok.exit_code == 0, assert_ok.output
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    assert saved["results"]["synthetic"]["fd_random"] < 0.5 * whole["results"]["synthetic"]["fd_random"]
+    # The other held-out split feeds the level when scoring against val.
+    result = CliRunner().invoke(cli, [*common, "--hand-over", "1", "--split", "val", "--json", str(tmp_path / "v.json")])
+    assert result.exit_code == 0 and json.loads((tmp_path / "v.json").read_text())["hand_over"]["inputs"] == "test"
+
+
+def test_hand_over_patches_are_a_pure_function_of_the_seed(scale_space_and_fine_store):
+    from nca_tiles.diffusion.levels import hand_over_patches, load_synthesis_model
+    from nca_tiles.training.patches import open_patch_store
+
+    model, store = scale_space_and_fine_store
+    real = open_patch_store(store).images[:6]
+    loaded = load_synthesis_model(model, "cpu")
+    a = hand_over_patches(loaded, 1, real, seed=3, steps=2)
+    np.testing.assert_array_equal(hand_over_patches(loaded, 1, real, seed=3, steps=2, batch=4), a)  # any batching
+    assert not np.array_equal(hand_over_patches(loaded, 1, real, seed=4, steps=2), a)
+    # At t = 1 (ᾱ ≈ 1) the state handed over is the real patch area-averaged by 2 and upsampled.
+    import torch
+
+    from nca_tiles.diffusion.scale_space import relay_start
+
+    blurred = relay_start(torch.from_numpy(real).permute(0, 3, 1, 2).float(), 2).permute(0, 2, 3, 1).numpy()
+    assert np.abs(a - blurred).mean() < 4 < np.abs(a.astype(float) - real).mean()
+    with pytest.raises(NcaTilesError, match="above the coarsest"):
+        hand_over_patches(loaded, 0, real)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--hand-over", "0"], "--hand-over 0: give a level above the coarsest"),
+    (["--hand-over", "2"], "1 to 1"),
+])
+def test_cli_refuses_a_hand_over_to_no_such_level(scale_space_and_fine_store, args, message):
+    model, store = scale_space_and_fine_store
+    result = CliRunner().invoke(cli, ["evaluate", "--model", str(model), "--patches", str(store), "--n", "8", *args])
+    assert result.exit_code != 0 and "Error:" in result.output and message in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_refuses_a_hand_over_for_a_single_level_or_at_another_resolution(scale_space_and_fine_store,
+                                                                               store_and_model):
+    model, _ = scale_space_and_fine_store
+    half_um_store, single = store_and_model
+    result = CliRunner().invoke(cli, ["evaluate", "--model", str(single), "--patches", str(half_um_store),
+                                      "--n", "8", "--hand-over", "1"])
+    assert result.exit_code != 0 and "this one has 1 level: none" in result.output, result.output
+    result = CliRunner().invoke(cli, ["evaluate", "--model", str(model), "--patches", str(half_um_store),
+                                      "--n", "8", "--hand-over", "1"])
+    assert result.exit_code != 0 and "level 1 was trained at 1 µm/px" in result.output, result.output

@@ -40,7 +40,8 @@ from nca_tiles.diffusion.checkpoint import (
     resolve_model_path,
     save_model_dir,
 )
-from nca_tiles.diffusion.pipeline import Pipeline, build_pipeline, initial_noise, predict_noise, reverse_step, to_uint8
+from nca_tiles.diffusion.pipeline import (Pipeline, build_pipeline, denoise_patches, initial_noise, predict_noise,
+                                         reverse_step, to_uint8)
 from nca_tiles.diffusion.scale_space import level_size, relay_start, renoise, upsample_window
 from nca_tiles.errors import NcaTilesError
 
@@ -429,6 +430,46 @@ def generate_levels(model: SynthesisModel | Pipeline, height: int, width: int, s
             x = reverse_step(p, sampler, eps, x, t, t_prev, s, (0, 0), etas[index])
         previous = x
     return to_uint8(previous)
+
+
+def hand_over(pipeline: Pipeline, x0: torch.Tensor, t_start: int, ratio: int | None, seeds: list[int],
+              timesteps: list[int], sampler: str = "ddim", eta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A finer level's work on real patches x0 (B, 3, H, W) in model space, handed over as a
+    perfect coarser level ``ratio`` times coarser would hand them (area-averaged and upsampled:
+    ``relay_start``; None: as they are), re-noised to ``t_start``: (the state handed over, the
+    level's result after ``timesteps``). Patch i's noise keyed by ``seeds[i]``."""
+    _, c, h, w = x0.shape
+    handed = relay_start(x0, ratio) if ratio and ratio > 1 else x0
+    noise = torch.stack([rng.normal(s, rng.Stream.LEVEL_NOISE, 0, 0, 0, h, w, c) for s in seeds])
+    alpha_bar = pipeline.schedule.alpha_bar(t_start)
+    x_t = (math.sqrt(alpha_bar) * handed + math.sqrt(1.0 - alpha_bar) * noise).to(pipeline.device)
+    return x_t, denoise_patches(pipeline, x_t, seeds, sampler=sampler, eta=eta, timesteps=timesteps)
+
+
+def hand_over_patches(model: SynthesisModel, index: int, real: np.ndarray, seed: int = 0,
+                      steps: int | Sequence[int] | None = None, sampler: str = "ddim",
+                      eta: float | Sequence[float] | None = None, batch: int = 64) -> np.ndarray:
+    """What level ``index`` (≥ 1) of a scale-space model makes of ``real`` uint8 (N, H, W, 3)
+    patches at its µm/px, handed over as a perfect coarser level would (:func:`hand_over`), with
+    the DDIM steps and η synthesis gives it: the level's own errors, apart from those of the levels
+    below it. uint8 (N, H, W, 3); patch i keyed by (seed, i)."""
+    if not 1 <= index < len(model.levels):
+        raise NcaTilesError(f"level {index}: a hand-over goes to a level above the coarsest, 1 to "
+                            f"{len(model.levels) - 1} for this {len(model.levels)}-level model")
+    level = model.levels[index]
+    ratio = model.levels[index - 1].factor // level.factor
+    if real.shape[1] % ratio or real.shape[2] % ratio:
+        raise NcaTilesError(f"{real.shape[1]} px patches do not divide into level {index}'s {ratio}× coarser cells")
+    timesteps = level_timesteps(model, sampler, steps)[index]
+    level_eta = level_etas(model, eta)[index]
+    x0 = torch.from_numpy(np.ascontiguousarray(real)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    out = np.empty_like(real)
+    for start in range(0, len(real), batch):
+        seeds = [rng.derive_seed(seed, i) for i in range(start, min(len(real), start + batch))]
+        _, result = hand_over(level.pipeline, x0[start : start + len(seeds)], level.t_start, ratio, seeds, timesteps,
+                              sampler, level_eta)
+        out[start : start + len(seeds)] = to_uint8(result)
+    return out
 
 
 def generate_level_patches(model: SynthesisModel, n: int, size: int = 64, seed: int = 0,

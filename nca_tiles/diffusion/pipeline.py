@@ -209,11 +209,13 @@ def generate_patches(pipeline: Pipeline, n: int, size: int = 64, seed: int = 0, 
 
 @torch.no_grad()
 def denoise_patches(pipeline: Pipeline, x: torch.Tensor, seeds: list[int], steps: int | None = 50,
-                    sampler: str = "ddim", eta: float = 0.0, start: int | None = None) -> torch.Tensor:
+                    sampler: str = "ddim", eta: float = 0.0, start: int | None = None,
+                    timesteps: list[int] | None = None) -> torch.Tensor:
     """Run the reverse process on independent patches x (B, 3, H, W) from timestep ``start``
-    (default T − 1: x is pure noise) down to 0; patch i's masks and noise keyed by ``seeds[i]``."""
+    (default T − 1: x is pure noise) down to 0, or through ``timesteps`` when given; patch i's
+    masks and noise keyed by ``seeds[i]``."""
     origins = [(0, 0)] * len(seeds)
-    ts = pipeline.schedule.sampling_timesteps(sampler, steps, start)
+    ts = pipeline.schedule.sampling_timesteps(sampler, steps, start) if timesteps is None else timesteps
     for t, t_prev in zip(ts, ts[1:] + [-1]):
         eps = predict_noise(pipeline, x, t, origins, seeds)
         x = torch.stack([reverse_step(pipeline, sampler, eps[i], x[i], t, t_prev, s, (0, 0), eta)

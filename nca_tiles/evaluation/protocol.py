@@ -201,6 +201,10 @@ def format_table(results: dict[str, Any]) -> str:
                      f"({kept / drawn:.0%})" + ("; the rest were glass (a layout level draws background)"
                                                 if kept < drawn else "")
                      + (f"; cut from {results['canvas']} x {results['canvas']} px canvases" if results.get("canvas") else ""))
+    if results.get("hand_over"):
+        h = results["hand_over"]
+        lines.append(f"synthetic: level {h['level']}'s redraw of the {h['inputs']} split's real patches, handed "
+                     f"over at t = {h['t_start']} blurred as by a level {h['ratio']}x coarser (a perfect one)")
     lines += ["", *_text_table(header, rows)]
     medians = results.get("nuclei_medians")  # absent in results saved before it existed
     if medians:
@@ -281,6 +285,7 @@ def evaluate_model(
     min_tissue: float = MIN_TISSUE,
     canvas: int = DEFAULT_CANVAS,
     eta: float | tuple[float, ...] | None = None,
+    hand_over: int | None = None,
 ) -> dict[str, Any]:
     """Sample ``n`` synthetic patches from ``model`` (None: the bundled one) and score them with
     ``evaluate_patches`` against ``n`` real patches of the store's ``split`` ("val" or "test"),
@@ -290,7 +295,12 @@ def evaluate_model(
     (``synthetic_drawn``). Synthetic patches are cut from ``canvas`` × ``canvas`` canvases, one
     seed each (``canvas`` equal to the patch size: each patch sampled alone). ``say`` receives
     progress lines. Returns ``evaluate_patches``' results
-    plus the inputs."""
+    plus the inputs.
+
+    ``hand_over``: score one level of a scale-space model instead — the synthetic patches are what
+    that level makes of the other held-out split's real patches handed over as a perfect coarser
+    level would hand them (``levels.hand_over_patches``), so its own errors show apart from those
+    of the levels below it; the store holds patches at that level's µm/px."""
     from nca_tiles.diffusion.levels import load_synthesis_model
     from nca_tiles.training.patches import open_patch_store
 
@@ -315,7 +325,8 @@ def evaluate_model(
                             f"got {canvas}")
     rng = np.random.default_rng(seed)
     picked = {}
-    for name in ("train", split):
+    inputs = ("val" if split == "test" else "test") if hand_over is not None else None
+    for name in ("train", split, *([inputs] if inputs else [])):
         rows = np.asarray(store.indices(name))
         if len(rows) < MIN_PATCHES:
             raise NcaTilesError(
@@ -328,16 +339,36 @@ def evaluate_model(
     real_train, real_heldout = _read_rows(store.images, picked["train"]), _read_rows(store.images, picked[split])
 
     loaded = load_synthesis_model(model, device)
-    if abs(loaded.mpp - store.mpp) > 0.01 * store.mpp:
+    if hand_over is not None and not 1 <= hand_over < len(loaded.levels):
+        raise NcaTilesError(f"--hand-over {hand_over}: give a level above the coarsest of a scale-space model "
+                            f"(this one has {len(loaded.levels)} level{'s' if len(loaded.levels) > 1 else ''}: "
+                            f"{'1 to ' + str(len(loaded.levels) - 1) if len(loaded.levels) > 1 else 'none'})")
+    level_mpp = loaded.mpp if hand_over is None else loaded.levels[hand_over].pipeline.mpp
+    if abs(level_mpp - store.mpp) > 0.01 * store.mpp:
+        which = "the model was" if hand_over is None else f"level {hand_over} was"
         raise NcaTilesError(
-            f"the model was trained at {loaded.mpp:g} µm/px but {patches} holds {store.mpp:g} µm/px patches: "
-            f"compare at the same resolution (extract-patches --mpp {loaded.mpp:g})"
+            f"{which} trained at {level_mpp:g} µm/px but {patches} holds {store.mpp:g} µm/px patches: "
+            f"compare at the same resolution (extract-patches --mpp {level_mpp:g})"
         )
-    from nca_tiles.diffusion.levels import level_etas, level_timesteps
+    from nca_tiles.diffusion.levels import hand_over_patches, level_etas, level_timesteps
 
     # Resolved per level (refusing bad step counts and η before any sampling): what the record says.
     level_steps = [len(ts) for ts in level_timesteps(loaded, sampler, steps)]
     etas = level_etas(loaded, eta)
+    if hand_over is not None:
+        say(f"level {hand_over}: redrawing {n_used} real {size} x {size} patches of the {inputs} split, handed over "
+            f"at t = {loaded.levels[hand_over].t_start} ({sampler}, {level_steps[hand_over]} steps, "
+            f"eta {etas[hand_over]:g})...")
+        real_inputs = _read_rows(store.images, picked[inputs][:n_used])
+        synthetic = hand_over_patches(loaded, hand_over, real_inputs, seed, steps, sampler, etas)
+        say("computing metrics...")
+        results = evaluate_patches(real_train, real_heldout, synthetic, seed=seed, mpp=store.mpp)
+        level = loaded.levels[hand_over]
+        results.update(model=None if model is None else str(model), patches=str(patches), split=split, steps=steps,
+                       level_steps=level_steps, sampler=sampler, eta=etas,
+                       hand_over={"level": hand_over, "t_start": level.t_start, "inputs": inputs,
+                                  "ratio": loaded.levels[hand_over - 1].factor // level.factor})
+        return results
     say(f"sampling {n_used} synthetic {size} x {size} patches ({sampler}) with ≥ {min_tissue:.0%} tissue, "
         f"cut from {canvas} x {canvas} canvases...")
 

@@ -52,19 +52,14 @@ def save_handover_grid(pipeline, real: np.ndarray, path: Path, start: int, relay
     import torch
 
     from nca_tiles.diffusion import rng
-    from nca_tiles.diffusion.pipeline import denoise_patches, to_uint8
-    from nca_tiles.diffusion.scale_space import relay_start
+    from nca_tiles.diffusion.levels import hand_over
+    from nca_tiles.diffusion.pipeline import to_uint8
 
     x0 = torch.from_numpy(np.ascontiguousarray(real)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-    handed = relay_start(x0, relay_factor) if relay_factor else x0
     seeds = [rng.derive_seed(seed, i) for i in range(len(real))]
-    _, c, h, w = x0.shape
-    noise = torch.stack([rng.normal(s, rng.Stream.LEVEL_NOISE, 0, 0, 0, h, w, c) for s in seeds])
-    alpha_bar = pipeline.schedule.alpha_bar(start)
-    x_t = (alpha_bar ** 0.5 * handed + (1.0 - alpha_bar) ** 0.5 * noise).to(pipeline.device)
-    result = denoise_patches(pipeline, x_t, seeds, min(steps, start + 1), start=start)
-    rows = np.concatenate([real, to_uint8(x_t), to_uint8(result)])
-    grid = tile_grid(rows, columns=len(real))
+    timesteps = pipeline.schedule.sampling_timesteps("ddim", min(steps, start + 1), start)
+    x_t, result = hand_over(pipeline, x0, start, relay_factor, seeds, timesteps)
+    grid = tile_grid(np.concatenate([real, to_uint8(x_t), to_uint8(result)]), columns=len(real))
     save_png(grid, Path(path))
     return grid
 
