@@ -184,7 +184,9 @@ def _text_table(header: list[str], rows: list[list[str]]) -> list[str]:
 def format_table(results: dict[str, Any]) -> str:
     """A plain-text table: metric | real vs real (floor) | synthetic | noise (ceiling); then, where
     the results have them, each set's nuclei medians."""
-    header = ["metric", "real vs real (floor)", "synthetic", "noise (ceiling)"]
+    hand_over = results.get("hand_over")
+    floor = "inputs vs real (floor)" if hand_over else "real vs real (floor)"
+    header = ["metric", floor, "synthetic", "noise (ceiling)"]
     rows = [
         [label] + [_format_value(key, results["results"][name]) for name in ("floor", "synthetic", "ceiling")]
         for key, label in METRICS.items()
@@ -201,15 +203,16 @@ def format_table(results: dict[str, Any]) -> str:
                      f"({kept / drawn:.0%})" + ("; the rest were glass (a layout level draws background)"
                                                 if kept < drawn else "")
                      + (f"; cut from {results['canvas']} x {results['canvas']} px canvases" if results.get("canvas") else ""))
-    if results.get("hand_over"):
-        h = results["hand_over"]
-        lines.append(f"synthetic: level {h['level']}'s redraw of the {h['inputs']} split's real patches, handed "
-                     f"over at t = {h['t_start']} blurred as by a level {h['ratio']}x coarser (a perfect one)")
+    if hand_over:
+        lines.append(f"synthetic: level {hand_over['level']}'s redraw of the inputs, half of the {results['split']} "
+                     f"split's real patches, handed over at t = {hand_over['t_start']} blurred as by a level "
+                     f"{hand_over['ratio']}x coarser (a perfect one); the reference: the other half")
     lines += ["", *_text_table(header, rows)]
     medians = results.get("nuclei_medians")  # absent in results saved before it existed
     if medians:
         m_rows = [[label] + [f"{medians[name][key]:.4g}" for name in MEDIAN_SETS] for key, label in MEDIAN_LABELS.items()]
-        lines += ["", *_text_table(["nuclei, median per set", *MEDIAN_SETS.values()], m_rows)]
+        titles = [("inputs" if hand_over and name == "train" else title) for name, title in MEDIAN_SETS.items()]
+        lines += ["", *_text_table(["nuclei, median per set", *titles], m_rows)]
     return "\n".join(lines)
 
 
@@ -298,9 +301,10 @@ def evaluate_model(
     plus the inputs.
 
     ``hand_over``: score one level of a scale-space model instead — the synthetic patches are what
-    that level makes of the other held-out split's real patches handed over as a perfect coarser
+    that level makes of half the split's real patches (the inputs) handed over as a perfect coarser
     level would hand them (``levels.hand_over_patches``), so its own errors show apart from those
-    of the levels below it; the store holds patches at that level's µm/px."""
+    of the levels below it; the other half is the reference, the inputs themselves the floor. The
+    store holds patches at that level's µm/px."""
     from nca_tiles.diffusion.levels import load_synthesis_model
     from nca_tiles.training.patches import open_patch_store
 
@@ -325,8 +329,7 @@ def evaluate_model(
                             f"got {canvas}")
     rng = np.random.default_rng(seed)
     picked = {}
-    inputs = ("val" if split == "test" else "test") if hand_over is not None else None
-    for name in ("train", split, *([inputs] if inputs else [])):
+    for name in ("train", split):
         rows = np.asarray(store.indices(name))
         if len(rows) < MIN_PATCHES:
             raise NcaTilesError(
@@ -356,17 +359,25 @@ def evaluate_model(
     level_steps = [len(ts) for ts in level_timesteps(loaded, sampler, steps)]
     etas = level_etas(loaded, eta)
     if hand_over is not None:
-        say(f"level {hand_over}: redrawing {n_used} real {size} x {size} patches of the {inputs} split, handed over "
+        # Half the held-out patches are handed over, the other half is the reference: a perfect
+        # level's redraw would be as close to it as the inputs are (the floor), whatever the split's
+        # mix of tissues.
+        rows = rng.permutation(np.asarray(store.indices(split)))
+        half = min(n, len(rows) // 2)
+        if half < MIN_PATCHES:
+            raise NcaTilesError(f"{patches} has {len(rows)} patches in its {split!r} split: a hand-over needs at "
+                                f"least {2 * MIN_PATCHES}")
+        inputs, reference = _read_rows(store.images, rows[:half]), _read_rows(store.images, rows[half : 2 * half])
+        say(f"level {hand_over}: redrawing {half} real {size} x {size} patches of the {split} split, handed over "
             f"at t = {loaded.levels[hand_over].t_start} ({sampler}, {level_steps[hand_over]} steps, "
-            f"eta {etas[hand_over]:g})...")
-        real_inputs = _read_rows(store.images, picked[inputs][:n_used])
-        synthetic = hand_over_patches(loaded, hand_over, real_inputs, seed, steps, sampler, etas)
+            f"eta {etas[hand_over]:g}), against {half} others...")
+        synthetic = hand_over_patches(loaded, hand_over, inputs, seed, steps, sampler, etas)
         say("computing metrics...")
-        results = evaluate_patches(real_train, real_heldout, synthetic, seed=seed, mpp=store.mpp)
+        results = evaluate_patches(inputs, reference, synthetic, seed=seed, mpp=store.mpp)
         level = loaded.levels[hand_over]
         results.update(model=None if model is None else str(model), patches=str(patches), split=split, steps=steps,
                        level_steps=level_steps, sampler=sampler, eta=etas,
-                       hand_over={"level": hand_over, "t_start": level.t_start, "inputs": inputs,
+                       hand_over={"level": hand_over, "t_start": level.t_start,
                                   "ratio": loaded.levels[hand_over - 1].factor // level.factor})
         return results
     say(f"sampling {n_used} synthetic {size} x {size} patches ({sampler}) with ≥ {min_tissue:.0%} tissue, "
