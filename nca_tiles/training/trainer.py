@@ -310,19 +310,30 @@ class Trainer:
 
     def initialize_from(self, model_path: Path) -> None:
         """Start from another model's sampling (EMA) weights instead of random ones — e.g. to carry a
-        run over to a re-extracted patch store; the optimizer starts afresh."""
+        run over to a re-extracted patch store; the optimizer starts afresh. A narrower model of a
+        compatible preset (``small`` for ``medium``) is widened so that it computes what it did
+        (``diffusion.widen``): more capacity without starting from scratch."""
         from nca_tiles.diffusion.checkpoint import load_model_files, load_weights, resolve_model_path
+        from nca_tiles.diffusion.widen import widen_state_dict, widening_problem
 
         files = resolve_model_path(Path(model_path))
         meta, state = load_model_files(files)
+        source = {"model": model_hash(meta, state), "step": (meta.get("training") or {}).get("step")}
         if meta["model"] != self.model.config.to_dict():
-            raise NcaTilesError(f"--init-from {model_path} has another model config: use its --preset")
+            narrow = ModelConfig.from_dict(meta["model"])
+            problem = widening_problem(narrow, self.model.config)
+            if problem:
+                raise NcaTilesError(f"--init-from {model_path} has another model config, and it cannot be widened to "
+                                    f"this --preset ({problem}): use its --preset or a wider one")
+            load_weights(DiffNCA(narrow), state, files.weights or files.checkpoint)  # its own shapes, checked
+            state = widen_state_dict(state, narrow, self.model.config, seed=rng.derive_seed(self.cfg.seed, INIT_SEED_KEY, 1))
+            source["widened_from"] = {"channels": narrow.channels, "hidden": narrow.hidden}
         if meta["schedule"] != self.schedule.config.to_dict():
             raise NcaTilesError(f"--init-from {model_path} has another noise schedule: "
                                 f"use its --beta-schedule ({meta['schedule']['beta_schedule']})")
         load_weights(self.model, state, files.weights or files.checkpoint)
         self.ema.load_state_dict(self.model.state_dict())
-        self.initialized_from = {"model": model_hash(meta, state), "step": (meta.get("training") or {}).get("step")}
+        self.initialized_from = source
 
     def resume(self) -> None:
         path = self.out / CHECKPOINT_NAME
