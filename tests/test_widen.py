@@ -65,6 +65,17 @@ def test_what_widening_adds_can_learn():
     assert not torch.allclose(g[:16], g[16:])
 
 
+def test_widening_is_a_pure_function_of_the_seed():
+    narrow = trained_like(NARROW).state_dict()
+    wide = ModelConfig(**{**NARROW.to_dict(), "channels": 12, "hidden": 32})
+    first = widen_state_dict(narrow, NARROW, wide, seed=5)
+    torch.manual_seed(123)  # the global generator's state must not matter
+    again = widen_state_dict(narrow, NARROW, wide, seed=5)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    other = widen_state_dict(narrow, NARROW, wide, seed=6)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
 def test_the_bundled_presets_widen_small_to_wide_and_medium():
     assert widening_problem(PRESETS["small"], PRESETS["wide"]) is None
     assert widening_problem(PRESETS["small"], PRESETS["medium"]) is None

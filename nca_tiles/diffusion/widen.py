@@ -57,7 +57,9 @@ def widen_state_dict(state: dict[str, torch.Tensor], narrow: ModelConfig, wide: 
     generator = torch.Generator().manual_seed(seed)
     c, h, c2, h2, e = narrow.channels, narrow.hidden, wide.channels, wide.hidden, narrow.embedding_channels
     copies = h2 // h
-    fresh = DiffNCA(wide).state_dict()  # default initialisation for everything new
+    with torch.random.fork_rng(devices=[]):  # the same seed, the same new weights
+        torch.manual_seed(seed)
+        fresh = DiffNCA(wide).state_dict()  # default initialisation for everything new
     out = {name: tensor.clone() for name, tensor in fresh.items()}
     for name in ("embed.0.weight", "embed.0.bias", "embed.2.weight", "embed.2.bias"):
         out[name] = state[name].clone()
