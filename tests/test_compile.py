@@ -17,7 +17,7 @@ from torch._dynamo.utils import counters
 
 from nca_tiles.diffusion import compiled
 from nca_tiles.diffusion.model import PRESETS, CounterFireMask, DiffNCA
-from nca_tiles.diffusion.pipeline import COMPILE_PAYS_AFTER_S, generate_region, load_model
+from nca_tiles.diffusion.pipeline import COMPILE_PAYS_AFTER_S, TRIAL_CALLS, generate_region, load_model
 from nca_tiles.diffusion.schedule import NoiseSchedule
 from nca_tiles.synthesis.job import chunk_grid
 from nca_tiles.training.trainer import COMPILE_FROM_STEP, COMPILE_MIN_STEPS, Trainer, TrainConfig, diffusion_loss
@@ -86,7 +86,7 @@ def test_compiled_inference_hashes_its_fire_masks_inside_the_rule(model_dir):
     assert compiled.is_warm(hashed_fire_cell_rule) and not compiled.is_warm(rng.window_bernoulli_bits)
     pipeline = load_model(model_dir, "cpu", compile="auto")
     generate_region(pipeline, 16, 16, steps=1)
-    assert pipeline.compile == "on" and pipeline.model.compiled
+    assert pipeline.compile == "trial" and pipeline.model.compiled  # compiled from its next call
 
 
 def test_compiled_fire_masks_are_the_eager_ones_bit_for_bit():
@@ -171,9 +171,31 @@ def test_auto_compiles_once_eager_time_would_pay(model_dir, monkeypatch):
     generate_region(pipeline, 16, 16, steps=2)
     assert not pipeline.model.compiled  # tiny work: compiling would not pay
     monkeypatch.setitem(COMPILE_PAYS_AFTER_S, "cpu", 0.0)
-    generate_region(pipeline, 16, 16, steps=2)
-    assert pipeline.compile == "on" and pipeline.model.compiled
+    pipeline.eager_seconds = 1e9  # eager was very slow: the trial keeps the compiled rule
+    generate_region(pipeline, 16, 16, steps=TRIAL_CALLS + 2)
+    assert pipeline.compile == "on" and pipeline.model.compiled and compiled.kept()
     assert not load_model(model_dir, "cpu", compile=False).model.compiled
+    later = load_model(model_dir, "cpu", compile="auto")  # kept in this process: no trial of its own
+    generate_region(later, 16, 16, steps=1)
+    assert later.compile == "on" and later.model.compiled
+
+
+def test_auto_goes_back_to_eager_where_compiled_is_not_faster(model_dir, monkeypatch, capfd):
+    compiled.reset()
+    monkeypatch.setenv(compiled.MODE_ENV, "auto")  # the verdict sets it off for child processes
+    monkeypatch.setitem(COMPILE_PAYS_AFTER_S, "cpu", 0.0)
+    expected = generate_region(load_model(model_dir, "cpu", compile=False), 16, 16, seed=3, steps=TRIAL_CALLS + 3)
+    pipeline = load_model(model_dir, "cpu", compile="auto")
+    pipeline.eager_pixels = 1e15  # eager was very fast per pixel: compiled cannot beat it
+    got = generate_region(pipeline, 16, 16, seed=3, steps=TRIAL_CALLS + 3)
+    assert pipeline.compile == "off" and not pipeline.model.compiled
+    assert_same_image(got, expected)
+    assert capfd.readouterr().err.count("ran no faster than eager") == 1
+    # The verdict holds for the process: a later pipeline stays eager without compiling again.
+    later = load_model(model_dir, "cpu", compile="auto")
+    generate_region(later, 16, 16, steps=2)
+    assert later.compile == "off" and not later.model.compiled
+    compiled.reset()
 
 
 def test_training_compiles_long_runs_after_their_first_steps():

@@ -160,6 +160,17 @@ def test_the_runs_compile_mode_is_replayed(monkeypatch):
     assert (first.compile, second.compile, second.eager, second.seconds) == (5.0, 0.0, 2.0, 41.0)
 
 
+def test_a_compiled_rule_slower_than_eager_is_replayed_as_the_trial_runs_it(monkeypatch):
+    monkeypatch.setattr(calibration, "COMPILE_PAYS_AFTER_S", {"cpu": 10.0})
+    # compiled calls 1 s, eager 0.5 s: --compile auto compiles after 10 s of eager calls (20 of
+    # them, 10 calibrated seconds), pays the compile, finds compiled slower and goes back to eager:
+    # the other 20 calls cost 0.5 s each; every later level runs eager, compiling nothing.
+    slower = replace(calibrated("auto", True), eager_ratio=0.5)
+    first, second = model_times([slower, slower], [pipeline(), pipeline()], [10, 10])
+    assert (first.seconds, first.compile, first.eager) == (25.0, 5.0, 10.0)
+    assert (second.seconds, second.compile, second.eager) == (20.0, 0.0, 20.0)
+
+
 def test_the_compile_is_paid_by_the_first_level_that_runs_compiled(monkeypatch):
     """The demo's dry run (bench_dry_run, 2026-11-24) estimated 46 s for a 74 s run: its coarse
     level calibrated compiled (the 5 s compile timed there) but has too little work to switch in

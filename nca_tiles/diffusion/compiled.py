@@ -32,6 +32,7 @@ MODE_ENV = "NCA_TILES_COMPILE"
 _compiled: dict[tuple[Callable, bool | None], Callable] = {}
 _warm: set[Callable] = set()  # eager functions whose compiled copy has run once in this process
 _disabled: str | None = None  # why compiling is off in this process, once it failed
+_kept = False  # a --compile auto trial found the compiled rule faster here: later pipelines skip theirs
 
 
 def default_mode() -> str:
@@ -106,6 +107,28 @@ def disable(reason: str) -> None:
               "pass --no-compile to skip it", file=sys.stderr, flush=True)
 
 
+def keep() -> None:
+    """A ``--compile auto`` trial found the compiled rule faster than eager in this process."""
+    global _kept
+    _kept = True
+
+
+def kept() -> bool:
+    """Whether a trial in this process kept the compiled rule (a new pipeline needs none)."""
+    return _kept
+
+
+def not_faster(reason: str) -> None:
+    """The compiled rule ran no faster than eager here (``--compile auto``'s trial): eager from
+    now on in this process and the processes it starts, said in one line (once)."""
+    global _disabled
+    if _disabled is None:
+        _disabled = reason
+        os.environ[MODE_ENV] = "off"
+        print(f"note: torch.compile {reason}: running eager from now on (--no-compile skips the compile)",
+              file=sys.stderr, flush=True)
+
+
 def is_warm(fn: Callable) -> bool:
     """Whether the compiled copy of ``fn`` already ran in this process (compiling it again is
     almost free: new sizes reuse it)."""
@@ -151,9 +174,10 @@ def run(fn: Callable, *args, enabled: bool, dynamic: bool | None = None):
 def reset() -> None:
     """Forget this process's compiled copies and any failure (tests: one test's compiling must not
     change what the next one runs)."""
-    global _disabled
+    global _disabled, _kept
     _compiled.clear()
     _warm.clear()
     _disabled = None
+    _kept = False
     _missing_toolchain.cache_clear()
     torch._dynamo.reset()

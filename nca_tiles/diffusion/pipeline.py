@@ -13,6 +13,7 @@ synthesis must equal, and the API for small images (e.g. to feed a data loader).
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,11 @@ class Pipeline:
     # calls have taken about as long as compiling would (COMPILE_PAYS_AFTER_S), then compiled.
     compile: str = "off"
     eager_seconds: float = 0.0  # model time spent eager so far, while compile is "auto"
+    eager_pixels: float = 0.0  # window pixels of those calls: eager seconds per pixel, for the trial
+    # compile "trial": compiled, kept only if faster than eager was (TRIAL_CALLS timed calls)
+    trial_calls: int = 0
+    trial_seconds: float = 0.0
+    trial_pixels: float = 0.0
 
     @property
     def halo(self) -> int:
@@ -135,23 +141,63 @@ def predict_noise(pipeline: Pipeline, x_t: torch.Tensor, t: int, origins: list[t
 # costs (≈ 5–10 s on 2 CPU cores, measured; Triton on CUDA is slower to compile, an estimate), so
 # a job never spends more than about twice the better choice's time.
 COMPILE_PAYS_AFTER_S = {"cpu": 10.0, "cuda": 30.0}
+# Compiled calls timed after the compiling one before compile="auto" keeps the compiled rule: it
+# keeps it only if it ran faster per pixel than the eager calls did. The inductor kernels do not
+# win on every CPU: on the development machine of 2026-12-05 (AMD EPYC, 62 GFLOP/s matmul) a
+# compiled 512² step took 3.17 s against 2.68 s eager, after a 49 s compile, and the demo took
+# 327 s compiled against 175 s eager (README § Compiled vs eager).
+TRIAL_CALLS = 3
 
 
 def run_model(pipeline: Pipeline, *args) -> torch.Tensor:
-    """The pipeline's model on ``args``, compiling its rule once compile="auto" finds it pays."""
+    """The pipeline's model on ``args``, compiling its rule once compile="auto" finds it pays, and
+    keeping it compiled only if it runs faster than eager did (``TRIAL_CALLS``)."""
     model = pipeline.model
-    if pipeline.compile != "auto":
+    if pipeline.compile not in ("auto", "trial"):
         return model(*args)
     start = time.perf_counter()
     out = model(*args)
     if pipeline.device.type == "cuda":
         torch.cuda.synchronize(pipeline.device)  # only while deciding: queued kernels are time too
-    pipeline.eager_seconds += time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    x_t = args[0]
+    pixels = float(x_t.shape[0] * x_t.shape[2] * x_t.shape[3])
+    if pipeline.compile == "trial":
+        _judge_compiled(pipeline, seconds, pixels)
+        return out
+    pipeline.eager_seconds += seconds
+    pipeline.eager_pixels += pixels
     # Compiled already in this process (another pipeline, another job): new models reuse it.
     if rule_is_warm() or pipeline.eager_seconds >= COMPILE_PAYS_AFTER_S.get(pipeline.device.type, 30.0):
         model.compiled = compiled.available(pipeline.device)
-        pipeline.compile = "on" if model.compiled else "off"
+        if not model.compiled:
+            pipeline.compile = "off"
+        else:
+            pipeline.compile = "on" if compiled.kept() else "trial"
     return out
+
+
+def _judge_compiled(pipeline: Pipeline, seconds: float, pixels: float) -> None:
+    """One compiled call of compile="auto"'s trial: after ``TRIAL_CALLS`` (the first, which may
+    compile, not counted) keep the compiled rule if it was faster per pixel than eager, else run
+    eager from now on, in this process (every level, every job)."""
+    pipeline.trial_calls += 1
+    if pipeline.trial_calls == 1:
+        return
+    pipeline.trial_seconds += seconds
+    pipeline.trial_pixels += pixels
+    if pipeline.trial_calls <= TRIAL_CALLS:
+        return
+    compiled_rate = pipeline.trial_seconds / pipeline.trial_pixels
+    eager_rate = pipeline.eager_seconds / pipeline.eager_pixels if pipeline.eager_pixels else math.inf
+    if compiled_rate < eager_rate:
+        compiled.keep()
+        pipeline.compile = "on"
+        return
+    pipeline.model.compiled = False
+    pipeline.compile = "off"
+    compiled.not_faster(f"ran no faster than eager here ({compiled_rate * 1e6:.2f} against "
+                        f"{eager_rate * 1e6:.2f} s per megapixel of window per denoising step)")
 
 
 def reverse_step(pipeline: Pipeline, sampler: str, eps: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int,

@@ -15,8 +15,10 @@ Where a real ``synthesize`` spends its time, and how each part is calibrated her
   bands of the real width compile what the real windows need); a later call that compiles another
   graph adds its excess too.
 - **``--compile auto``**: the run starts eager and compiles once its model calls have taken
-  ``COMPILE_PAYS_AFTER_S``; the estimate replays that on the calibrated times (eager ÷ compiled from
-  the same slice timed both ways).
+  ``COMPILE_PAYS_AFTER_S``, then keeps the compiled rule only if it runs faster than eager
+  (``pipeline.TRIAL_CALLS``); the estimate replays that on the calibrated times (eager ÷ compiled
+  from the same slice timed both ways): where compiled is slower, the compile is paid and the rest
+  of the run, every later level too, runs eager.
 - **the rest of a sweep**: x_T (or, on a finer level, the upsampled coarser level re-noised), the
   zarr reads of windows and writes of chunks, the sampler's step, the per-group upkeep and the
   manifest; and the final **export**: each timed once on probe chunks in a temporary folder and
@@ -316,10 +318,15 @@ def model_times(calibrations: list[LevelCalibration], pipelines: list[Pipeline],
     level that runs compiled; a level's own new graphs (other window sizes) add their excess."""
     out = []
     unpaid = 0.0  # compile seconds timed by earlier levels' calibrations that no replayed call paid yet
+    reverted = False  # a replayed --compile auto trial found compiled slower: eager from then on
     for cal, pipeline, n_steps in zip(calibrations, pipelines, steps):
         shapes = tuple(s.shape for s in cal.shapes)
         per_window = [cal.seconds_per_window(i, stat) for i in range(len(shapes))]
         total = n_steps * sum(s.count * p for s, p in zip(shapes, per_window))  # all calls as calibrated
+        if reverted:
+            eager = total * ((cal.eager_ratio or 1.0) if cal.compiled else 1.0)
+            out.append(ModelTime(eager, 0.0, eager))
+            continue
         threshold = COMPILE_PAYS_AFTER_S.get(pipeline.device.type, 30.0)
         timed = cal.compile_seconds is not None
         own = cal.compile_seconds if timed else 0.0
@@ -345,6 +352,8 @@ def model_times(calibrations: list[LevelCalibration], pipelines: list[Pipeline],
         # threshold (or after its first call when the rule is warm), then compiled.
         if cal.compiled:  # calibrated compiled: eager calls cost eager_ratio times more
             eager_factor, compiled_factor = cal.eager_ratio or 1.0, 1.0
+            if eager_factor < 1.0:  # compiled is slower: the trial (run_model) goes back to eager
+                compiled_factor, reverted = eager_factor, True
         else:  # calibrated eager (the run was not expected to compile): compiled costs as much
             eager_factor, compiled_factor = 1.0, 1.0
         eager_seconds = pipeline.eager_seconds
