@@ -141,7 +141,7 @@ def print_results(results: dict) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--presets", default="tiny,small", help="comma-separated presets (tiny, small, medium, paper)")
+    parser.add_argument("--presets", default="tiny,small", help="comma-separated presets (tiny, small, medium, wide, paper)")
     parser.add_argument("--include-paper", action="store_true", help="add the paper preset (slow on a CPU)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--steps", type=int, help=f"at most this many timed steps per measurement "
