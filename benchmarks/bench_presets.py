@@ -73,11 +73,13 @@ def train_seconds(preset_name: str, device, batch: int, patch: int, warmup: int,
 
 
 def inference_seconds(preset_name: str, device, size: int, steps: int, max_seconds: float) -> list[float]:
-    """Seconds of each single-denoising-step ``generate_region`` on a size² canvas, fp32."""
+    """Seconds of each single-denoising-step ``generate_region`` on a size² canvas, fp32, eager
+    (``--compile auto`` would compile and try the compiled rule inside the timed calls;
+    bench_compile.py compares the two)."""
     from nca_tiles.diffusion.pipeline import build_pipeline, generate_region
 
     meta, state = random_model(preset_name)
-    pipeline = build_pipeline(meta, state, device, "fp32")
+    pipeline = build_pipeline(meta, state, device, "fp32", compile="off")
     generate_region(pipeline, 32, 32, steps=1)  # warm-up, on a small canvas
 
     def step(n: int) -> None:
