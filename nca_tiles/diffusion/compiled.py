@@ -99,12 +99,17 @@ def _missing_toolchain(device_type: str) -> str | None:
 
 def disable(reason: str) -> None:
     """Run eager from now on, saying why in one line (once per process)."""
+    _turn_off(reason, f"warning: torch.compile unavailable, running eager (slower): {reason}; "
+                      "pass --no-compile to skip it")
+
+
+def _turn_off(reason: str, line: str) -> None:
+    """Eager from now on in this process and the processes it starts; ``line`` said once."""
     global _disabled
     if _disabled is None:
         _disabled = reason
         os.environ[MODE_ENV] = "off"  # worker processes started later need not find out again
-        print(f"warning: torch.compile unavailable, running eager (slower): {reason}; "
-              "pass --no-compile to skip it", file=sys.stderr, flush=True)
+        print(line, file=sys.stderr, flush=True)
 
 
 def keep() -> None:
@@ -121,12 +126,7 @@ def kept() -> bool:
 def not_faster(reason: str) -> None:
     """The compiled rule ran no faster than eager here (``--compile auto``'s trial): eager from
     now on in this process and the processes it starts, said in one line (once)."""
-    global _disabled
-    if _disabled is None:
-        _disabled = reason
-        os.environ[MODE_ENV] = "off"
-        print(f"note: torch.compile {reason}: running eager from now on (--no-compile skips the compile)",
-              file=sys.stderr, flush=True)
+    _turn_off(reason, f"note: torch.compile {reason}: running eager from now on (--no-compile skips the compile)")
 
 
 def is_warm(fn: Callable) -> bool:

@@ -145,7 +145,7 @@ COMPILE_PAYS_AFTER_S = {"cpu": 10.0, "cuda": 30.0}
 # keeps it only if it ran faster per pixel than the eager calls did. The inductor kernels do not
 # win on every CPU: on the development machine of 2026-12-05 (AMD EPYC, 62 GFLOP/s matmul) a
 # compiled 512² step took 3.17 s against 2.68 s eager, after a 49 s compile, and the demo took
-# 327 s compiled against 175 s eager (README § Compiled vs eager).
+# 327 s compiled against about 3 min eager (README § Compiled vs eager).
 TRIAL_CALLS = 3
 
 

@@ -318,6 +318,9 @@ class Trainer:
 
         files = resolve_model_path(Path(model_path))
         meta, state = load_model_files(files)
+        if meta["schedule"] != self.schedule.config.to_dict():
+            raise NcaTilesError(f"--init-from {model_path} has another noise schedule: "
+                                f"use its --beta-schedule ({meta['schedule']['beta_schedule']})")
         source = {"model": model_hash(meta, state), "step": (meta.get("training") or {}).get("step")}
         if meta["model"] != self.model.config.to_dict():
             narrow = ModelConfig.from_dict(meta["model"])
@@ -328,9 +331,6 @@ class Trainer:
             load_weights(DiffNCA(narrow), state, files.weights or files.checkpoint)  # its own shapes, checked
             state = widen_state_dict(state, narrow, self.model.config, seed=rng.derive_seed(self.cfg.seed, INIT_SEED_KEY, 1))
             source["widened_from"] = {"channels": narrow.channels, "hidden": narrow.hidden}
-        if meta["schedule"] != self.schedule.config.to_dict():
-            raise NcaTilesError(f"--init-from {model_path} has another noise schedule: "
-                                f"use its --beta-schedule ({meta['schedule']['beta_schedule']})")
         load_weights(self.model, state, files.weights or files.checkpoint)
         self.ema.load_state_dict(self.model.state_dict())
         self.initialized_from = source
