@@ -78,7 +78,8 @@ def compile_option():
         return click.option(
             "--compile/--no-compile", "compile_mode", default=None,
             help="torch.compile the model (CPU: needs a C++ compiler; CUDA: Triton). Default: where it pays "
-                 "(long training runs; sampling once eager has taken about as long as compiling would).",
+                 "(long training runs; sampling once eager has taken about as long as compiling would, and "
+                 "not again on a machine where it ran no faster than eager).",
         )(run_with_compile)
 
     return decorator

@@ -35,6 +35,15 @@ def real_crops(sample_slide: Path) -> np.ndarray:
     return np.stack(crops)[np.random.default_rng(0).permutation(len(crops))]
 
 
+@pytest.fixture(autouse=True)
+def own_cache_dir(tmp_path_factory, monkeypatch):
+    """Each test its own nca-tiles cache (compile verdicts): none from the user's runs or from
+    another test; the subprocesses a test starts inherit it."""
+    from nca_tiles.diffusion import compiled
+
+    monkeypatch.setenv(compiled.CACHE_ENV, str(tmp_path_factory.mktemp("cache")))
+
+
 # Test models are tiny: extra OpenMP threads only add synchronisation, and on a loaded machine
 # spinning threads make small convolutions ~100× slower. Subprocesses inherit the variable.
 os.environ["OMP_NUM_THREADS"] = "1"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
+import json
 import os
 import subprocess
 import sys
@@ -195,6 +197,73 @@ def test_auto_goes_back_to_eager_where_compiled_is_not_faster(model_dir, monkeyp
     later = load_model(model_dir, "cpu", compile="auto")
     generate_region(later, 16, 16, steps=2)
     assert later.compile == "off" and not later.model.compiled
+    compiled.reset()
+
+
+LATER_PROCESS = """
+import sys
+from nca_tiles.diffusion.model import rule_is_warm
+from nca_tiles.diffusion.pipeline import generate_region, load_model
+pipeline = load_model(sys.argv[1], "cpu", compile=sys.argv[2])
+generate_region(pipeline, 16, 16, steps=2)
+print(pipeline.compile, pipeline.model.compiled, rule_is_warm())  # rule_is_warm: it compiled
+"""
+
+
+def later_process(model_dir, mode: str = "auto") -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-c", LATER_PROCESS, str(model_dir), mode], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, compiled.MODE_ENV: "auto"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_a_machine_remembers_that_compiled_was_not_faster(model_dir, monkeypatch):
+    compiled.reset()
+    monkeypatch.setenv(compiled.MODE_ENV, "auto")  # the verdict sets it off: restored after the test
+    monkeypatch.setitem(COMPILE_PAYS_AFTER_S, "cpu", 0.0)
+    assert compiled.remembered_not_faster("cpu") is None  # this test's own, empty cache
+    pipeline = load_model(model_dir, "cpu", compile="auto")
+    pipeline.eager_pixels = 1e15  # the trial finds compiled slower
+    generate_region(pipeline, 16, 16, steps=TRIAL_CALLS + 3)
+    assert pipeline.compile == "off"
+    verdicts = json.loads((compiled.cache_dir() / compiled.VERDICTS_FILE).read_text())
+    assert list(verdicts) == [compiled.machine_key("cpu")] and verdicts[compiled.machine_key("cpu")]["faster"] is False
+    compiled.reset()
+    # A later process on this machine runs eager from the start: no compile, one note line.
+    result = later_process(model_dir)
+    assert result.stdout.split() == ["off", "False", "False"], result.stdout
+    notes = [line for line in result.stderr.splitlines() if "torch.compile" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: torch.compile skipped"), result.stderr
+    assert compiled.VERDICTS_FILE in notes[0] and "--compile forces it" in notes[0]
+    # --compile (on) still compiles.
+    forced = later_process(model_dir, "on")
+    assert forced.stdout.split() == ["on", "True", "True"], forced.stdout
+    assert "skipped" not in forced.stderr
+
+
+def test_a_compile_verdict_is_forgotten_when_old_damaged_or_from_another_machine(model_dir, monkeypatch):
+    compiled.reset()
+    path = compiled.cache_dir() / compiled.VERDICTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def write(key, days_ago):
+        when = (now - datetime.timedelta(days=days_ago)).isoformat()
+        path.write_text(json.dumps({key: {"faster": False, "measured": when, "detail": ""}}))
+
+    write(compiled.machine_key("cpu"), 1)
+    assert compiled.remembered_not_faster("cpu") == (now - datetime.timedelta(days=1)).date().isoformat()
+    write(compiled.machine_key("cpu"), compiled.VERDICT_DAYS + 1)
+    assert compiled.remembered_not_faster("cpu") is None
+    write(compiled.machine_key("cpu").replace("torch ", "torch 0.0+"), 1)  # another torch, CPU or thread count
+    assert compiled.remembered_not_faster("cpu") is None
+    for damaged in ("{", "[]", '{"%s": 3}' % compiled.machine_key("cpu"), ""):
+        path.write_text(damaged)
+        assert compiled.remembered_not_faster("cpu") is None
+        assert load_model(model_dir, "cpu", compile="auto").compile == "auto"
+    # A damaged file is replaced by the next verdict.
+    compiled.remember_not_faster("cpu", "test")
+    assert compiled.remembered_not_faster("cpu") == now.date().isoformat()
     compiled.reset()
 
 

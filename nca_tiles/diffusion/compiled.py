@@ -9,16 +9,27 @@ eager ones up to float rounding, so tiled still equals whole (docs/design.md §3
 
 Without a C++ compiler (CPU) or Triton and a C compiler (CUDA), or if compiling fails, the rule
 runs eager, and the process says so in one line on stderr, once.
+
+Where ``--compile auto``'s trial finds the compiled rule no faster than eager, the machine
+remembers it (:func:`remember_not_faster`, a small JSON file in the user's cache directory, keyed
+by processor, device, threads and torch version, for ``VERDICT_DAYS``): later processes there run
+eager from the start instead of paying the compile again (49 s on 2 CPU cores, measured) for a
+rule they would then drop.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
+import json
 import os
+import platform
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
@@ -33,6 +44,12 @@ _compiled: dict[tuple[Callable, bool | None], Callable] = {}
 _warm: set[Callable] = set()  # eager functions whose compiled copy has run once in this process
 _disabled: str | None = None  # why compiling is off in this process, once it failed
 _kept = False  # a --compile auto trial found the compiled rule faster here: later pipelines skip theirs
+
+# Where this machine's --compile auto verdicts are kept (default: $XDG_CACHE_HOME/nca-tiles, else
+# ~/.cache/nca-tiles), and for how long one holds: CPUs, drivers and torch change.
+CACHE_ENV = "NCA_TILES_CACHE_DIR"
+VERDICTS_FILE = "compile-verdicts.json"
+VERDICT_DAYS = 30
 
 
 def default_mode() -> str:
@@ -126,7 +143,92 @@ def kept() -> bool:
 def not_faster(reason: str) -> None:
     """The compiled rule ran no faster than eager here (``--compile auto``'s trial): eager from
     now on in this process and the processes it starts, said in one line (once)."""
-    _turn_off(reason, f"note: torch.compile {reason}: running eager from now on (--no-compile skips the compile)")
+    _turn_off(reason, f"note: torch.compile {reason}: running eager from now on; later runs on this machine "
+                      "skip the compile (--compile forces it)")
+
+
+def cache_dir() -> Path:
+    """This user's nca-tiles cache directory (``$NCA_TILES_CACHE_DIR`` if set)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "nca-tiles"
+
+
+def machine_key(device: torch.device | str) -> str:
+    """What a compile verdict depends on: processor (or GPU), threads, torch version."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        hardware = torch.cuda.get_device_name(index)
+    else:
+        hardware = _cpu_model()
+    return f"{device.type} | {hardware} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+
+
+@functools.cache
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown processor"
+
+
+def _read_verdicts() -> dict:
+    try:
+        verdicts = json.loads((cache_dir() / VERDICTS_FILE).read_text())
+    except (OSError, ValueError):  # none yet, unreadable or damaged: a cache, so start afresh
+        return {}
+    return verdicts if isinstance(verdicts, dict) else {}
+
+
+def remembered_not_faster(device: torch.device | str) -> str | None:
+    """The date on which a trial on this machine found the compiled rule no faster than eager, if
+    one did within ``VERDICT_DAYS``; else None."""
+    entry = _read_verdicts().get(machine_key(device))
+    try:
+        when = datetime.datetime.fromisoformat(entry["measured"])
+    except (TypeError, KeyError, ValueError):
+        return None
+    age = datetime.datetime.now(datetime.timezone.utc) - when
+    return when.date().isoformat() if entry.get("faster") is False and age.days < VERDICT_DAYS else None
+
+
+def remember_not_faster(device: torch.device | str, detail: str) -> None:
+    """Keep a trial's "no faster" verdict for later processes on this machine. Written whole and
+    renamed into place (a reader never sees half a file); failing to write only costs speed."""
+    verdicts = _read_verdicts()
+    verdicts[machine_key(device)] = {
+        "faster": False,
+        "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "detail": detail,
+    }
+    try:
+        directory = cache_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
+            json.dump(verdicts, f, indent=1)
+        os.replace(f.name, directory / VERDICTS_FILE)
+    except OSError:
+        with contextlib.suppress(OSError, NameError):
+            os.unlink(f.name)
+
+
+def skip_remembered(device: torch.device | str) -> bool:
+    """Under ``--compile auto``: whether this machine remembers the compiled rule as no faster
+    (then eager from now on in this process, said in one line)."""
+    if _disabled is not None:
+        return True
+    measured = remembered_not_faster(device)
+    if measured is None:
+        return False
+    _turn_off("remembered as no faster",
+              f"note: torch.compile skipped: on this machine it ran no faster than eager (measured {measured}; "
+              f"--compile forces it, or delete {cache_dir() / VERDICTS_FILE})")
+    return True
 
 
 def is_warm(fn: Callable) -> bool:

@@ -95,6 +95,8 @@ def build_pipeline(meta: dict, state_dict: dict, device: str | torch.device = "c
     model.eval().requires_grad_(False).to(device)
     precision = resolve_precision(device, precision)
     mode = compiled.resolve_mode(compile)
+    if mode == "auto" and compiled.skip_remembered(device):  # an earlier trial here: not faster
+        mode = "off"
     if mode == "on":
         model.compiled = compiled.available(device)
         mode = "on" if model.compiled else "off"
@@ -196,8 +198,10 @@ def _judge_compiled(pipeline: Pipeline, seconds: float, pixels: float) -> None:
         return
     pipeline.model.compiled = False
     pipeline.compile = "off"
-    compiled.not_faster(f"ran no faster than eager here ({compiled_rate * 1e6:.2f} against "
-                        f"{eager_rate * 1e6:.2f} s per megapixel of window per denoising step)")
+    detail = (f"{compiled_rate * 1e6:.2f} against {eager_rate * 1e6:.2f} s per megapixel of window per "
+              "denoising step")
+    compiled.remember_not_faster(pipeline.device, detail)  # later processes here skip the compile
+    compiled.not_faster(f"ran no faster than eager here ({detail})")
 
 
 def reverse_step(pipeline: Pipeline, sampler: str, eps: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int,
