@@ -236,9 +236,10 @@ def test_a_machine_remembers_that_compiled_was_not_faster(model_dir, monkeypatch
     assert len(notes) == 1 and notes[0].startswith("note: torch.compile skipped"), result.stderr
     assert compiled.VERDICTS_FILE in notes[0] and "--compile forces it" in notes[0]
     # --compile (on) still compiles.
-    forced = later_process(model_dir, "on")
-    assert forced.stdout.split() == ["on", "True", "True"], forced.stdout
-    assert "skipped" not in forced.stderr
+    compiled.reset()
+    forced = load_model(model_dir, "cpu", compile="on")
+    assert forced.compile == "on" and forced.model.compiled
+    compiled.reset()
 
 
 def test_a_compile_verdict_is_forgotten_when_old_damaged_or_from_another_machine(model_dir, monkeypatch):
