@@ -36,12 +36,20 @@ def real_crops(sample_slide: Path) -> np.ndarray:
 
 
 @pytest.fixture(autouse=True)
-def own_cache_dir(tmp_path_factory, monkeypatch):
+def own_compile_settings(tmp_path_factory, monkeypatch):
     """Each test its own nca-tiles cache (compile verdicts): none from the user's runs or from
-    another test; the subprocesses a test starts inherit it."""
+    another test; the subprocesses a test starts inherit it. And the compile mode of the processes
+    it starts back as it was after it: a --compile auto trial that finds compiling no faster (more
+    likely on a loaded machine) sets it off for the rest of the process."""
     from nca_tiles.diffusion import compiled
 
     monkeypatch.setenv(compiled.CACHE_ENV, str(tmp_path_factory.mktemp("cache")))
+    mode = os.environ.get(compiled.MODE_ENV)
+    yield
+    if mode is None:  # (monkeypatch.delenv of an unset variable would restore nothing)
+        os.environ.pop(compiled.MODE_ENV, None)
+    else:
+        os.environ[compiled.MODE_ENV] = mode
 
 
 # Test models are tiny: extra OpenMP threads only add synchronisation, and on a loaded machine

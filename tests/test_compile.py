@@ -268,6 +268,22 @@ def test_a_compile_verdict_is_forgotten_when_old_damaged_or_from_another_machine
     compiled.reset()
 
 
+def test_a_test_that_turns_compiling_off_leaves_the_next_test_its_mode():
+    # The first half: a trial's verdict in the middle of a test, without monkeypatch (as in a
+    # synthesis test whose real trial found the compiled rule slower on a loaded machine).
+    before = os.environ.get(compiled.MODE_ENV)
+    compiled.not_faster("was slower in this test")
+    assert os.environ[compiled.MODE_ENV] == "off"
+    compiled.reset()
+    test_a_test_that_turns_compiling_off_leaves_the_next_test_its_mode.before = before
+
+
+def test_the_mode_is_back_after_a_test_turned_compiling_off():
+    # The second half (conftest.own_compile_settings): a later test's `nca-tiles synthesize --dry-run`
+    # once planned no compile because of it (test_dry_run_counts_the_compiles_memory_unless_no_compile).
+    assert os.environ.get(compiled.MODE_ENV) == test_a_test_that_turns_compiling_off_leaves_the_next_test_its_mode.before
+
+
 def test_training_compiles_long_runs_after_their_first_steps():
     class Run:  # the attributes Trainer._compile_from reads
         device = torch.device("cpu")
