@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from nca_tiles.errors import NcaTilesError
 from nca_tiles_cli.options import compile_option, device_option, seed_option, threads_option
 
 
@@ -50,6 +51,10 @@ BETA_SCHEDULES = ("linear", "cosine")
 @click.option("--balance-slides", is_flag=True,
               help="Draw training patches slide by slide: each slide equally likely, whatever its patch count "
                    "(a large overview slide otherwise decides what the model draws). Kept on --resume.")
+@click.option("--slide-weight", "slide_weights", multiple=True, metavar="PATTERN=W",
+              help="With --balance-slides: draw the slides whose file name matches PATTERN (e.g. 'ovary_*') W times "
+                   "as often as the others (default 1; 0: never); repeatable, the first match counts. Kept on "
+                   "--resume.")
 @click.option("--beta-schedule", type=click.Choice(BETA_SCHEDULES), default="linear", show_default=True,
               help="Noise schedule over the 300 timesteps. linear: the paper's (its last step keeps 22 % of the "
                    "image, so sampling from pure noise lacks the large-scale contrast, e.g. background); cosine "
@@ -60,8 +65,8 @@ BETA_SCHEDULES = ("linear", "cosine")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @threads_option()
 def train(patches, out, preset, steps, batch_size, lr, device, precision, resume, overwrite, seed,
-          val_every, sample_every, checkpoint_every, max_timestep, relay_factor, balance_slides, beta_schedule,
-          init_from, no_progress) -> None:
+          val_every, sample_every, checkpoint_every, max_timestep, relay_factor, balance_slides, slide_weights,
+          beta_schedule, init_from, no_progress) -> None:
     """Train Diff-NCA with the paper's recipe (MSE + L1 on ε, Adam, ExponentialLR, EMA 0.99).
 
     Ctrl-C saves a checkpoint; rerun with --resume to continue exactly where it stopped.
@@ -71,9 +76,24 @@ def train(patches, out, preset, steps, batch_size, lr, device, precision, resume
 
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, val_every=val_every,
                          sample_every=sample_every, checkpoint_every=checkpoint_every, max_timestep=max_timestep,
-                         relay_factor=relay_factor, balance_slides=balance_slides)
+                         relay_factor=relay_factor, balance_slides=balance_slides,
+                         slide_weights=parse_slide_weights(slide_weights))
     trainer, last = run_training(patches, out, preset, config, device, precision,
                                  resume=resume, overwrite=overwrite, progress=not no_progress, init_from=init_from,
                                  schedule=ScheduleConfig(beta_schedule=beta_schedule),
                                  on_resume=lambda step: click.echo(f"resuming at step {step}"))
     click.echo(f"trained to step {trainer.step}: loss {last.get('loss', float('nan')):.4f}; model in {out / 'model'}")
+
+
+def parse_slide_weights(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+    """--slide-weight PATTERN=W values as (pattern, weight) pairs, in the order given."""
+    pairs = []
+    for value in values:
+        pattern, sep, weight = value.rpartition("=")
+        try:
+            if not (sep and pattern):
+                raise ValueError
+            pairs.append((pattern, float(weight)))
+        except ValueError:
+            raise NcaTilesError(f"--slide-weight takes PATTERN=weight (e.g. 'ovary_*=0.5'), got {value!r}") from None
+    return tuple(pairs)

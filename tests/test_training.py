@@ -727,6 +727,68 @@ def test_balance_slides_is_recorded_resumes_exactly_and_must_be_kept(two_slide_s
     assert any(not torch.equal(a[key], b[key]) for key in a)
 
 
+# -- --slide-weight: balanced batches, some slides weighted ----------------------------------------
+def test_weighted_draw_gives_each_slide_its_share():
+    from nca_tiles.training.trainer import SlideGroups, slide_shares, weighted_draw
+
+    slide_of_patch = np.array([2] * 5 + [0] * 90 + [1] * 4 + [0] * 1)
+    groups = SlideGroups.of(slide_of_patch)
+    names = ["big.svs", "ovary_a.jpg", "ovary_b.jpg"]  # the store's slides 0, 1, 2
+    shares = slide_shares(names, groups, (("ovary_a*", 0.0), ("ovary_*", 2.0)))  # the first match counts
+    np.testing.assert_allclose(shares, [1 / 3, 0, 2 / 3])
+    drawn = weighted_draw(groups, shares, 30_000, torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(np.bincount(slide_of_patch[drawn], minlength=3) / len(drawn), shares, atol=0.015)
+    np.testing.assert_array_equal(drawn, weighted_draw(groups, shares, 30_000, torch.Generator().manual_seed(0)))
+    with pytest.raises(NcaTilesError, match="'skin_\\*' matches none of the store's slides .*big.svs"):
+        slide_shares(names, groups, (("skin_*", 2.0),))
+    with pytest.raises(NcaTilesError, match="every slide with train patches has weight 0"):
+        slide_shares(names, groups, (("*", 0.0),))
+
+
+def test_slide_weight_shifts_the_batches_is_recorded_and_must_be_kept(two_slide_store, tmp_path):
+    from nca_tiles.diffusion.model import preset
+    from nca_tiles.training.trainer import TrainConfig, Trainer, weighted_draw
+
+    store = open_patch_store(two_slide_store)
+    slide_of_train = store.slide_index[np.sort(store.indices("train"))]
+    config = TrainConfig(balance_slides=True, slide_weights=(("ovary_*", 3.0),))
+    trainer = Trainer(store, tmp_path / "run", preset("tiny"), ScheduleConfig(), config, torch.device("cpu"),
+                      compile=False)
+    drawn = slide_of_train[weighted_draw(trainer.train_slides, trainer.slide_shares, 4000,
+                                         torch.Generator().manual_seed(1))]
+    ovary = [i for i, s in enumerate(store.slides) if Path(s["path"]).name.startswith("ovary_")]
+    assert np.mean(drawn == ovary[0]) == pytest.approx(0.75, abs=0.03)  # 3 : 1
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    weighted = ("--balance-slides", "--slide-weight", "ovary_*=3")
+    assert_ok(train(two_slide_store, straight, "--steps", 4, *weighted))
+    assert load_checkpoint(straight)["meta"]["training"]["slide_weights"] == [["ovary_*", 3.0]]
+    assert_ok(train(two_slide_store, resumed, "--steps", 2, *weighted))
+    assert_one_line_error(train(two_slide_store, resumed, "--steps", 4, "--resume", "--balance-slides"),
+                          "--slide-weight 'ovary_*=3'", "give the same")
+    assert_ok(train(two_slide_store, resumed, "--steps", 4, "--resume", *weighted))
+    assert_identical(load_checkpoint(straight)["model"], load_checkpoint(resumed)["model"])
+    balanced = tmp_path / "balanced"
+    assert_ok(train(two_slide_store, balanced, "--steps", 1, "--balance-slides"))
+    assert "slide_weights" not in load_checkpoint(balanced)["meta"]["training"]
+    assert_one_line_error(train(two_slide_store, balanced, "--steps", 2, "--resume", *weighted),
+                          "without --slide-weight")
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--slide-weight", "ovary_*=3"], ["--slide-weight", "--balance-slides: give both"]),
+    (["--balance-slides", "--slide-weight", "ovary_*"], ["PATTERN=weight", "'ovary_*'"]),
+    (["--balance-slides", "--slide-weight", "=2"], ["PATTERN=weight"]),
+    (["--balance-slides", "--slide-weight", "ovary_*=lots"], ["PATTERN=weight"]),
+    (["--balance-slides", "--slide-weight", "ovary_*=-1"], ["ovary_*=-1.0", "finite number ≥ 0"]),
+    (["--balance-slides", "--slide-weight", "ovary_*=nan"], ["finite number ≥ 0"]),
+    (["--balance-slides", "--slide-weight", "skin_*=2"], ["'skin_*' matches none", "ovary_hgsc_stroma.jpg"]),
+])
+def test_bad_slide_weights_are_refused_in_one_line(two_slide_store, tmp_path, args, fragments):
+    assert_one_line_error(train(two_slide_store, tmp_path / "run", "--steps", 1, *args), *fragments)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_a_finer_levels_sample_grid_shows_what_it_makes_of_the_hand_over(store, tmp_path):
     # A level trained only up to --max-timestep never starts from pure noise: samples from noise
     # showed nothing it learned. Its grid: real validation patches, the hand-over, the result.

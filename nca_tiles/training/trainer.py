@@ -9,6 +9,7 @@ step n (batch, dihedral augmentation, t, ε, fire masks) comes from a generator 
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 import math
 import shutil
@@ -92,6 +93,10 @@ class TrainConfig:
     # with many patches (a large low-magnification overview) otherwise decides what the model
     # learns to draw. False: every train patch equally likely.
     balance_slides: bool = False
+    # With balance_slides: (pattern, weight) pairs giving the slides whose file name matches the
+    # pattern (fnmatch; the first match counts) that weight in the draw, the others 1; 0: never.
+    # Equal shares over-weight a small slide of unusual tissue (the README's layout runs).
+    slide_weights: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         check_int("--steps", self.steps, 1, MAX_STEPS)
@@ -108,6 +113,11 @@ class TrainConfig:
             if self.max_timestep is None:
                 raise NcaTilesError("--relay-factor needs --max-timestep: the t at which the level takes over "
                                     "(build-model --t-start)")
+        for pattern, weight in self.slide_weights:
+            if not (math.isfinite(weight) and weight >= 0):
+                raise NcaTilesError(f"--slide-weight {pattern}={weight}: a weight must be a finite number ≥ 0")
+        if self.slide_weights and not self.balance_slides:
+            raise NcaTilesError("--slide-weight weighs the slides of --balance-slides: give both")
 
 
 def to_model_space(images: np.ndarray) -> torch.Tensor:
@@ -129,24 +139,51 @@ def dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class SlideGroups:
-    """The train patches grouped by slide: ``order[starts[k]:starts[k] + sizes[k]]`` are slide k's."""
+    """The train patches grouped by slide: ``order[starts[k]:starts[k] + sizes[k]]`` are the
+    patches of slide ``slides[k]`` (its index in the store)."""
     order: np.ndarray
     starts: np.ndarray
     sizes: np.ndarray
+    slides: np.ndarray
 
     @classmethod
     def of(cls, slide_of_patch: np.ndarray) -> "SlideGroups":
         order = np.argsort(slide_of_patch, kind="stable")
-        _, starts, sizes = np.unique(slide_of_patch[order], return_index=True, return_counts=True)
-        return cls(order, starts, sizes)
+        slides, starts, sizes = np.unique(slide_of_patch[order], return_index=True, return_counts=True)
+        return cls(order, starts, sizes, slides)
 
 
 def balanced_draw(groups: SlideGroups, count: int, generator: torch.Generator) -> np.ndarray:
     """``count`` patch indices: a slide uniformly at random, then one of its patches uniformly."""
     slide = torch.randint(len(groups.sizes), (count,), generator=generator).numpy()
-    u = torch.rand(count, generator=generator, dtype=torch.float64).numpy()
+    return _patch_of_slide(groups, slide, generator)
+
+
+def weighted_draw(groups: SlideGroups, shares: np.ndarray, count: int, generator: torch.Generator) -> np.ndarray:
+    """``count`` patch indices: slide k with probability ``shares[k]``, then one of its patches uniformly."""
+    slide = torch.multinomial(torch.as_tensor(shares, dtype=torch.float64), count, replacement=True,
+                              generator=generator).numpy()
+    return _patch_of_slide(groups, slide, generator)
+
+
+def _patch_of_slide(groups: SlideGroups, slide: np.ndarray, generator: torch.Generator) -> np.ndarray:
+    u = torch.rand(len(slide), generator=generator, dtype=torch.float64).numpy()
     within = np.minimum((u * groups.sizes[slide]).astype(np.int64), groups.sizes[slide] - 1)
     return groups.order[groups.starts[slide] + within]
+
+
+def slide_shares(names: list[str], groups: SlideGroups, weights: tuple[tuple[str, float], ...]) -> np.ndarray:
+    """Each train slide's probability in a batch under ``--slide-weight``: its weight (the first
+    pattern matching its file name, else 1) over the sum. ``names``: the store's slide file names."""
+    for pattern, _ in weights:
+        if not any(fnmatch.fnmatch(name, pattern) for name in names):
+            raise NcaTilesError(f"--slide-weight {pattern!r} matches none of the store's slides "
+                                f"({', '.join(names)}): give a file-name pattern of one")
+    w = np.array([next((weight for pattern, weight in weights if fnmatch.fnmatch(names[k], pattern)), 1.0)
+                  for k in groups.slides], dtype=np.float64)
+    if not w.sum() > 0:
+        raise NcaTilesError("--slide-weight: every slide with train patches has weight 0: give one a weight above 0")
+    return w / w.sum()
 
 
 def relay_target(schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, factor: int,
@@ -221,6 +258,8 @@ class Trainer:
         self.forward = self.model
         self.train_images, self.val_images = self._load_splits("train", "val")
         self.train_slides = SlideGroups.of(store.slide_index[self._split_indices("train")])  # rows of train_images
+        self.slide_shares = None if not train_config.slide_weights else slide_shares(
+            [Path(slide["path"]).name for slide in store.slides], self.train_slides, train_config.slide_weights)
         if len(self.train_images) == 0:
             raise NcaTilesError(f"{store.path} has no patches in its train split: extract from more tissue")
         self._stop_requested = False
@@ -256,7 +295,9 @@ class Trainer:
         return [images[idx] for idx in indices]
 
     def _batch(self, generator: torch.Generator) -> torch.Tensor:
-        if self.cfg.balance_slides:
+        if self.slide_shares is not None:
+            idx = weighted_draw(self.train_slides, self.slide_shares, self.cfg.batch_size, generator)
+        elif self.cfg.balance_slides:
             idx = balanced_draw(self.train_slides, self.cfg.batch_size, generator)
         else:
             idx = torch.randint(len(self.train_images), (self.cfg.batch_size,), generator=generator).numpy()
@@ -276,6 +317,8 @@ class Trainer:
                          **({} if self.cfg.max_timestep is None else {"max_timestep": self.cfg.max_timestep}),
                          **({} if self.cfg.relay_factor is None else {"relay_factor": self.cfg.relay_factor}),
                          **({"balance_slides": True} if self.cfg.balance_slides else {}),
+                         **({"slide_weights": [[p, w] for p, w in self.cfg.slide_weights]}
+                            if self.cfg.slide_weights else {}),
                          **({} if self.initialized_from is None else {"initialized_from": self.initialized_from})},
             "nca_tiles_version": __version__,
         }
@@ -358,6 +401,11 @@ class Trainer:
             raise NcaTilesError(f"--resume: {path} was trained {given}")
         if bool((saved.get("training") or {}).get("balance_slides")) != self.cfg.balance_slides:
             given = "without --balance-slides: drop it" if self.cfg.balance_slides else "with --balance-slides: give it"
+            raise NcaTilesError(f"--resume: {path} was trained {given} (the batches it draws must not change)")
+        saved_weights = [(p, float(w)) for p, w in (saved.get("training") or {}).get("slide_weights", [])]
+        if saved_weights != list(self.cfg.slide_weights):
+            given = ("without --slide-weight: drop it" if not saved_weights else "with " + " ".join(
+                f"--slide-weight '{p}={w:g}'" for p, w in saved_weights) + ": give the same")
             raise NcaTilesError(f"--resume: {path} was trained {given} (the batches it draws must not change)")
         self.initialized_from = (saved.get("training") or {}).get("initialized_from")
         self.model.load_state_dict(state["model"])
