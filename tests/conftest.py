@@ -44,12 +44,22 @@ def own_compile_settings(tmp_path_factory, monkeypatch):
     from nca_tiles.diffusion import compiled
 
     monkeypatch.setenv(compiled.CACHE_ENV, str(tmp_path_factory.mktemp("cache")))
-    mode = os.environ.get(compiled.MODE_ENV)
+    # As the session started, before and after: a module's fixture may have run a trial too.
+    _set_compile_mode(SESSION_COMPILE_MODE)
     yield
+    _set_compile_mode(SESSION_COMPILE_MODE)
+
+
+def _set_compile_mode(mode: str | None) -> None:
+    from nca_tiles.diffusion import compiled
+
     if mode is None:  # (monkeypatch.delenv of an unset variable would restore nothing)
         os.environ.pop(compiled.MODE_ENV, None)
     else:
         os.environ[compiled.MODE_ENV] = mode
+
+
+SESSION_COMPILE_MODE = os.environ.get("NCA_TILES_COMPILE")  # nca_tiles.diffusion.compiled.MODE_ENV
 
 
 # Test models are tiny: extra OpenMP threads only add synchronisation, and on a loaded machine
