@@ -263,8 +263,7 @@ def cell_rule(padded: torch.Tensor, state: torch.Tensor, fire: torch.Tensor, w: 
     serves every model in the process): ``padded`` is the region's state with a one-pixel border
     of its neighbours (B, c, H + 2, W + 2), ``state`` the region itself (B, c, H, W), ``fire``
     (B, 1, H, W). Returns the region's next state, written into ``out`` if given (eager only:
-    the band's rows of the spare state buffer, so no copy of the band follows; 4–5 % of an
-    inference step, measured).
+    the band's rows of the spare state buffer, so no copy of the band follows).
 
     The state stays channels-first, where the 3×3 perception is one oneDNN convolution; the
     per-pixel MLP runs on pixels × channels, reading the channels-first tensors as transposed
