@@ -81,25 +81,17 @@ def write_json(path: Path | None, results: dict) -> None:
 
 
 # -- machine and timing helpers (also used by bench_presets.py) ----------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info(device) -> dict:
     """What the numbers were measured on: they mean little without it."""
+    from nca_tiles.diffusion import compiled
+
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     info = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "host": platform.node(),
-        "cpu": cpu_model(),
+        "cpu": compiled.cpu_model(),
         "cores": cores,
         "torch_threads": torch.get_num_threads(),
         "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,

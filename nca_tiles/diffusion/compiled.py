@@ -162,12 +162,13 @@ def machine_key(device: torch.device | str) -> str:
         index = device.index if device.index is not None else torch.cuda.current_device()
         hardware = torch.cuda.get_device_name(index)
     else:
-        hardware = _cpu_model()
+        hardware = cpu_model()
     return f"{device.type} | {hardware} | {torch.get_num_threads()} threads | torch {torch.__version__}"
 
 
 @functools.cache
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The processor's model name (Linux /proc/cpuinfo, else what platform knows)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
