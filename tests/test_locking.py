@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -41,6 +45,24 @@ def test_second_holder_is_refused_with_the_holders_pid_and_host(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_refusal_names_a_holder_that_has_locked_but_not_yet_written_its_record(tmp_path):
+    """The holder writes who it is just after taking the lock: a process refused in between waits
+    briefly for that record instead of saying "another process" (a race seen in CI)."""
+    target = tmp_path / "job.work"
+    fd = os.open(lock_path(target), os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "now", "command": "test"})
+    late_writer = threading.Timer(0.3, os.write, (fd, record.encode()))
+    late_writer.start()
+    try:
+        with pytest.raises(NcaTilesError, match=rf"in use by process {os.getpid()} on host "):
+            with exclusive_lock(target, "work dir", "use another --work-dir"):
+                pass
+    finally:
+        late_writer.join()
+        os.close(fd)
 
 
 def test_lock_of_a_killed_process_does_not_block(tmp_path):

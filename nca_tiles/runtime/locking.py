@@ -33,13 +33,19 @@ def _holder() -> dict:
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]}
 
 
-def describe_holder(path: Path) -> str:
-    """Who holds the lock at ``path``, as written by the holder (best effort)."""
-    try:
-        h = json.loads(path.read_text())
-        return f"process {h['pid']} on host {h['host']} (since {h['since']}: {h['command']})"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another process"
+def describe_holder(path: Path, wait_s: float = 2.0) -> str:
+    """Who holds the lock at ``path``, as written by the holder (best effort). The holder writes
+    its record just after taking the lock, so a reader refused in between waits up to ``wait_s``
+    for it to appear."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            h = json.loads(path.read_text())
+            return f"process {h['pid']} on host {h['host']} (since {h['since']}: {h['command']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            if time.monotonic() >= deadline:
+                return "another process"
+            time.sleep(0.02)
 
 
 def _acquire(path: Path) -> int:
