@@ -44,10 +44,14 @@ def own_compile_settings(tmp_path_factory, monkeypatch):
     from nca_tiles.diffusion import compiled
 
     monkeypatch.setenv(compiled.CACHE_ENV, str(tmp_path_factory.mktemp("cache")))
-    # As the session started, before and after: a module's fixture may have run a trial too.
+    # As the session started, before and after: a module's fixture may have run a trial too, and
+    # a trial's "not faster" also turns compiling off in this process (a test of the compiled path
+    # would then skip as if there were no compiler).
     _set_compile_mode(SESSION_COMPILE_MODE)
+    compiled.forget_decisions()
     yield
     _set_compile_mode(SESSION_COMPILE_MODE)
+    compiled.forget_decisions()
 
 
 def _set_compile_mode(mode: str | None) -> None:

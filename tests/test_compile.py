@@ -343,3 +343,22 @@ def test_cli_compile_flag_without_compiler_warns_once(model_dir, tmp_path):
     warnings = [line for line in result.stderr.splitlines() if "warning" in line.lower()]
     assert len(warnings) == 1 and "torch.compile unavailable" in warnings[0], result.stderr
     assert out.exists()
+
+
+def test_forget_decisions_turns_a_trials_verdict_back_but_keeps_compiled_copies(model_dir, monkeypatch):
+    """The test fixture's reset between tests: a trial's "not faster" had left compiling off in
+    the test process, so a later test of the compiled path skipped as if there were no compiler."""
+    if compiled._missing_toolchain("cpu") is not None:
+        pytest.skip("no C++ compiler for torch.compile")
+    compiled.reset()
+    monkeypatch.setenv(compiled.MODE_ENV, "auto")
+    monkeypatch.setitem(COMPILE_PAYS_AFTER_S, "cpu", 0.0)
+    pipeline = load_model(model_dir, "cpu", compile="auto")
+    pipeline.eager_pixels = 1e15  # the trial finds compiled slower: off for the rest of the process
+    generate_region(pipeline, 16, 16, steps=TRIAL_CALLS + 3)
+    assert not compiled.available("cpu")
+    copies = dict(compiled._compiled)
+    compiled.forget_decisions()
+    assert compiled.available("cpu") and not compiled.kept()
+    assert compiled._compiled == copies and copies
+    compiled.reset()

@@ -274,6 +274,15 @@ def run(fn: Callable, *args, enabled: bool, dynamic: bool | None = None):
     return out
 
 
+def forget_decisions() -> None:
+    """Forget this process's on/off decisions (a trial's verdict, a failure), keeping the compiled
+    copies: tests, so that one test's trial does not decide what the next one runs. A missing
+    toolchain is found again by the next ``available``."""
+    global _disabled, _kept
+    _disabled = None
+    _kept = False
+
+
 def reset() -> None:
     """Forget this process's compiled copies and any failure (tests: one test's compiling must not
     change what the next one runs)."""
