@@ -189,3 +189,25 @@ def test_inference_holds_two_states_whatever_the_number_of_nca_steps():
     before, peak = run_measuring(INFERENCE_PEAK, side)
     state_kib = 32 * side * side * 4 // 1024
     assert peak - before < 2.6 * state_kib, f"{(peak - before) / state_kib:.2f} states"
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_the_rule_runs_under_bf16_autocast(grad):
+    """The pipeline's default on CUDA is bf16 autocast: the eager rule's in-place accumulation
+    (bmm(...).baddbmm_(...)) mixed an autocast bf16 product with fp32 operands and raised — every
+    `synthesize --device cuda` failed (found on an H100 by benchmarks/check_cuda.py). CPU autocast
+    casts the same ops, so it stands in for CUDA here (never for speed: bf16 is slow on CPUs)."""
+    model = trained_like().float()
+    x = torch.randn(2, 3, 24, 20)
+    fire = CounterFireMask(model.config.fire_rate, [11, 12], [123, 123], [(0, 0), (5, 3)])
+    t = torch.full((2,), 123)
+    with torch.set_grad_enabled(grad):
+        reference = model(x, t, fire)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            eps = model(x, t, fire)
+    assert eps.shape == x.shape and eps.dtype in (torch.float32, torch.bfloat16)
+    # bf16 keeps 8 bits of mantissa: near the fp32 result, not equal to it.
+    assert (eps.float() - reference).abs().max() < 0.05 * reference.abs().max() + 0.05
+    if grad:
+        eps.float().square().mean().backward()
+        assert model.to_update.weight.grad is not None

@@ -277,7 +277,9 @@ def cell_rule(padded: torch.Tensor, state: torch.Tensor, fire: torch.Tensor, w: 
     from_perceived, from_state = w.to_hidden[:, :c], w.to_hidden[:, c:]
     if torch.compiler.is_compiling():  # inductor adds the two products and the bias in the norm's loop
         hidden = torch.bmm(perceived, from_perceived) + torch.bmm(state_rows, from_state) + w.hidden_bias
-    else:  # eager: accumulate in place (no concatenated copy, no extra pass)
+    elif torch.is_autocast_enabled(state.device.type):  # in-place ops are not autocast: bf16 += fp32 @ fp32 fails
+        hidden = torch.baddbmm(torch.bmm(perceived, from_perceived), state_rows, from_state) + w.hidden_bias
+    else:  # eager fp32: accumulate in place (no concatenated copy, no extra pass)
         hidden = torch.bmm(perceived, from_perceived).baddbmm_(state_rows, from_state).add_(w.hidden_bias)
     hidden = F.leaky_relu(F.layer_norm(hidden, hidden.shape[-1:], w.norm_weight, w.norm_bias, w.norm_eps), inplace=True)
     return torch.addcmul(state, update_channels_first(hidden, w, state.shape), fire, out=out)
