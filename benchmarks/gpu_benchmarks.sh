@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks the README lists, in one call on a machine with a CUDA GPU (a
+# lent one has ~15 minutes; each step has its own time limit, so one slow step cannot eat the rest).
+# Results (text and JSON) go to $OUT (default gpu-results/).
+#
+# Where the Python packages nca-tiles needs are missing and nothing can be downloaded, carry
+# wheels in .whl/ (README "On a GPU"): they are installed to /tmp/site first. Without
+# imagecodecs (26 MB) the synthesis benchmark exports OME-Zarr instead of JPEG OME-TIFF.
+set -u
+OUT=${OUT:-gpu-results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+format=ome-tiff
+python3 -c "import imagecodecs" 2>/dev/null || format=ome-zarr
+
+
+only=${1:-machine,presets,check_cuda,synthesis,compile}  # which steps, comma-separated
+step() {  # step NAME SECONDS COMMAND...: run it under a time limit, its output to $OUT/NAME.txt too
+    local name=$1 limit=$2; shift 2
+    [[ ",$only," == *",$name,"* ]] || return 0
+    echo "=== $name (limit ${limit}s): $*"
+    local t0=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"
+    echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s"
+}
+
+step machine 20 bash -c 'nvidia-smi -L; nproc; python3 -c "import torch; print(\"torch\", torch.__version__, torch.version.cuda)"'
+step presets 90 python3 benchmarks/bench_presets.py --device cuda --presets tiny,small,paper --json "$OUT/presets.json"
+step check_cuda 120 python3 benchmarks/check_cuda.py --json "$OUT/check_cuda.json"
+step synthesis 150 python3 benchmarks/bench_synthesis.py --device cuda --preset paper --canvas 4096 --chunks 1024,2048 \
+    --rss-sizes 4096,8192 --rss-chunk 1024 --format "$format" --sections 1,2,3,4 --json "$OUT/synthesis.json"
+step compile 120 python3 benchmarks/bench_compile.py --device cuda --preset paper --size 1024 --json "$OUT/compile.json"
