@@ -53,6 +53,7 @@ def entries(folder: Path) -> set[str]:
     (["--batch", 10**6], ["--batch"]),
     (["--workers", 10**6], ["--workers"]),
     (["--tile", 2**20], ["tile", "8192"]),
+    (["--device", "cpu", "--precision", "bf16"], ["bf16 on a CPU", "--precision fp32"]),  # had run silently as fp32
 ])
 def test_refused_arguments(model, tmp_path, args, fragments):
     out = tmp_path / "slide.ome.tif"

@@ -1,0 +1,57 @@
+"""bf16 autocast, the default precision on CUDA, exercised on the CPU: the same autocast code
+path (users get bf16 on CUDA only; a CPU is far too slow for it), so that a dtype clash in it fails
+here instead of on the first GPU (the eager rule's in-place accumulation once did)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from helpers import assert_same_image, save_test_model, save_test_scale_space_model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    return {"single-scale": save_test_model(tmp_path_factory.mktemp("model")),
+            "scale-space": save_test_scale_space_model(tmp_path_factory.mktemp("scale_space"))}
+
+
+def synthesize_bf16(model_dir: Path, out: Path, chunk: int) -> np.ndarray:
+    from nca_tiles.diffusion.levels import load_synthesis_model
+    from nca_tiles.synthesis.slide_job import SlideRequest, synthesize_slide
+
+    model = load_synthesis_model(model_dir, "cpu", "fp32")
+    for level in model.levels:
+        level.pipeline.precision = "bf16"  # what "auto" gives on CUDA
+    req = SlideRequest(width=120, height=96, out=out, seed=7, chunk=chunk, steps=4, compression="none", tile=64)
+    synthesize_slide(req, model, progress=False)
+    return tifffile.imread(out, level=0)
+
+
+@pytest.mark.parametrize("kind", ["single-scale", "scale-space"])
+def test_tiled_equals_whole_under_bf16_autocast(models, tmp_path, kind):
+    whole = synthesize_bf16(models[kind], tmp_path / "whole.ome.tif", chunk=128)
+    assert whole.std() > 5
+    tiled = synthesize_bf16(models[kind], tmp_path / "tiled.ome.tif", chunk=32)
+    assert_same_image(tiled, whole)
+
+
+def test_training_steps_under_bf16_autocast(tmp_path, sample_slide):
+    import torch
+
+    from nca_tiles.diffusion.model import preset
+    from nca_tiles.diffusion.schedule import ScheduleConfig
+    from nca_tiles.training.patches import extract_patches, open_patch_store
+    from nca_tiles.training.trainer import TrainConfig, Trainer
+
+    extract_patches([sample_slide], tmp_path / "p.zarr", stride=64, max_per_slide=50, progress=False)
+    trainer = Trainer(open_patch_store(tmp_path / "p.zarr"), tmp_path / "run", preset("tiny"), ScheduleConfig(),
+                      TrainConfig(batch_size=4, sample_every=0), torch.device("cpu"), compile=False)
+    trainer.precision = "bf16"
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    losses = [trainer.train_step()["loss"] for _ in range(3)]
+    assert all(np.isfinite(losses))
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
