@@ -18,7 +18,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from nca_tiles.diffusion import compiled
-from nca_tiles.diffusion.model import PRESETS, CounterFireMask, DiffNCA
+from nca_tiles.diffusion.model import PRESETS, CounterFireMask, DiffNCA, rule_is_warm
 from nca_tiles.diffusion.pipeline import COMPILE_PAYS_AFTER_S, TRIAL_CALLS, generate_region, load_model
 from nca_tiles.diffusion.schedule import NoiseSchedule
 from nca_tiles.synthesis.job import chunk_grid
@@ -360,5 +360,6 @@ def test_forget_decisions_turns_a_trials_verdict_back_but_keeps_compiled_copies(
     copies = dict(compiled._compiled)
     compiled.forget_decisions()
     assert compiled.available("cpu") and not compiled.kept()
+    assert not rule_is_warm()  # a later --compile auto run starts eager, as a fresh process would
     assert compiled._compiled == copies and copies
     compiled.reset()

@@ -275,12 +275,14 @@ def run(fn: Callable, *args, enabled: bool, dynamic: bool | None = None):
 
 
 def forget_decisions() -> None:
-    """Forget this process's on/off decisions (a trial's verdict, a failure), keeping the compiled
-    copies: tests, so that one test's trial does not decide what the next one runs. A missing
-    toolchain is found again by the next ``available``."""
+    """Decide as a fresh process would — no trial's verdict, no failure, nothing warm — but keep
+    the compiled copies (compiling again is then nearly free): tests, so that one test's compiling
+    does not decide what the next one runs. A missing toolchain is found again by the next
+    ``available``."""
     global _disabled, _kept
     _disabled = None
     _kept = False
+    _warm.clear()
 
 
 def reset() -> None:
