@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from nca_tiles.diffusion.levels import load_synthesis_model
 
     chunks = [int(c) for c in args.chunks.split(",")]
+    modes = args.modes.split(",")
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"# nca-tiles: the invariants on CUDA\n{name}, torch {torch.__version__}, "
           f"bundled model, {args.side} x {args.side - 128} px, {args.steps} steps, seed 3")
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         wholes = {}
         for precision in ("fp32", "bf16") if args.device == "cuda" else ("fp32",):
-            for mode in args.modes.split(","):
+            for mode in modes:
                 compiled.set_default_mode(mode)
                 compiled.reset()
                 model = load_synthesis_model(None, args.device, precision)
@@ -98,14 +99,14 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append((precision, mode, f"chunk {chunk} vs whole", "yes" if ok else "NO", worst,
                                  f"{frac:.5f}", f"{time.perf_counter() - t0:.1f}"))
                     show(rows[-1])
-            if ("on" in args.modes) and ("off" in args.modes):
+            if {"on", "off"} <= set(modes):
                 ok, worst, frac = same(wholes[(precision, "on")], wholes[(precision, "off")])
                 rows.append((precision, "on vs off", "compiled vs eager, whole", "yes" if ok else "no", worst, f"{frac:.5f}", "–"))
                 show(rows[-1])
         compiled.set_default_mode("off")
         compiled.reset()
         cpu = synthesize(load_synthesis_model(None, "cpu", "fp32"), tmp / "cpu.ome.tif", args.side, args.side, args.steps)
-        ok, worst, frac = same(wholes[("fp32", args.modes.split(",")[0])], cpu)
+        ok, worst, frac = same(wholes[("fp32", modes[0])], cpu)
         rows.append(("fp32", "off", "GPU vs CPU, whole", "yes" if ok else "no", worst, f"{frac:.5f}", "–"))
         show(rows[-1])
 

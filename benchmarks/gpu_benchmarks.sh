@@ -17,7 +17,6 @@ fi
 format=ome-tiff
 python3 -c "import imagecodecs" 2>/dev/null || format=ome-zarr
 
-
 only=${1:-machine,presets,check_cuda,synthesis,compile}  # which steps, comma-separated
 step() {  # step NAME SECONDS COMMAND...: run it under a time limit, its output to $OUT/NAME.txt too
     local name=$1 limit=$2; shift 2

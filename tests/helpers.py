@@ -303,16 +303,20 @@ def save_test_scale_space_model(folder: Path, factor: int = 2, timesteps: int = 
 
 
 def synthesize_test_slide(model_dir: Path, out: Path, width: int, height: int, chunk: int, sampler: str = "ddim",
-                          steps: int | None = 4, **request) -> "np.ndarray":
-    """Synthesize a slide in this process (seed 7, uncompressed) and read its full resolution back."""
+                          steps: int | None = 4, *, precision: str = "fp32", **request) -> "np.ndarray":
+    """Synthesize a slide in this process (seed 7, uncompressed) and read its full resolution back.
+    ``precision="bf16"``: under bf16 autocast, as on CUDA (users get it there only)."""
     import tifffile
 
     from nca_tiles.diffusion.levels import load_synthesis_model
     from nca_tiles.synthesis.slide_job import SlideRequest, synthesize_slide
 
+    model = load_synthesis_model(model_dir, "cpu")
+    for level in model.levels:
+        level.pipeline.precision = precision
     req = SlideRequest(width=width, height=height, out=out, seed=7, chunk=chunk, sampler=sampler, steps=steps,
                        compression="none", tile=64, **request)
-    synthesize_slide(req, load_synthesis_model(model_dir, "cpu"), progress=False)
+    synthesize_slide(req, model, progress=False)
     return tifffile.imread(out, level=0)
 
 

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 
-from helpers import assert_same_image, save_test_model, save_test_scale_space_model
+from helpers import assert_same_image, save_test_model, save_test_scale_space_model, synthesize_test_slide
 
 
 @pytest.fixture(scope="module")
@@ -19,23 +18,11 @@ def models(tmp_path_factory) -> dict[str, Path]:
             "scale-space": save_test_scale_space_model(tmp_path_factory.mktemp("scale_space"))}
 
 
-def synthesize_bf16(model_dir: Path, out: Path, chunk: int) -> np.ndarray:
-    from nca_tiles.diffusion.levels import load_synthesis_model
-    from nca_tiles.synthesis.slide_job import SlideRequest, synthesize_slide
-
-    model = load_synthesis_model(model_dir, "cpu", "fp32")
-    for level in model.levels:
-        level.pipeline.precision = "bf16"  # what "auto" gives on CUDA
-    req = SlideRequest(width=120, height=96, out=out, seed=7, chunk=chunk, steps=4, compression="none", tile=64)
-    synthesize_slide(req, model, progress=False)
-    return tifffile.imread(out, level=0)
-
-
 @pytest.mark.parametrize("kind", ["single-scale", "scale-space"])
 def test_tiled_equals_whole_under_bf16_autocast(models, tmp_path, kind):
-    whole = synthesize_bf16(models[kind], tmp_path / "whole.ome.tif", chunk=128)
+    whole = synthesize_test_slide(models[kind], tmp_path / "whole.ome.tif", 120, 96, chunk=128, precision="bf16")
     assert whole.std() > 5
-    tiled = synthesize_bf16(models[kind], tmp_path / "tiled.ome.tif", chunk=32)
+    tiled = synthesize_test_slide(models[kind], tmp_path / "tiled.ome.tif", 120, 96, chunk=32, precision="bf16")
     assert_same_image(tiled, whole)
 
 
