@@ -62,18 +62,22 @@ BETA_SCHEDULES = ("linear", "cosine")
 @click.option("--init-from", type=click.Path(path_type=Path), default=None,
               help="Start from this model's weights instead of random ones; a new run only. Same --preset, or a "
                    "wider one (small to wide or medium): the model is widened so that it computes what it did.")
+@click.option("--time-limit", default=None, metavar="DURATION",
+              help="Stop after this much training time (e.g. 90s, 9m, 2.5h; a number: seconds), checkpointed, "
+                   "exit code 0; --resume goes on. For a lent machine or a scheduler's time slot.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @threads_option()
 def train(patches, out, preset, steps, batch_size, lr, device, precision, resume, overwrite, seed,
           val_every, sample_every, checkpoint_every, max_timestep, relay_factor, balance_slides, slide_weights,
-          beta_schedule, init_from, no_progress) -> None:
+          beta_schedule, init_from, time_limit, no_progress) -> None:
     """Train Diff-NCA with the paper's recipe (MSE + L1 on ε, Adam, ExponentialLR, EMA 0.99).
 
-    Ctrl-C saves a checkpoint; rerun with --resume to continue exactly where it stopped.
+    Ctrl-C or SIGTERM saves a checkpoint; rerun with --resume to continue exactly where it stopped.
     """
     from nca_tiles.diffusion.schedule import ScheduleConfig
     from nca_tiles.training.trainer import TrainConfig, run_training
 
+    seconds = None if time_limit is None else parse_duration("--time-limit", time_limit)
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, val_every=val_every,
                          sample_every=sample_every, checkpoint_every=checkpoint_every, max_timestep=max_timestep,
                          relay_factor=relay_factor, balance_slides=balance_slides,
@@ -81,8 +85,29 @@ def train(patches, out, preset, steps, batch_size, lr, device, precision, resume
     trainer, last = run_training(patches, out, preset, config, device, precision,
                                  resume=resume, overwrite=overwrite, progress=not no_progress, init_from=init_from,
                                  schedule=ScheduleConfig(beta_schedule=beta_schedule),
-                                 on_resume=lambda step: click.echo(f"resuming at step {step}"))
+                                 on_resume=lambda step: click.echo(f"resuming at step {step}"),
+                                 time_limit=seconds)
+    if trainer.stopped_at_time_limit:
+        click.echo(f"stopped at the --time-limit of {time_limit} at step {trainer.step} of {steps}, "
+                   f"checkpointed: --resume goes on")
     click.echo(f"trained to step {trainer.step}: loss {last.get('loss', float('nan')):.4f}; model in {out / 'model'}")
+
+
+DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(option: str, value: str) -> float:
+    """'90s', '9m', '2.5h', '1d' or a bare number of seconds, in seconds (> 0, finite)."""
+    text = value.strip().lower()
+    unit = DURATION_UNITS.get(text[-1:], None)
+    number = text[:-1] if unit is not None else text
+    try:
+        seconds = float(number) * (unit or 1.0)
+    except ValueError:
+        seconds = float("nan")
+    if not (seconds > 0 and seconds != float("inf")):  # also NaN
+        raise NcaTilesError(f"{option} takes a positive duration such as 90s, 9m or 2.5h, got {value!r}")
+    return seconds
 
 
 def parse_slide_weights(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:

@@ -204,8 +204,11 @@ def test_a_run_shorter_than_sample_every_ends_with_a_sample(store, tmp_path):
     assert [p.name for p in (out / "samples").iterdir()] == ["step_0000002.png"]
 
 
-# -- Ctrl-C -----------------------------------------------------------------------------------
-def test_ctrl_c_saves_and_resume_continues(store, tmp_path):
+# -- Ctrl-C, SIGTERM, --time-limit -------------------------------------------------------------
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_saves_and_resume_continues(store, tmp_path, stop):
+    # SIGTERM is how a scheduler or a lent machine's end stops a job: it must not lose the steps
+    # since the last checkpoint either.
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "nca_tiles_cli.main", "train", "--patches", str(store), "--out", str(out),
            *map(str, FAST), "--steps", "100000", "--checkpoint-every", "100000", "--val-every", "100000"]
@@ -217,7 +220,7 @@ def test_ctrl_c_saves_and_resume_continues(store, tmp_path):
             break
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, (stdout, stderr)
     assert "Traceback" not in stdout + stderr
@@ -233,6 +236,33 @@ def test_ctrl_c_saves_and_resume_continues(store, tmp_path):
     assert f"resuming at step {reached}" in result.output
     assert load_checkpoint(out)["step"] == reached + 2
     assert [m["step"] for m in metrics(out)] == list(range(1, reached + 3))
+
+
+def test_time_limit_stops_checkpointed_and_resume_goes_on(store, tmp_path):
+    out = tmp_path / "run"
+    started = time.perf_counter()
+    result = train(store, out, "--steps", 100000, "--val-every", 100000, "--checkpoint-every", 100000,
+                   "--time-limit", "2s")
+    assert_ok(result)  # a planned stop, not an error
+    assert time.perf_counter() - started < 60
+    reached = metrics(out)[-1]["step"]
+    assert 1 <= reached < 100000
+    assert f"stopped at the --time-limit of 2s at step {reached} of 100000" in result.output
+    assert load_checkpoint(out)["step"] == reached
+    assert (out / "model" / "weights.pt").is_file()
+
+    result = train(store, out, "--steps", reached + 2, "--resume", "--time-limit", "1h")
+    assert_ok(result)
+    assert "time-limit" not in result.output
+    assert [m["step"] for m in metrics(out)] == list(range(1, reached + 3))
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 90.0), ("90s", 90.0), ("9m", 540.0), ("2.5h", 9000.0),
+                                           ("1d", 86400.0), (" 3M ", 180.0)])
+def test_time_limit_durations(text, seconds):
+    from nca_tiles_cli.train import parse_duration
+
+    assert parse_duration("--time-limit", text) == seconds
 
 
 # -- kill -9 and a second process -------------------------------------------------------------
@@ -474,6 +504,8 @@ def test_bf16_on_cpu_is_refused(store, tmp_path):
     (["--sample-every", -1], ["--sample-every", "between 0 and", "0: never"]),
     (["--seed", -1], ["--seed", "between 0 and 4,294,967,295"]),
     (["--seed", 2**32], ["--seed", "between 0 and 4,294,967,295"]),  # would repeat seed 1 (rng.py folds to 32 bits)
+    *[(["--time-limit", bad], ["--time-limit", "positive duration", "9m"])
+      for bad in ("0", "-5m", "abc", "5x", "inf", "nan", "m", "")],
 ])
 def test_bad_numbers(store, tmp_path, args, fragments):
     # A missing patch store: the numbers must be refused before anything is read or written.

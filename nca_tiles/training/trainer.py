@@ -263,6 +263,7 @@ class Trainer:
         if len(self.train_images) == 0:
             raise NcaTilesError(f"{store.path} has no patches in its train split: extract from more tissue")
         self._stop_requested = False
+        self.stopped_at_time_limit = False  # the last run() ended at its time limit
         self.saved_step: int | None = None  # step of the checkpoint on disk, if any
 
     def _compile_from(self, mode: bool | str | None) -> int | None:
@@ -496,18 +497,27 @@ class Trainer:
     def _request_stop(self, signum, frame) -> None:
         self._stop_requested = True
 
-    def run(self, progress: bool = True) -> dict:
-        """Train up to ``cfg.steps``; Ctrl-C saves a checkpoint and stops cleanly."""
+    def run(self, progress: bool = True, time_limit: float | None = None) -> dict:
+        """Train up to ``cfg.steps``, or until ``time_limit`` seconds have passed (then
+        ``stopped_at_time_limit``); Ctrl-C or SIGTERM (a scheduler's or a lent machine's end)
+        saves a checkpoint and stops cleanly."""
         from tqdm import tqdm
 
+        if time_limit is not None:
+            check_positive_finite("--time-limit (seconds)", time_limit)
         self.out.mkdir(parents=True, exist_ok=True)
         in_main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, self._request_stop) if in_main_thread else None
+        stop_signals = (signal.SIGINT, signal.SIGTERM)
+        previous = [signal.signal(s, self._request_stop) for s in stop_signals] if in_main_thread else None
         last: dict = {}
+        self.stopped_at_time_limit = False
         try:
             bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not progress, unit="step", dynamic_ncols=True)
             start, start_step = time.perf_counter(), self.step
             while self.step < self.cfg.steps and not self._stop_requested:
+                if time_limit is not None and time.perf_counter() - start >= time_limit:
+                    self.stopped_at_time_limit = True
+                    break
                 last = self.train_step()
                 rebalance_threads()  # a fair share of the cores, as other processes come and go
                 bar.update(1)
@@ -527,7 +537,8 @@ class Trainer:
                 self.write_samples()  # a run shorter than --sample-every would end without one
         finally:
             if in_main_thread:
-                signal.signal(signal.SIGINT, previous)
+                for s, handler in zip(stop_signals, previous):
+                    signal.signal(s, handler)
         if self._stop_requested:
             raise KeyboardInterrupt
         return last
@@ -552,16 +563,19 @@ def run_training(patches: Path, out: Path, preset: str, config: TrainConfig, dev
                  precision: str = "fp32", *, compile: bool | str | None = None, resume: bool = False,
                  overwrite: bool = False, progress: bool = True, init_from: Path | None = None,
                  on_resume: Callable[[int], None] | None = None,
-                 schedule: ScheduleConfig | None = None) -> tuple[Trainer, dict]:
+                 schedule: ScheduleConfig | None = None, time_limit: float | None = None) -> tuple[Trainer, dict]:
     """A whole training run: new, resumed (``resume``) or started afresh over an old one
     (``overwrite``). The run directory is locked from the first look at it to the last write, so a
     second process (another --resume, or an --overwrite that would delete it) is refused at once.
 
     ``device``: "auto" (CUDA if available), "cpu", "cuda" or a torch.device; ``precision``: "fp32",
     "bf16" (CUDA autocast; refused on a CPU, where it is hundreds of times slower) or "auto" (bf16
-    on CUDA, fp32 on a CPU). ``schedule``: the noise schedule (default: the paper's linear one)."""
+    on CUDA, fp32 on a CPU). ``schedule``: the noise schedule (default: the paper's linear one).
+    ``time_limit``: stop, checkpointed, after this many seconds of training (``--resume`` goes on)."""
     if init_from is not None and resume:
         raise NcaTilesError("--init-from starts a new run: drop it with --resume")
+    if time_limit is not None:
+        check_positive_finite("--time-limit (seconds)", time_limit)
     device, precision = resolve_training_device(device, precision)
     out = Path(out)
     model_config = get_preset(preset)
@@ -586,5 +600,5 @@ def run_training(patches: Path, out: Path, preset: str, config: TrainConfig, dev
                 on_resume(trainer.step)
         elif init_from is not None:
             trainer.initialize_from(init_from)
-        last = trainer.run(progress=progress)
+        last = trainer.run(progress=progress, time_limit=time_limit)
     return trainer, last
