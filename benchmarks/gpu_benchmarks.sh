@@ -5,7 +5,11 @@
 #
 # Where the Python packages nca-tiles needs are missing and nothing can be downloaded, carry
 # wheels in .whl/ (README "On a GPU"): they are installed to /tmp/site first. Without
-# imagecodecs (26 MB) the synthesis benchmark exports OME-Zarr instead of JPEG OME-TIFF.
+# imagecodecs (26 MB) the synthesis benchmark exports OME-Zarr instead of JPEG OME-TIFF. The
+# wheels (for the lent machines' Python 3.12; .whl/ is not in git), fetched on a machine online:
+#   pip download zarr numcodecs donfig google-crc32c dask partd locket click tqdm pillow pyyaml \
+#       msgpack fsspec packaging typing_extensions certifi --no-deps -d .whl --python-version 3.12 \
+#       --only-binary=:all: --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64
 set -u
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
