@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import signal
 import sys
 
 import click
@@ -104,13 +105,13 @@ class LazyGroup(click.Group):
             # Bad environment, not a bug: permissions, a full or read-only disk, a vanished file.
             end_progress_lines()
             raise click.ClickException(os_error_message(exc)) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             # On a terminal the cursor is after a progress bar or the echoed ^C: start a new line.
             if not end_progress_lines() and click.get_text_stream("stderr").isatty():
                 click.echo("", err=True)
             hint = INTERRUPTED.get(ctx.invoked_subcommand or "", INTERRUPTED_DEFAULT)
             click.echo(f"Interrupted: {hint}.", err=True)
-            ctx.exit(130)
+            ctx.exit(128 + getattr(exc, "signum", signal.SIGINT))  # as a shell reports the signal
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

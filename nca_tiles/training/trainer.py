@@ -39,7 +39,7 @@ from nca_tiles.diffusion.checkpoint import (
     save_model_dir,
     torch_load,
 )
-from nca_tiles.errors import NcaTilesError
+from nca_tiles.errors import NcaTilesError, Stopped
 from nca_tiles.runtime.locking import exclusive_lock
 from nca_tiles.diffusion.model import DiffNCA, ModelConfig, TorchFireMask
 from nca_tiles.diffusion.model import preset as get_preset
@@ -262,7 +262,7 @@ class Trainer:
             [Path(slide["path"]).name for slide in store.slides], self.train_slides, train_config.slide_weights)
         if len(self.train_images) == 0:
             raise NcaTilesError(f"{store.path} has no patches in its train split: extract from more tissue")
-        self._stop_requested = False
+        self._stop_requested: int | bool = False  # the signal that asked the run to stop
         self.stopped_at_time_limit = False  # the last run() ended at its time limit
         self.saved_step: int | None = None  # step of the checkpoint on disk, if any
 
@@ -495,7 +495,7 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     def _request_stop(self, signum, frame) -> None:
-        self._stop_requested = True
+        self._stop_requested = signum
 
     def run(self, progress: bool = True, time_limit: float | None = None) -> dict:
         """Train up to ``cfg.steps``, or until ``time_limit`` seconds have passed (then
@@ -540,7 +540,7 @@ class Trainer:
                 for s, handler in zip(stop_signals, previous):
                     signal.signal(s, handler)
         if self._stop_requested:
-            raise KeyboardInterrupt
+            raise Stopped(self._stop_requested)
         return last
 
 
