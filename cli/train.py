@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -105,7 +106,7 @@ def parse_duration(option: str, value: str) -> float:
         seconds = float(number) * (unit or 1.0)
     except ValueError:
         seconds = float("nan")
-    if not (seconds > 0 and seconds != float("inf")):  # also NaN
+    if not (math.isfinite(seconds) and seconds > 0):
         raise NcaTilesError(f"{option} takes a positive duration such as 90s, 9m or 2.5h, got {value!r}")
     return seconds
 

@@ -262,7 +262,7 @@ class Trainer:
             [Path(slide["path"]).name for slide in store.slides], self.train_slides, train_config.slide_weights)
         if len(self.train_images) == 0:
             raise NcaTilesError(f"{store.path} has no patches in its train split: extract from more tissue")
-        self._stop_requested: int | bool = False  # the signal that asked the run to stop
+        self._stop_signal: int | None = None  # the signal that asked the run to stop
         self.stopped_at_time_limit = False  # the last run() ended at its time limit
         self.saved_step: int | None = None  # step of the checkpoint on disk, if any
 
@@ -495,7 +495,7 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     def _request_stop(self, signum, frame) -> None:
-        self._stop_requested = signum
+        self._stop_signal = signum
 
     def run(self, progress: bool = True, time_limit: float | None = None) -> dict:
         """Train up to ``cfg.steps``, or until ``time_limit`` seconds have passed (then
@@ -514,7 +514,7 @@ class Trainer:
         try:
             bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not progress, unit="step", dynamic_ncols=True)
             start, start_step = time.perf_counter(), self.step
-            while self.step < self.cfg.steps and not self._stop_requested:
+            while self.step < self.cfg.steps and self._stop_signal is None:
                 if time_limit is not None and time.perf_counter() - start >= time_limit:
                     self.stopped_at_time_limit = True
                     break
@@ -539,8 +539,8 @@ class Trainer:
             if in_main_thread:
                 for s, handler in zip(stop_signals, previous):
                     signal.signal(s, handler)
-        if self._stop_requested:
-            raise Stopped(self._stop_requested)
+        if self._stop_signal is not None:
+            raise Stopped(self._stop_signal)
         return last
 
 
