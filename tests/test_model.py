@@ -182,6 +182,61 @@ print(before, peak_kib())
 
 
 @needs_proc
+class ZeroForFirstSample:
+    """A fire mask that fires no cell of sample 0 (and the counter mask's cells elsewhere)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, nca_step, shape, device, row0=0):
+        mask = self.inner(nca_step, shape, device, row0).clone()
+        mask[0] = 0
+        return mask
+
+
+@pytest.mark.parametrize("fire_rate", [0.5, 1.0])
+@pytest.mark.parametrize("none_fire", [False, True], ids=["", "a-sample-fires-no-cell"])
+def test_the_rule_on_fired_cells_only_equals_the_dense_rule(fire_rate, none_fire):
+    # On a CPU the eager rule computes the MLP of fired cells only, on channels-last states
+    # (fired_cell_rule); the dense rule computes every cell's and masks. Inference (banded, with
+    # per-sample t and windows) and training (whole tensors, gradients) must agree.
+    config = ModelConfig(channels=12, hidden=24, nca_steps=5, embedding_hidden=16, encoding_dim=8, fire_rate=fire_rate)
+    model = trained_like(config)
+    x = torch.randn(3, 3, 70, 300, dtype=torch.float64)
+    t = torch.tensor([123, 5, 260])
+    fire = CounterFireMask(fire_rate, [11, 12, 13], t.tolist(), [(0, 0), (40, 7), (3, 900)])
+    fire = ZeroForFirstSample(fire) if none_fire else fire
+    results = {}
+    for gather in (True, False):
+        model.gather_fired = gather
+        assert model.gathers_fired(x.device) is gather
+        with torch.no_grad():
+            banded = model(x, t, fire)
+        model.zero_grad()
+        whole = model(x, t, fire)
+        whole.square().sum().backward()
+        results[gather] = banded, whole.detach(), [p.grad.clone() for p in model.parameters()]
+        assert banded.is_contiguous() and banded.shape == x.shape
+    (banded, whole, grads), (dense_banded, dense_whole, dense_grads) = results[True], results[False]
+    torch.testing.assert_close(banded, dense_banded, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(whole, dense_whole, rtol=1e-12, atol=1e-12)
+    for g, dense_g in zip(grads, dense_grads):
+        torch.testing.assert_close(g, dense_g, rtol=1e-10, atol=1e-12)
+    if none_fire:  # nothing fired in sample 0: its hidden channels stay zero, so ε̂ does too
+        assert banded[0].abs().max() == 0
+
+
+def test_the_fired_cells_rule_is_for_eager_cpu_runs():
+    model = trained_like()
+    assert model.gathers_fired(torch.device("cpu"))
+    assert not model.gathers_fired(torch.device("cuda"))  # a device type, nothing allocated
+    model.compiled = True
+    assert not model.gathers_fired(torch.device("cpu"))
+    model.compiled = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not model.gathers_fired(torch.device("cpu"))
+
+
 def test_inference_holds_two_states_whatever_the_number_of_nca_steps():
     # Banded inference with two state buffers that swap: a window costs two states plus one band's
     # work. (Whole-tensor temporaries, as in training, cost about five states.)

@@ -285,6 +285,43 @@ def cell_rule(padded: torch.Tensor, state: torch.Tensor, fire: torch.Tensor, w: 
     return torch.addcmul(state, update_channels_first(hidden, w, state.shape), fire, out=out)
 
 
+def fired_cell_rule(padded: torch.Tensor, state: torch.Tensor, fire: torch.Tensor, w: StepWeights,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`cell_rule` with the per-pixel MLP computed only where ``fire`` is set: the mask
+    discards the update everywhere else, so at the fire rate of 0.5 half of the hidden layer's work
+    was thrown away (docs/design.md §4, "Only the fired cells"). The same numbers up to float
+    rounding, gradients included.
+
+    The state is channels-last, so a pixel's channels are one contiguous row: the perception
+    and the state are gathered as rows of fired pixels, and the update is added back onto those
+    rows (``index_add``, whose backward is the gather again). ``fire`` must hold 0 or 1.
+    """
+    b, c, h, width = state.shape
+    pixels = h * width
+    cells = torch.cat([F.conv2d(padded, w.perceive), state], dim=1).permute(0, 2, 3, 1).reshape(b * pixels, 2 * c)
+    fired = fire.reshape(b * pixels).nonzero().squeeze(1)  # ascending: sample 0's cells first
+    counts = fire.reshape(b, pixels).count_nonzero(1).tolist()
+    # One gather and one scatter for the whole batch (under autograd, per-sample ones cost more
+    # than the work they skip); the MLP per sample, each with its folded weights.
+    updates = [fired_pixel_mlp(rows, w, i) for i, rows in enumerate(cells.index_select(0, fired).split(counts))]
+    update = torch.cat(updates) if b > 1 else updates[0]
+    if out is None:
+        new = state.permute(0, 2, 3, 1).reshape(b * pixels, c).index_add(0, fired, update)
+        return new.view(b, h, width, c).permute(0, 3, 1, 2)
+    for i, (cells_i, update_i) in enumerate(zip(fired.split(counts), update.split(counts))):
+        rows = out[i].permute(1, 2, 0).view(pixels, c)  # a channels-last band: contiguous per sample
+        rows.copy_(state[i].permute(1, 2, 0).reshape(pixels, c))
+        rows.index_add_(0, cells_i - i * pixels, update_i)
+    return out
+
+
+def fired_pixel_mlp(cells: torch.Tensor, w: StepWeights, sample: int) -> torch.Tensor:
+    """The update (n, c) of n fired cells (n, 2c: perception, state) of one sample."""
+    hidden = torch.addmm(w.hidden_bias[sample, 0], cells, w.to_hidden[sample])
+    hidden = F.leaky_relu(F.layer_norm(hidden, hidden.shape[-1:], w.norm_weight, w.norm_bias, w.norm_eps), inplace=True)
+    return torch.addmm(w.update_bias[0, 0], hidden, w.to_update[sample])
+
+
 def hashed_fire_cell_rule(padded: torch.Tensor, state: torch.Tensor, keys: torch.Tensor, ys: torch.Tensor,
                           xs: torch.Tensor, rate: float, w: StepWeights) -> torch.Tensor:
     """:func:`cell_rule` with its fire mask hashed from coordinates (:class:`CounterFireMask`) in
@@ -312,6 +349,12 @@ def update_channels_first(hidden: torch.Tensor, w: StepWeights, shape: torch.Siz
 def padded_cell_rule(state: torch.Tensor, fire: torch.Tensor, weights: RuleWeights, *cond: torch.Tensor) -> torch.Tensor:
     """The cell rule on a whole image, reflect-padded: the training step's unit of compilation."""
     return cell_rule(F.pad(state, (1, 1, 1, 1), mode="reflect"), state, fire, fold_step(weights, *cond))
+
+
+def padded_fired_cell_rule(state: torch.Tensor, fire: torch.Tensor, weights: RuleWeights,
+                           *cond: torch.Tensor) -> torch.Tensor:
+    """:func:`padded_cell_rule` by :func:`fired_cell_rule`: eager training on a CPU."""
+    return fired_cell_rule(F.pad(state, (1, 1, 1, 1), mode="reflect"), state, fire, fold_step(weights, *cond))
 
 
 class DiffNCA(nn.Module):
@@ -347,6 +390,10 @@ class DiffNCA(nn.Module):
         # Run the rule through torch.compile (nca_tiles.diffusion.compiled); numbers equal the
         # eager ones up to float rounding. Not saved: a property of this process, not the model.
         self.compiled = False
+        # The eager rule on a CPU computes the MLP of fired cells only (fired_cell_rule); off, it
+        # computes every cell's (cell_rule): the same numbers up to float rounding. A process
+        # property too, for the benchmarks and tests that compare the two.
+        self.gather_fired = True
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -388,9 +435,18 @@ class DiffNCA(nn.Module):
             norm_eps=self.norm.eps,
         )
 
+    def gathers_fired(self, device: torch.device) -> bool:
+        """Whether the rule runs as :func:`fired_cell_rule` on channels-last states: eager on a CPU
+        (compiled, or on a GPU, the dense rule: unmeasured there, and inductor wants fixed shapes)."""
+        return (self.gather_fired and not self.compiled and device.type == "cpu"
+                and not torch.is_autocast_enabled(device.type))
+
     def rule(self, padded: torch.Tensor, state: torch.Tensor, fire: torch.Tensor, weights: StepWeights,
              out: torch.Tensor) -> None:
         """The cell rule on a region (see :func:`cell_rule`) with one NCA step's weights, into ``out``."""
+        if self.gathers_fired(state.device):
+            fired_cell_rule(padded, state, fire, weights, out=out)
+            return
         if not self.compiled:
             cell_rule(padded, state, fire, weights, out=out)
             return
@@ -402,6 +458,8 @@ class DiffNCA(nn.Module):
                  weights: RuleWeights | None = None) -> torch.Tensor:
         """One application of the cell rule to a whole image. state (B, c, H, W), e (B, E), fire (B, 1, H, W)."""
         args = (state, fire, weights if weights is not None else self.rule_weights(), *self.conditioning(e).tensors())
+        if self.gathers_fired(state.device):
+            return padded_fired_cell_rule(*args)
         # Training: one batch shape per run, compiled for it (forward and backward).
         return compiled.run(padded_cell_rule, *args, enabled=self.compiled)
 
@@ -415,6 +473,8 @@ class DiffNCA(nn.Module):
         cfg = self.config
         b, _, h, w = x_t.shape
         state = torch.cat([x_t, x_t.new_zeros(b, cfg.channels - cfg.image_channels, h, w)], dim=1)
+        if self.gathers_fired(x_t.device):  # a pixel's channels contiguous: fired_cell_rule gathers rows
+            state = state.contiguous(memory_format=torch.channels_last)
         embeddings = self.embedding(timesteps.to(x_t.device))
         ic = cfg.image_channels
         weights = self.rule_weights()
@@ -443,7 +503,7 @@ class DiffNCA(nn.Module):
                     self.rule(padded, state[:, :, r0:r1], fire(k, band, x_t.device, row0=r0), step_weights,
                               out=spare[:, :, r0:r1])
             state, spare = spare, state
-        return state[:, ic : 2 * ic].clone()  # not a view: the state buffers can go now
+        return state[:, ic : 2 * ic].clone(memory_format=torch.contiguous_format)  # not a view: the buffers can go
 
 
 def band_rows(height: int, rows: int) -> list[tuple[int, int]]:
