@@ -99,6 +99,24 @@ def test_window_bernoulli_bits_are_the_per_window_masks(origins):
     assert torch.equal(batched, each)
 
 
+@pytest.mark.parametrize("p", [0.5, 0.3, 1 / 3, 0.9999999, 1.0])
+def test_the_numpy_fire_masks_are_the_torch_ones(p):
+    """On a CPU the fire masks are hashed in numpy uint32 arithmetic (half the time of torch's
+    int64): bit for bit the same masks, at far and negative coordinates and large seeds too, and
+    the same float32 comparison with p (0.9999999 rounds up as a float32)."""
+    from nca_tiles.diffusion.model import CounterFireMask
+
+    mask = CounterFireMask(p, [3, 2**40 + 1, 7], [299, 0, 42], [(0, 0), (-5, 2**32 + 3), (2**31 + 9, 99_990)])
+    masks = []
+    for nca_step, row0, shape in [(0, 0, (3, 1, 40, 300)), (9, 17, (3, 1, 2, 5)), (4, 3, (3, 1, 1, 1))]:
+        from_numpy = mask(nca_step, shape, torch.device("cpu"), row0)
+        from_torch = rng.window_bernoulli_bits(*mask.coordinates(nca_step, shape, torch.device("cpu"), row0), p)
+        assert from_numpy.dtype == torch.float32 and from_numpy.shape == shape
+        assert torch.equal(from_numpy, from_torch)
+        masks.append(from_numpy)
+    assert abs(masks[0].mean().item() - p) < 0.01  # 36 000 cells
+
+
 def test_the_numbers_a_seed_draws_do_not_change_between_versions():
     """A slide is a pure function of (model, seed, size) across nca-tiles versions too: these
     values were drawn by the hash as released; a change to it would silently change every slide."""

@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -167,8 +168,22 @@ class CounterFireMask:
 
     def __call__(self, nca_step: int, shape: tuple[int, int, int, int], device: torch.device,
                  row0: int = 0) -> torch.Tensor:
+        if device.type == "cpu" and not self.compiled:
+            return torch.from_numpy(rng.window_bernoulli_bits_numpy(*self.numpy_coordinates(nca_step, shape, row0),
+                                                                    self.rate))
         keys, ys, xs = self.coordinates(nca_step, shape, device, row0)
         return compiled.run(rng.window_bernoulli_bits, keys, ys, xs, self.rate, enabled=self.compiled, dynamic=True)
+
+    def numpy_coordinates(self, nca_step: int, shape: tuple[int, int, int, int],
+                          row0: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`coordinates` as uint32 numpy arrays (``rng.window_bernoulli_bits_numpy``)."""
+        _, _, h, w = shape
+        keys = np.array(rng.window_key_states(self.seeds, rng.Stream.FIRE_MASK, self.timesteps, nca_step),
+                        dtype=np.uint32).reshape(-1, 1, 1, 1)
+        origins = np.array(self.origins, dtype=np.int64).reshape(-1, 2)
+        ys = ((origins[:, :1] + row0 + np.arange(h)) & 0xFFFFFFFF).astype(np.uint32).reshape(-1, 1, h, 1)
+        xs = ((origins[:, 1:] + np.arange(w)) & 0xFFFFFFFF).astype(np.uint32).reshape(-1, 1, 1, w)
+        return keys, ys, xs
 
     def coordinates(self, nca_step: int, shape: tuple[int, int, int, int], device: torch.device,
                     row0: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
