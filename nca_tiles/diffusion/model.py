@@ -301,7 +301,7 @@ def cell_rule(padded: torch.Tensor, state: torch.Tensor, fire: torch.Tensor, w: 
 
 
 def fired_cell_rule(padded: torch.Tensor, state: torch.Tensor, fire: torch.Tensor, w: StepWeights,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    in_place: bool = False) -> torch.Tensor:
     """:func:`cell_rule` with the per-pixel MLP computed only where ``fire`` is set: the mask
     discards the update everywhere else, so at the fire rate of 0.5 half of the hidden layer's work
     was thrown away (docs/design.md §4, "Only the fired cells"). The same numbers up to float
@@ -310,6 +310,7 @@ def fired_cell_rule(padded: torch.Tensor, state: torch.Tensor, fire: torch.Tenso
     The state is channels-last, so a pixel's channels are one contiguous row: the perception
     and the state are gathered as rows of fired pixels, and the update is added back onto those
     rows (``index_add``, whose backward is the gather again). ``fire`` must hold 0 or 1.
+    ``in_place`` (no autograd): the updates are added into ``state`` itself, which is returned.
     """
     b, c, h, width = state.shape
     pixels = h * width
@@ -320,14 +321,13 @@ def fired_cell_rule(padded: torch.Tensor, state: torch.Tensor, fire: torch.Tenso
     # than the work they skip); the MLP per sample, each with its folded weights.
     updates = [fired_pixel_mlp(rows, w, i) for i, rows in enumerate(cells.index_select(0, fired).split(counts))]
     update = torch.cat(updates) if b > 1 else updates[0]
-    if out is None:
+    if not in_place:
         new = state.permute(0, 2, 3, 1).reshape(b * pixels, c).index_add(0, fired, update)
         return new.view(b, h, width, c).permute(0, 3, 1, 2)
     for i, (cells_i, update_i) in enumerate(zip(fired.split(counts), update.split(counts))):
-        rows = out[i].permute(1, 2, 0).view(pixels, c)  # a channels-last band: contiguous per sample
-        rows.copy_(state[i].permute(1, 2, 0).reshape(pixels, c))
+        rows = state[i].permute(1, 2, 0).view(pixels, c)  # a channels-last band: contiguous per sample
         rows.index_add_(0, cells_i - i * pixels, update_i)
-    return out
+    return state
 
 
 def fired_pixel_mlp(cells: torch.Tensor, w: StepWeights, sample: int) -> torch.Tensor:
@@ -459,9 +459,6 @@ class DiffNCA(nn.Module):
     def rule(self, padded: torch.Tensor, state: torch.Tensor, fire: torch.Tensor, weights: StepWeights,
              out: torch.Tensor) -> None:
         """The cell rule on a region (see :func:`cell_rule`) with one NCA step's weights, into ``out``."""
-        if self.gathers_fired(state.device):
-            fired_cell_rule(padded, state, fire, weights, out=out)
-            return
         if not self.compiled:
             cell_rule(padded, state, fire, weights, out=out)
             return
@@ -481,7 +478,7 @@ class DiffNCA(nn.Module):
     @staticmethod
     def band_pixels(device: torch.device) -> int:
         """Pixels per band at inference: cache-sized on a CPU, large enough to fill a GPU."""
-        return 8192 if device.type == "cpu" else 1 << 21
+        return 32768 if device.type == "cpu" else 1 << 21
 
     def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, fire: FireMask) -> torch.Tensor:
         """Predict the noise ε̂ in x_t (B, 3, H, W) at diffusion timesteps (B,)."""
@@ -502,8 +499,22 @@ class DiffNCA(nn.Module):
         # allocations are those two, whatever s: peak memory is two states plus one band's work,
         # and the allocator sees the same few sizes on every window (no heap fragmentation).
         # Same numbers as the whole-tensor path, up to float rounding.
-        spare = torch.empty_like(state)
         bands = band_rows(h, max(1, self.band_pixels(x_t.device) // w))
+        if self.gathers_fired(x_t.device):
+            # Fired cells only (fired_cell_rule) add their updates in place, so one state buffer
+            # serves: each band is padded with the row above it as it was before that row's update.
+            for k in range(cfg.nca_steps):
+                step_weights = fold_step(weights, *self.conditioning(embeddings[k]).tensors())
+                above = None
+                for r0, r1 in bands:
+                    padded = reflect_pad_rows(state, r0, r1)
+                    if above is not None:
+                        padded[:, :, :1] = F.pad(above, (1, 1, 0, 0), mode="reflect")
+                    above = state[:, :, r1 - 1 : r1].clone()
+                    fired_cell_rule(padded, state[:, :, r0:r1], fire(k, (b, 1, r1 - r0, w), x_t.device, row0=r0),
+                                    step_weights, in_place=True)
+            return state[:, ic : 2 * ic].clone(memory_format=torch.contiguous_format)
+        spare = torch.empty_like(state)
         hashed = self.compiled and isinstance(fire, CounterFireMask)  # the mask hashed inside the rule
         for k in range(cfg.nca_steps):
             step_weights = fold_step(weights, *self.conditioning(embeddings[k]).tensors())

@@ -142,9 +142,10 @@ def window_bernoulli_bits(keys: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor
 
 
 def window_bernoulli_bits_numpy(keys: np.ndarray, ys: np.ndarray, xs: np.ndarray, p: float) -> np.ndarray:
-    """:func:`window_bernoulli_bits` in numpy uint32 arithmetic, for a CPU: the same bits in half
-    the time. uint32 products wrap and shifts are logical, so no masking is needed, and a band of
-    8 192 pixels is below torch's grain for threads anyway. ``keys`` (B, 1, 1, 1), ``ys``
+    """:func:`window_bernoulli_bits` in numpy uint32 arithmetic, for a CPU: the same bits in a third
+    of the time (bands of 8 192 or 32 768 pixels, one thread or two: torch's int64 passes gain
+    nothing from a second thread at these sizes). uint32 products wrap and shifts are logical, so
+    no masking is needed. ``keys`` (B, 1, 1, 1), ``ys``
     (B, 1, H, 1), ``xs`` (B, 1, 1, W), uint32 (coordinates taken mod 2³², as ``& _MASK32``)."""
     with np.errstate(over="ignore"):
         h = _fold_uint32(_fold_uint32(_fold_uint32(keys, ys), xs), np.uint32(0))
