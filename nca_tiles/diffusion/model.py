@@ -319,7 +319,10 @@ def fired_cell_rule(padded: torch.Tensor, state: torch.Tensor, fire: torch.Tenso
     counts = fire.reshape(b, pixels).count_nonzero(1).tolist()
     # One gather and one scatter for the whole batch (under autograd, per-sample ones cost more
     # than the work they skip); the MLP per sample, each with its folded weights.
-    updates = [fired_pixel_mlp(rows, w, i) for i, rows in enumerate(cells.index_select(0, fired).split(counts))]
+    # unbind, not w.to_hidden[i]: under autograd each index's backward fills a zero tensor the size
+    # of the whole batch's weights (a tenth of a training step); unbind's is one stack.
+    weights = zip(w.to_hidden.unbind(0), w.hidden_bias.unbind(0), w.to_update.unbind(0))
+    updates = [fired_pixel_mlp(rows, *sample, w) for rows, sample in zip(cells.index_select(0, fired).split(counts), weights)]
     update = torch.cat(updates) if b > 1 else updates[0]
     if not in_place:
         new = state.permute(0, 2, 3, 1).reshape(b * pixels, c).index_add(0, fired, update)
@@ -330,11 +333,13 @@ def fired_cell_rule(padded: torch.Tensor, state: torch.Tensor, fire: torch.Tenso
     return state
 
 
-def fired_pixel_mlp(cells: torch.Tensor, w: StepWeights, sample: int) -> torch.Tensor:
-    """The update (n, c) of n fired cells (n, 2c: perception, state) of one sample."""
-    hidden = torch.addmm(w.hidden_bias[sample, 0], cells, w.to_hidden[sample])
+def fired_pixel_mlp(cells: torch.Tensor, to_hidden: torch.Tensor, hidden_bias: torch.Tensor, to_update: torch.Tensor,
+                    w: StepWeights) -> torch.Tensor:
+    """The update (n, c) of n fired cells (n, 2c: perception, state) of one sample, whose folded
+    weights are ``to_hidden`` (2c, h), ``hidden_bias`` (1, h) and ``to_update`` (h, c)."""
+    hidden = torch.addmm(hidden_bias, cells, to_hidden)
     hidden = F.leaky_relu(F.layer_norm(hidden, hidden.shape[-1:], w.norm_weight, w.norm_bias, w.norm_eps), inplace=True)
-    return torch.addmm(w.update_bias[0, 0], hidden, w.to_update[sample])
+    return torch.addmm(w.update_bias[0], hidden, to_update)
 
 
 def hashed_fire_cell_rule(padded: torch.Tensor, state: torch.Tensor, keys: torch.Tensor, ys: torch.Tensor,
