@@ -327,9 +327,9 @@ def fired_cell_rule(padded: torch.Tensor, state: torch.Tensor, fire: torch.Tenso
     if not in_place:
         new = state.permute(0, 2, 3, 1).reshape(b * pixels, c).index_add(0, fired, update)
         return new.view(b, h, width, c).permute(0, 3, 1, 2)
-    for i, (cells_i, update_i) in enumerate(zip(fired.split(counts), update.split(counts))):
+    for i, (fired_i, update_i) in enumerate(zip(fired.split(counts), update.split(counts))):
         rows = state[i].permute(1, 2, 0).view(pixels, c)  # a channels-last band: contiguous per sample
-        rows.index_add_(0, cells_i - i * pixels, update_i)
+        rows.index_add_(0, fired_i - i * pixels, update_i)
     return state
 
 
@@ -482,7 +482,8 @@ class DiffNCA(nn.Module):
 
     @staticmethod
     def band_pixels(device: torch.device) -> int:
-        """Pixels per band at inference: cache-sized on a CPU, large enough to fill a GPU."""
+        """Pixels per band at inference: on a CPU large enough that per-band fixed costs stay small
+        (docs/design.md §4, "Bands"), on a GPU large enough to fill it."""
         return 32768 if device.type == "cpu" else 1 << 21
 
     def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, fire: FireMask) -> torch.Tensor:
@@ -490,7 +491,8 @@ class DiffNCA(nn.Module):
         cfg = self.config
         b, _, h, w = x_t.shape
         state = torch.cat([x_t, x_t.new_zeros(b, cfg.channels - cfg.image_channels, h, w)], dim=1)
-        if self.gathers_fired(x_t.device):  # a pixel's channels contiguous: fired_cell_rule gathers rows
+        gathered = self.gathers_fired(x_t.device)
+        if gathered:  # a pixel's channels contiguous: fired_cell_rule gathers rows
             state = state.contiguous(memory_format=torch.channels_last)
         embeddings = self.embedding(timesteps.to(x_t.device))
         ic = cfg.image_channels
@@ -499,13 +501,13 @@ class DiffNCA(nn.Module):
             for k in range(cfg.nca_steps):
                 state = self.nca_step(state, embeddings[k], fire(k, (b, 1, h, w), x_t.device), weights)
             return state[:, ic : 2 * ic]
-        # Inference: the rule runs on bands of rows whose temporaries stay in cache, writing into
-        # one spare state buffer; the two buffers swap roles every NCA step. The only window-sized
-        # allocations are those two, whatever s: peak memory is two states plus one band's work,
-        # and the allocator sees the same few sizes on every window (no heap fragmentation).
-        # Same numbers as the whole-tensor path, up to float rounding.
+        # Inference: the rule runs on bands of rows, so its temporaries are one band's. The only
+        # window-sized allocations are the state buffers, whatever s (one for the fired-cells rule,
+        # two that swap roles every NCA step for the dense one), and the allocator sees the same few
+        # sizes on every window (no heap fragmentation). Same numbers as the whole-tensor path, up
+        # to float rounding.
         bands = band_rows(h, max(1, self.band_pixels(x_t.device) // w))
-        if self.gathers_fired(x_t.device):
+        if gathered:
             # Fired cells only (fired_cell_rule) add their updates in place, so one state buffer
             # serves: each band is padded with the row above it as it was before that row's update.
             for k in range(cfg.nca_steps):
