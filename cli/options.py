@@ -52,7 +52,7 @@ def threads_option():
 
 def compile_option():
     """``--compile/--no-compile``: torch.compile of the cell rule (nca_tiles.diffusion.compiled).
-    Neither: "auto", compiled where it pays. Set as the process default for the command's run, so
+    Neither: "auto", compiled where it pays (a GPU; compiled.AUTO_DEVICES). Set as the process default for the command's run, so
     that every model it loads, and the local dask workers it starts, follow it; its function does
     not see the option."""
 
@@ -77,9 +77,10 @@ def compile_option():
 
         return click.option(
             "--compile/--no-compile", "compile_mode", default=None,
-            help="torch.compile the model (CPU: needs a C++ compiler; CUDA: Triton). Default: where it pays "
-                 "(long training runs; sampling once eager has taken about as long as compiling would, and "
-                 "not again on a machine where it ran no faster than eager).",
+            help="torch.compile the model (CPU: needs a C++ compiler; CUDA: Triton). Default: eager on a CPU, "
+                 "where the eager rule skips the cells that do not fire and the compiled one cannot; on a GPU "
+                 "where it pays (long training runs; sampling once eager has taken about as long as compiling "
+                 "would, and not again on a machine where it ran no faster than eager).",
         )(run_with_compile)
 
     return decorator

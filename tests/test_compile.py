@@ -22,7 +22,6 @@ from nca_tiles.diffusion.model import PRESETS, CounterFireMask, DiffNCA, rule_is
 from nca_tiles.diffusion.pipeline import COMPILE_PAYS_AFTER_S, TRIAL_CALLS, generate_region, load_model
 from nca_tiles.diffusion.schedule import NoiseSchedule
 from nca_tiles.synthesis.job import chunk_grid
-from nca_tiles.training import trainer as trainer_module
 from nca_tiles.training.trainer import COMPILE_FROM_STEP, COMPILE_MIN_STEPS, Trainer, TrainConfig, diffusion_loss
 from helpers import assert_ok, save_test_model
 from test_synthesis import H, W, assert_same_image, synthesize
@@ -44,6 +43,13 @@ def forget_compiled():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return save_test_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture
+def auto_compiles_on_cpu(monkeypatch):
+    """--compile auto as on a GPU, where it compiles (on a CPU it runs eager): the trial, its
+    verdicts and their memory are the same code on either device, so the CPU stands in here."""
+    monkeypatch.setattr(compiled, "AUTO_DEVICES", ("cpu", "cuda"))
 
 
 def graphs() -> int:
@@ -76,7 +82,7 @@ def test_compiled_inference_equals_eager():
         torch.testing.assert_close(predict(model, x), eager, rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_inference_hashes_its_fire_masks_inside_the_rule(model_dir):
+def test_compiled_inference_hashes_its_fire_masks_inside_the_rule(model_dir, auto_compiles_on_cpu):
     """One compiled call per band, the mask's hash fused into the rule's kernel; a later
     --compile auto pipeline in the process sees the rule compiled and reuses it at once."""
     from nca_tiles.diffusion import rng
@@ -167,7 +173,25 @@ def test_windows_of_many_shapes_share_a_few_graphs(model_dir, tmp_path, monkeypa
     assert graphs() == before
 
 
-def test_auto_compiles_once_eager_time_would_pay(model_dir, monkeypatch):
+def test_inference_on_a_cpu_runs_eager_unless_told_to_compile(model_dir, monkeypatch, capfd):
+    """On a CPU the eager rule computes the MLP of fired cells only and the compiled rule cannot:
+    before, --compile auto spent a compile and a trial (a minute of the demo) on every new machine
+    to find that out."""
+    compiled.reset()
+    monkeypatch.setitem(COMPILE_PAYS_AFTER_S, "cpu", 0.0)
+    pipeline = load_model(model_dir, "cpu", compile="auto")
+    assert pipeline.compile == "off" and not pipeline.model.compiled
+    pipeline.eager_seconds = 1e9  # however long eager takes
+    generate_region(pipeline, 16, 16, steps=TRIAL_CALLS + 2)
+    assert pipeline.compile == "off" and not pipeline.model.compiled and not rule_is_warm()
+    assert not (compiled.cache_dir() / compiled.VERDICTS_FILE).exists()  # no trial, no verdict
+    assert "torch.compile" not in capfd.readouterr().err  # nothing to say: the default
+    forced = load_model(model_dir, "cpu", compile="on")
+    assert forced.compile == "on" and forced.model.compiled
+    compiled.reset()
+
+
+def test_auto_compiles_once_eager_time_would_pay(model_dir, monkeypatch, auto_compiles_on_cpu):
     compiled.reset()  # not warm from the tests above: those would make compiling free
     pipeline = load_model(model_dir, "cpu", compile="auto")
     assert pipeline.compile == "auto" and not pipeline.model.compiled
@@ -183,7 +207,7 @@ def test_auto_compiles_once_eager_time_would_pay(model_dir, monkeypatch):
     assert later.compile == "on" and later.model.compiled
 
 
-def test_auto_goes_back_to_eager_where_compiled_is_not_faster(model_dir, monkeypatch, capfd):
+def test_auto_goes_back_to_eager_where_compiled_is_not_faster(model_dir, monkeypatch, capfd, auto_compiles_on_cpu):
     compiled.reset()
     monkeypatch.setenv(compiled.MODE_ENV, "auto")  # the verdict sets it off for child processes
     monkeypatch.setitem(COMPILE_PAYS_AFTER_S, "cpu", 0.0)
@@ -203,8 +227,10 @@ def test_auto_goes_back_to_eager_where_compiled_is_not_faster(model_dir, monkeyp
 
 LATER_PROCESS = """
 import sys
+from nca_tiles.diffusion import compiled
 from nca_tiles.diffusion.model import rule_is_warm
 from nca_tiles.diffusion.pipeline import generate_region, load_model
+compiled.AUTO_DEVICES = ("cpu", "cuda")  # as the auto_compiles_on_cpu fixture
 pipeline = load_model(sys.argv[1], "cpu", compile=sys.argv[2])
 generate_region(pipeline, 16, 16, steps=2)
 print(pipeline.compile, pipeline.model.compiled, rule_is_warm())  # rule_is_warm: it compiled
@@ -218,7 +244,7 @@ def later_process(model_dir, mode: str = "auto") -> subprocess.CompletedProcess:
     return result
 
 
-def test_a_machine_remembers_that_compiled_was_not_faster(model_dir, monkeypatch):
+def test_a_machine_remembers_that_compiled_was_not_faster(model_dir, monkeypatch, auto_compiles_on_cpu):
     compiled.reset()
     monkeypatch.setenv(compiled.MODE_ENV, "auto")  # the verdict sets it off: restored after the test
     monkeypatch.setitem(COMPILE_PAYS_AFTER_S, "cpu", 0.0)
@@ -243,7 +269,8 @@ def test_a_machine_remembers_that_compiled_was_not_faster(model_dir, monkeypatch
     compiled.reset()
 
 
-def test_a_compile_verdict_is_forgotten_when_old_damaged_or_from_another_machine(model_dir, monkeypatch):
+def test_a_compile_verdict_is_forgotten_when_old_damaged_or_from_another_machine(model_dir, monkeypatch,
+                                                                                   auto_compiles_on_cpu):
     compiled.reset()
     path = compiled.cache_dir() / compiled.VERDICTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -300,9 +327,7 @@ def test_training_on_a_cpu_runs_eager_unless_told_to_compile():
     assert first(Run(10**6), True) == first(Run(10**6), "on") == 0
 
 
-def test_training_compiles_long_runs_after_their_first_steps(monkeypatch):
-    # Where auto compiles (a GPU; the CPU stands in for one here, as the schedule is the same)
-    monkeypatch.setattr(trainer_module, "AUTO_COMPILE_DEVICES", ("cpu",))
+def test_training_compiles_long_runs_after_their_first_steps(auto_compiles_on_cpu):
     first = Trainer._compile_from
     assert first(Run(COMPILE_MIN_STEPS), None) == first(Run(10**6), "auto") == COMPILE_FROM_STEP
     assert first(Run(COMPILE_MIN_STEPS - 1), None) is None  # tests, smoke runs
@@ -357,7 +382,8 @@ def test_cli_compile_flag_without_compiler_warns_once(model_dir, tmp_path):
     assert out.exists()
 
 
-def test_forget_decisions_turns_a_trials_verdict_back_but_keeps_compiled_copies(model_dir, monkeypatch):
+def test_forget_decisions_turns_a_trials_verdict_back_but_keeps_compiled_copies(model_dir, monkeypatch,
+                                                                                 auto_compiles_on_cpu):
     """The test fixture's reset between tests: a trial's "not faster" had left compiling off in
     the test process, so a later test of the compiled path skipped as if there were no compiler."""
     if compiled._missing_toolchain("cpu") is not None:

@@ -10,7 +10,7 @@ eager ones up to float rounding, so tiled still equals whole (docs/design.md §3
 Without a C++ compiler (CPU) or Triton and a C compiler (CUDA), or if compiling fails, the rule
 runs eager, and the process says so in one line on stderr, once.
 
-Where ``--compile auto``'s trial finds the compiled rule no faster than eager, the machine
+On a CPU ``--compile auto`` runs eager (``AUTO_DEVICES``). Where its trial finds the compiled rule no faster than eager, the machine
 remembers it (:func:`remember_not_faster`, a small JSON file in the user's cache directory, keyed
 by processor, device, threads and torch version, for ``VERDICT_DAYS``): later processes there run
 eager from the start instead of paying the compile again (49 s on 2 CPU cores, measured) for a
@@ -50,6 +50,16 @@ _kept = False  # a --compile auto trial found the compiled rule faster here: lat
 CACHE_ENV = "NCA_TILES_CACHE_DIR"
 VERDICTS_FILE = "compile-verdicts.json"
 VERDICT_DAYS = 30
+# Devices where "auto" compiles at all (inference's trial, training from step 50). On a CPU the
+# eager rule computes the MLP of fired cells only (model.fired_cell_rule), while the compiled rule
+# is the dense one (inductor wants static shapes): the compiled inference step took 1.80× and the
+# compiled training step 1.36× the eager one's time (docs/design.md §4). --compile still compiles.
+AUTO_DEVICES = ("cuda",)
+
+
+def auto_compiles(device: torch.device | str) -> bool:
+    """Whether ``--compile auto`` may compile on ``device`` (``AUTO_DEVICES``)."""
+    return torch.device(device).type in AUTO_DEVICES
 
 
 def default_mode() -> str:

@@ -99,7 +99,8 @@ def build_pipeline(meta: dict, state_dict: dict, device: str | torch.device = "c
     model.eval().requires_grad_(False).to(device)
     precision = resolve_precision(device, precision)
     mode = compiled.resolve_mode(compile)
-    if mode == "auto" and compiled.skip_remembered(device):  # an earlier trial here: not faster
+    if mode == "auto" and (not compiled.auto_compiles(device)  # a CPU: the eager rule is the faster
+                           or compiled.skip_remembered(device)):  # an earlier trial here: not faster
         mode = "off"
     if mode == "on":
         model.compiled = compiled.available(device)

@@ -58,17 +58,13 @@ MAX_STEPS = 10_000_000
 MAX_BATCH_SIZE = 4096  # 256× the paper's 16: beyond it a typo, not a plan
 INIT_SEED_KEY = 0x1417  # derives the seed of the initial weights from --seed
 # compile=None ("auto") compiles the training step of runs this long, from step COMPILE_FROM_STEP
-# on (on AUTO_COMPILE_DEVICES): the compile costs ≈ 30–45 s on 2 CPU cores and the small preset's
+# on (on compiled.AUTO_DEVICES): the compile costs ≈ 30–45 s on 2 CPU cores and the small preset's
 # dense step got ≈ 1.1–2.8× faster there, so it pays after tens of steps (benchmarks/bench_compile.py
 # measures it). Short runs, and runs stopped within their first steps (tests, smoke runs), never
 # wait for a compile. Keyed by the step index, so a resumed run uses the kernels the uninterrupted
 # one used at every step.
 COMPILE_MIN_STEPS = 500
 COMPILE_FROM_STEP = 50
-# Devices where "auto" compiles at all. On a CPU the eager step computes the MLP of fired cells
-# only (model.fired_cell_rule) while the compiled one is the dense rule: eager ran 1.35× faster
-# (README § Compiled vs eager, 2026-12-06), so "auto" trains eager there; --compile still compiles.
-AUTO_COMPILE_DEVICES = ("cuda",)
 MAX_RELAY_FACTOR = 64  # 1/64 of a 64 px patch is one pixel: beyond it nothing is left to relay
 
 
@@ -275,7 +271,7 @@ class Trainer:
         """The first step whose forward and backward run compiled (None: none)."""
         mode = compiled.resolve_mode(mode)
         if mode == "auto":
-            if self.cfg.steps < COMPILE_MIN_STEPS or self.device.type not in AUTO_COMPILE_DEVICES:
+            if self.cfg.steps < COMPILE_MIN_STEPS or not compiled.auto_compiles(self.device):
                 return None
             first = COMPILE_FROM_STEP
         else:
