@@ -21,6 +21,10 @@ nominal count is the dense rule's: every cell's MLP. The eager CPU rule computes
 cells the fire mask keeps only (half of them), so its fraction counts the work it is spared too —
 a measure of speed, not of how busy the cores are. "eager, every cell" is the dense rule, eager.
 
+On a CPU the training step is also timed with the eager rule issue 10 measured its "eager figure"
+with (2026-11-24; issue10_baseline.py, beside this file): its target is today's steps per hour
+≥ 2.5× that rule's, in the same run.
+
 fp32 on a CPU (bf16 is far slower there: docs/design.md §4); ``--precision auto`` is bf16 autocast
 on CUDA. Torch uses one thread per core unless OMP_NUM_THREADS says otherwise; on cores shared
 with other busy processes OMP_NUM_THREADS=1 gives far steadier numbers (two threads that wait on
@@ -80,8 +84,10 @@ def measure_inference(args: argparse.Namespace, device, compile: bool, gather: b
     return result
 
 
-def measure_training(args: argparse.Namespace, device, compile: bool, gather: bool = True) -> dict:
-    """Seconds per training step; compiled: also the first step's seconds."""
+def measure_training(args: argparse.Namespace, device, compile: bool, gather: bool = True,
+                     issue10: bool = False) -> dict:
+    """Seconds per training step; compiled: also the first step's seconds. ``issue10``: the eager
+    rule issue 10 timed (issue10_baseline.py), with the same initial weights."""
     import torch
 
     from nca_tiles.diffusion import compiled
@@ -92,26 +98,30 @@ def measure_training(args: argparse.Namespace, device, compile: bool, gather: bo
 
     if compile and not compiled.available(device):
         return {}
+    from issue10_baseline import Issue10BaselineNCA
+
     torch.manual_seed(0)
-    model = DiffNCA(preset(args.preset)).to(device).train()
+    model = (Issue10BaselineNCA if issue10 else DiffNCA)(preset(args.preset)).to(device).train()
     model.compiled = compile
     model.gather_fired = gather
     schedule = NoiseSchedule()
     cfg = TrainConfig()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
 
-    def step(n: int) -> None:
+    def step(n: int) -> float:
         generator = torch.Generator().manual_seed(n)  # as the trainer: every draw of step n from (seed, n)
         x0 = torch.rand((args.batch_size, 3, args.patch, args.patch), generator=generator) * 2 - 1
         loss, _ = diffusion_loss(model, schedule, x0, generator, device, lambda: autocast(device, args.precision))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        return loss.item()
 
     before = graphs()
-    first, _ = timed(lambda: step(0), device)
+    first, first_loss = timed(lambda: step(0), device)
     times = [timed(lambda: step(n), device)[0] for n in range(1, args.train_steps + 1)]
-    return {"s_per_step": statistics.median(times), "first_s": first, "graphs": graphs() - before}
+    return {"s_per_step": statistics.median(times), "first_s": first, "graphs": graphs() - before,
+            "first_loss": first_loss}
 
 
 def model_flop(settings: dict) -> dict:
@@ -152,6 +162,11 @@ def summarize(results: dict) -> dict:
     tr["eager_steps_per_hour"] = 3600 / tr["eager_s"]
     if "dense_s" in tr:
         tr["dense_steps_per_hour"] = 3600 / tr["dense_s"]
+    issue10 = results["training"].get("issue10")
+    if issue10:
+        tr.update(issue10_s=issue10["s_per_step"], issue10_steps_per_hour=3600 / issue10["s_per_step"],
+                  issue10_speedup=issue10["s_per_step"] / tr["eager_s"], issue10_first_loss=issue10["first_loss"],
+                  eager_first_loss=results["training"]["eager"]["first_loss"])
     if "compiled_s" in inf:
         inf["job_compiled_s"] = inf["compile_s"] + JOB_STEPS * inf["compiled_s"]
         inf["graphs_other_size"] = results["inference"]["compiled"]["graphs_other_size"]
@@ -197,6 +212,11 @@ def print_results(results: dict) -> None:
                         "eager / compiled time"], rows))
     print("eager, every cell: the rule computing every cell's MLP (gather_fired off), as before 2026-12-06 "
           "and as compiled; eager: the MLP of fired cells only (a CPU; on a GPU the two are one rule)")
+    if "issue10_s" in tr:
+        print(f"\ntraining against the eager rule issue 10 timed (2026-11-24, benchmarks/issue10_baseline.py): "
+              f"{tr['issue10_s']:.3f} s per step, {tr['issue10_steps_per_hour']:,.0f} steps per hour; today's eager "
+              f"step {tr['issue10_speedup']:.2f}× its steps per hour (target ≥ 2.5×). Same weights, the first "
+              f"step's loss {tr['issue10_first_loss']:.6f} there, {tr['eager_first_loss']:.6f} today")
     if "compile_s" in inf:
         print(f"\ninference: compile {inf['compile_s']:.1f} s ({inf['graphs']} graph(s); another canvas size: "
               f"{inf['graphs_other_size']} more); " + pays(inf["break_even_steps"], f"denoising steps of {a['size']}²"))
@@ -273,6 +293,9 @@ def run(args: argparse.Namespace) -> int:
         results["inference"][name] = measure_inference(args, device, compile, gather)
         log(f"training, {name}, batch {args.batch_size} of {args.patch}²")
         results["training"][name] = measure_training(args, device, compile, gather)
+    if device.type == "cpu":
+        log(f"training, issue 10's eager rule, batch {args.batch_size} of {args.patch}²")
+        results["training"]["issue10"] = measure_training(args, device, False, False, issue10=True)
     results["compile_problem"] = compiled._disabled
     results["summary"] = summarize(results)
     log(f"done in {time.perf_counter() - started:.0f} s")
