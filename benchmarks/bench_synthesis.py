@@ -277,7 +277,7 @@ def compile_first(pipeline, widths: list[int]) -> float | None:
     """Compile the rule before anything is timed, for every window width to come, and switch the
     pipeline to compiled from its first call: otherwise whichever run comes first pays ``--compile
     auto``'s eager phase and the compile, and a comparison of runs measures their order. Seconds
-    it took; None where the rule runs eager (--compile off, no compiler)."""
+    it took; None where the rule runs eager (--compile off, or auto on a CPU; no compiler)."""
     from nca_tiles.diffusion import compiled
     from nca_tiles.diffusion.model import DiffNCA
     from nca_tiles.diffusion.pipeline import generate_region
@@ -739,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.sections & {1, 2, 4}:
             log("warm-up")
             warm_up(pipeline, args.format, Path(tmp))
-            log("compiling the rule for every window width to come")
+            log("compiling the rule for every window width to come (where the run compiles it)")
             results["compile_first_s"] = compile_first(pipeline, window_widths(pipeline, canvas, chunks))
         if 1 in args.sections:
             results["speed"] = section_speed(pipeline, canvas, chunks, args.steps, args.batch, args.seed,
@@ -756,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {model_description}")
     if "compile_first_s" in results:
         first = results["compile_first_s"]
-        print("the rule: " + ("eager (--compile off or no compiler)" if first is None else
+        print("the rule: " + ("eager (--compile off, or auto on a CPU, or no compiler)" if first is None else
                               f"compiled before anything was timed ({first:.1f} s), so every run below is compiled "
                               "from its first call (section 5 counts the compile)"))
     if "speed" in results:
