@@ -256,7 +256,7 @@ def test_with_dask_workers_the_estimate_says_it_is_for_one_process(model_dir, tm
     assert "the time is for one in-process run" in result.output
 
 
-def test_the_description_follows_the_replayed_run():
+def test_the_description_follows_the_replayed_run(monkeypatch):
     from nca_tiles.synthesis.calibration import ModelTime
     from nca_tiles.synthesis.plan import describe_model_time
 
@@ -267,3 +267,6 @@ def test_the_description_follows_the_replayed_run():
     assert "compiled, after 10 s eager" in text and "the compile timed here: 5.0 s" in text
     off = [SimpleNamespace(calibration=calibrated("off", False))]
     assert describe_model_time(ModelTime(40.0, 0.0, 40.0), off, cpu).endswith("eager (--no-compile)")
+    # Not asked to: the default, eager on a CPU (it said "--no-compile", which nobody had typed).
+    monkeypatch.setenv("NCA_TILES_COMPILE", "auto")
+    assert describe_model_time(ModelTime(40.0, 0.0, 40.0), off, cpu).endswith("eager (--compile auto is eager on a CPU)")

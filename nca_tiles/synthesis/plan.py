@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from nca_tiles.diffusion import compiled
 from nca_tiles.diffusion.levels import SynthesisModel, cost_ratio_to_single_scale, macs_per_denoising_step
 from nca_tiles.diffusion.pipeline import COMPILE_PAYS_AFTER_S, Pipeline
 from nca_tiles.synthesis.calibration import (
@@ -294,7 +295,9 @@ def describe_model_time(total: ModelTime, levels: list[LevelPlan], device: torch
     if total.eager >= total.seconds - 1e-9:  # never compiles
         auto = [c for c in cals if c.compile_mode == "auto"]
         why = ("--compile auto: compiling would not pay for this job" if any(c.eager_s_per_pixel for c in auto) else
-               "torch.compile unavailable here" if auto else "--no-compile")
+               "torch.compile unavailable here" if auto else
+               "--compile auto is eager on a CPU" if compiled.default_mode() == "auto" and not compiled.auto_compiles(device)
+               else "--no-compile")
         return f"model calls: {format_short(total.seconds)}, eager ({why})"
     threshold = COMPILE_PAYS_AFTER_S.get(device.type, 30.0)
     parts = [f"model calls: {format_short(total.seconds)}, compiled"]
