@@ -5,7 +5,7 @@ same run as today's rule.
 The cell rule as it was then: channels-first state, the conditioning applied as broadcast
 products, the 1×1 convolutions as convolutions, the per-pixel norm in two passes, every cell's
 update computed and then masked. Same parameters as :class:`DiffNCA`, so the same weights give the
-same loss up to float rounding (bench_compile.py checks that before timing it).
+same loss up to float rounding (bench_compile.py prints both first losses beside its ratio).
 """
 
 from __future__ import annotations

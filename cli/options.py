@@ -52,9 +52,9 @@ def threads_option():
 
 def compile_option():
     """``--compile/--no-compile``: torch.compile of the cell rule (nca_tiles.diffusion.compiled).
-    Neither: "auto", compiled where it pays (a GPU; compiled.AUTO_DEVICES). Set as the process default for the command's run, so
-    that every model it loads, and the local dask workers it starts, follow it; its function does
-    not see the option."""
+    Neither: "auto", compiled where it pays (a GPU; compiled.AUTO_DEVICES). Set as the process
+    default for the command's run, so that every model it loads, and the local dask workers it
+    starts, follow it; its function does not see the option."""
 
     def decorator(command):
         @functools.wraps(command)

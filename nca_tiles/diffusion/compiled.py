@@ -10,11 +10,11 @@ eager ones up to float rounding, so tiled still equals whole (docs/design.md §3
 Without a C++ compiler (CPU) or Triton and a C compiler (CUDA), or if compiling fails, the rule
 runs eager, and the process says so in one line on stderr, once.
 
-On a CPU ``--compile auto`` runs eager (``AUTO_DEVICES``). Where its trial finds the compiled rule no faster than eager, the machine
-remembers it (:func:`remember_not_faster`, a small JSON file in the user's cache directory, keyed
-by processor, device, threads and torch version, for ``VERDICT_DAYS``): later processes there run
-eager from the start instead of paying the compile again (49 s on 2 CPU cores, measured) for a
-rule they would then drop.
+On a CPU ``--compile auto`` runs eager (``AUTO_DEVICES``). Where its trial finds the compiled
+rule no faster than eager, the machine remembers it (:func:`remember_not_faster`, a small JSON
+file in the user's cache directory, keyed by processor, device, threads and torch version, for
+``VERDICT_DAYS``): later processes there run eager from the start instead of paying the compile
+again (49 s on 2 CPU cores, measured) for a rule they would then drop.
 """
 
 from __future__ import annotations

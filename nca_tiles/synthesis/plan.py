@@ -294,10 +294,10 @@ def describe_model_time(total: ModelTime, levels: list[LevelPlan], device: torch
     cals = [level.calibration for level in levels if level.calibration is not None]
     if total.eager >= total.seconds - 1e-9:  # never compiles
         auto = [c for c in cals if c.compile_mode == "auto"]
+        cpu_default = compiled.default_mode() == "auto" and not compiled.auto_compiles(device)
         why = ("--compile auto: compiling would not pay for this job" if any(c.eager_s_per_pixel for c in auto) else
                "torch.compile unavailable here" if auto else
-               "--compile auto is eager on a CPU" if compiled.default_mode() == "auto" and not compiled.auto_compiles(device)
-               else "--no-compile")
+               "--compile auto is eager on a CPU" if cpu_default else "--no-compile")
         return f"model calls: {format_short(total.seconds)}, eager ({why})"
     threshold = COMPILE_PAYS_AFTER_S.get(device.type, 30.0)
     parts = [f"model calls: {format_short(total.seconds)}, compiled"]
