@@ -226,6 +226,48 @@ def test_the_rule_on_fired_cells_only_equals_the_dense_rule(fire_rate, none_fire
         assert banded[0].abs().max() == 0
 
 
+@pytest.mark.parametrize("nca_steps", [5, 1])
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_the_first_nca_step_reads_the_image_only_and_the_last_writes_eps_only(monkeypatch, nca_steps, grad):
+    # A model call starts from (image, zeros) and returns the ε̂ channels only, so the first NCA
+    # step need not read the zero channels and the last need not write the others
+    # (DiffNCA.narrowed): the same numbers and gradients as every channel's, for exactly the
+    # convolution and GEMM work those channels cost (every cell fires here, so the count is exact).
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nca_tiles.diffusion.model import fold_step
+
+    config = ModelConfig(channels=12, hidden=24, nca_steps=nca_steps, embedding_hidden=16, encoding_dim=8,
+                         fire_rate=1.0)
+    model = trained_like(config)
+    x = torch.randn(2, 3, 20, 30, dtype=torch.float64)
+    t = torch.tensor([123, 7])
+    fire = CounterFireMask(1.0, [11, 12], t.tolist(), [(0, 0), (3, 5)])
+
+    def call():
+        model.zero_grad()
+        with torch.set_grad_enabled(grad), FlopCounterMode(display=False) as flops:
+            eps = model(x, t, fire)
+        if eps.shape[1] != 3:  # unnarrowed, the training call returns its whole state
+            eps = eps[:, 3:6]
+        if grad:
+            eps.square().sum().backward()
+        return eps.detach(), [p.grad.clone() if grad else None for p in model.parameters()], flops.get_total_flops()
+
+    narrowed, narrowed_grads, narrowed_flops = call()
+    monkeypatch.setattr(DiffNCA, "narrowed",
+                        lambda self, k, state, w, e: (state, state, fold_step(w, *self.conditioning(e).tensors())))
+    every, every_grads, every_flops = call()
+    torch.testing.assert_close(narrowed, every, rtol=1e-12, atol=1e-12)
+    for g, every_g in zip(narrowed_grads, every_grads):
+        if grad:
+            torch.testing.assert_close(g, every_g, rtol=1e-10, atol=1e-12)
+    c, ic, h, pixels = config.channels, config.image_channels, config.hidden, x.shape[0] * 20 * 30
+    first = pixels * (c * (c - ic) * 9 + (c - ic) * h)  # MACs: the zero channels' perception and hidden inputs
+    last = pixels * h * (c - ic)  # the update of channels nobody reads
+    assert every_flops - narrowed_flops == 2 * (first + last)
+
+
 def test_the_fired_cells_rule_is_for_eager_cpu_runs():
     model = trained_like()
     assert model.gathers_fired(torch.device("cpu"))
