@@ -36,6 +36,8 @@ from nca_tiles_cli.options import (
               help="Score one level of a scale-space model (1 = the one above the coarsest): its redraw of real "
                    "patches of the other held-out split, handed over as a perfect coarser level would. --patches "
                    "at that level's µm/px.")
+@click.option("--encoder", default="bundled", show_default=True, metavar="DIR|bundled|none",
+              help="Patch encoder for the learned-feature FD (a directory from train-encoder; none: skip it).")
 @device_option()
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the results as JSON to this file.")
 @click.option("--slide", type=click.Path(path_type=Path), help="Score the seams of this synthesized slide (OME-TIFF or OME-Zarr) instead.")
@@ -59,6 +61,7 @@ def evaluate(
     min_tissue: float,
     canvas: int,
     hand_over: int | None,
+    encoder: str,
     device: str,
     json_path: Path | None,
     slide: Path | None,
@@ -74,7 +77,9 @@ def evaluate(
     with n held-out real patches (--split), beside two references: train vs
     held-out real (the floor) and colour-matched noise (the ceiling).
     Metrics: Fréchet distance and KID in the features of a fixed random CNN
-    (NOT Inception-FID: not comparable to published numbers); Wasserstein-1
+    (NOT Inception-FID: not comparable to published numbers), and FD in the
+    features of a small encoder trained on real patches (--encoder, from
+    train-encoder: colour-blind by training, so it sees structure); Wasserstein-1
     of haematoxylin, eosin and DAB optical densities; and a classifier
     two-sample test (AUC 0.5 = real and synthetic cannot be told apart).
 
@@ -104,11 +109,13 @@ def evaluate(
             raise NcaTilesError("--chunk and --real go with --slide: give the slide to score")
         if patches is None:
             raise NcaTilesError("give --patches STORE (and --model) to evaluate a model, or --slide FILE --chunk C")
+        from nca_tiles.evaluation.encoder import load_encoder
         from nca_tiles.evaluation.protocol import evaluate_model, format_table
 
+        learned = None if encoder == "none" else load_encoder(None if encoder == "bundled" else Path(encoder))
         results = evaluate_model(model, patches, split, n, seed, steps, sampler, device,
                                  say=lambda line: click.echo(line, err=True), min_tissue=min_tissue,
-                                 canvas=canvas, eta=eta, hand_over=hand_over)
+                                 canvas=canvas, eta=eta, hand_over=hand_over, encoder=learned)
         click.echo(format_table(results))
     if json_path is not None:
         from nca_tiles.runtime.outputs import atomic_write_json

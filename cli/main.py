@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "preview": ("preview", "preview", "Write a PNG thumbnail of a slide."),
     "info": ("info", "info", "Describe a patch store, model, preset or slide."),
     "evaluate": ("evaluate", "evaluate", "Quality metrics of a model against real patches, or a slide's seam score."),
+    "train-encoder": ("train_encoder", "train_encoder",
+                      "Train a patch encoder (self-supervised) for evaluate's learned-feature FD."),
     "build-model": ("build_model", "build_model", "Stack models trained at several µm/px into one scale-space model."),
     "demo": ("demo", "demo", "Run the whole pipeline on the bundled sample slide."),
 }

@@ -9,8 +9,8 @@ from nca_tiles.errors import NcaTilesError
 
 
 def describe(path: str | os.PathLike[str] | None = None, preset: str | None = None) -> str:
-    """A description of ``path`` (a scale-space model, a patch store, a model — run directory,
-    model directory or checkpoint — or else a slide), or of the model preset named ``preset``."""
+    """A description of ``path`` (a scale-space model, a patch store, a patch encoder, a model —
+    run directory, model directory or checkpoint — or else a slide), or of the model preset named ``preset``."""
     if preset is not None:
         from nca_tiles.diffusion.model import describe_preset
 
@@ -31,6 +31,10 @@ def describe(path: str | os.PathLike[str] | None = None, preset: str | None = No
         from nca_tiles.training.patches import describe_store
 
         return describe_store(path)
+    from nca_tiles.evaluation.encoder import describe_encoder, is_encoder_dir
+
+    if is_encoder_dir(path):
+        return describe_encoder(path)
     if is_model_path(path):
         from nca_tiles.diffusion.checkpoint import describe_model
 

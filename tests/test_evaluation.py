@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from nca_tiles.errors import NcaTilesError
+from nca_tiles.evaluation.encoder import load_encoder
 from nca_tiles.evaluation.protocol import (
     METRICS, MIN_TISSUE, evaluate_model, evaluate_patches, format_table, sample_tissue_patches)
 from nca_tiles_cli.main import cli
@@ -26,7 +27,8 @@ def results(real_crops: np.ndarray) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return evaluate_patches(train, heldout, blurred, seed=0, kid_subsets=20, n_pixels=20_000, c2st_steps=60)
+        return evaluate_patches(train, heldout, blurred, seed=0, kid_subsets=20, n_pixels=20_000, c2st_steps=60,
+                                encoder=load_encoder())
     finally:
         torch.set_num_threads(threads)
 
@@ -36,8 +38,9 @@ def test_floor_is_below_the_noise_ceiling_on_real_crops(results):
     for key in METRICS:
         assert floor[key] < ceiling[key], key
     assert abs(floor["c2st_auc"] - 0.5) < 0.2 and ceiling["c2st_auc"] > 0.95
-    # Blurred real tissue lands between real and noise in random-feature FD.
+    # Blurred real tissue lands between real and noise in random-feature FD, and in learned features.
     assert floor["fd_random"] < synthetic["fd_random"] < ceiling["fd_random"]
+    assert floor["fd_learned"] < synthetic["fd_learned"] < ceiling["fd_learned"]
 
 
 def test_grey_structure_metrics_are_blind_to_colour_but_not_to_blur(real_crops):
@@ -156,8 +159,23 @@ def test_cli_evaluates_a_model_against_a_patch_store(store_and_model, tmp_path):
     assert "synthetic: 16 patches with ≥ 50% tissue of 16 drawn (100%)" in result.output
     # An untrained model is far from real tissue: above the floor in every distance.
     floor, synthetic = saved["results"]["floor"], saved["results"]["synthetic"]
-    for key in ("fd_random", "w1_haematoxylin", "w1_eosin"):
+    for key in ("fd_random", "fd_learned", "w1_haematoxylin", "w1_eosin"):
         assert synthetic[key] > floor[key], key
+    assert "FD, learned features" in result.output and saved["encoder"]["mpp"] == 1.0
+    assert "note: the encoder learned 1 µm/px patches and these are 0.5 µm/px" in result.output
+
+
+def test_cli_evaluates_without_an_encoder_or_refuses_a_bad_one_in_one_line(store_and_model, tmp_path):
+    patches, model = store_and_model
+    args = ["evaluate", "--model", str(model), "--patches", str(patches), "--n", "8", "--steps", "1"]
+    result = CliRunner().invoke(cli, [*args, "--encoder", "none", "--json", str(tmp_path / "m.json")])
+    assert result.exit_code == 0, result.output
+    assert "FD, learned features" not in result.output and "FD, random features" in result.output
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert saved["encoder"] is None and "fd_learned" not in saved["results"]["floor"]
+    result = CliRunner().invoke(cli, [*args, "--encoder", str(tmp_path)])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "is not an encoder directory" in result.output
 
 
 def test_evaluate_model_refuses_bad_numbers_before_any_work(store_and_model, tmp_path):

@@ -19,6 +19,7 @@ COMMANDS = {  # each command with its required options, all pointing at nothing 
     "synthesize": ["--width", 64, "--height", 64, "--out", "{out}"],
     "demo": ["--out", "{out}"],
     "evaluate": ["--slide", "{out}", "--chunk", 32],
+    "train-encoder": ["--patches", "missing.zarr", "--out", "{out}"],
 }
 
 

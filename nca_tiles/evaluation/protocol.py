@@ -34,6 +34,7 @@ COMPARISONS: dict[str, str] = {
 METRICS: dict[str, str] = {
     "fd_random": "FD, random features",
     "fd_structure": "FD, grey structure",
+    "fd_learned": "FD, learned features",
     "kid_random": "KID x 1e3, random features",
     "w1_haematoxylin": "W1 haematoxylin OD",
     "w1_eosin": "W1 eosin OD",
@@ -74,13 +75,14 @@ class _Measured:
     structure_features: np.ndarray
     nuclei: nuclei.NucleiStats
     spectrum: np.ndarray
+    learned_features: np.ndarray | None  # of the self-supervised encoder, if one is given
 
     @classmethod
-    def of(cls, patches: np.ndarray, seed: int, threshold: float, mpp: float) -> "_Measured":
+    def of(cls, patches: np.ndarray, seed: int, threshold: float, mpp: float, encoder=None) -> "_Measured":
         structure = metrics.structure_patches(patches)
         return cls(patches, metrics.random_features(patches, seed=seed), structure,
                    metrics.random_features(structure, seed=seed), nuclei.nuclei_stats(patches, threshold, mpp),
-                   spectrum.power_spectrum(patches))
+                   spectrum.power_spectrum(patches), None if encoder is None else encoder.features(patches))
 
 
 def _compare(measured: _Measured, reference: _Measured, seed: int, kid_subset_size: int, kid_subsets: int,
@@ -92,6 +94,8 @@ def _compare(measured: _Measured, reference: _Measured, seed: int, kid_subset_si
     return {
         "fd_random": metrics.feature_frechet_distance(measured.features, reference.features),
         "fd_structure": metrics.feature_frechet_distance(measured.structure_features, reference.structure_features),
+        **({} if measured.learned_features is None else
+           {"fd_learned": metrics.feature_frechet_distance(measured.learned_features, reference.learned_features)}),
         "kid_random": kid_mean,
         "kid_random_std": kid_std,
         **{f"w1_{stain}": value for stain, value in stains.items()},
@@ -112,12 +116,14 @@ def evaluate_patches(
     n_pixels: int = 200_000,
     c2st_steps: int = 300,
     mpp: float = 1.0,
+    encoder=None,
 ) -> dict[str, Any]:
     """Every metric for the floor, synthetic and ceiling comparisons (see the module docstring).
 
     The three sets are cut to a common n (seeded random subsets). KID uses ``kid_subsets`` subsets
     of min(1000, n // 2) so its standard deviation is informative. ``mpp`` (µm/px of the patches)
-    puts nuclei statistics in µm; their threshold comes from the held-out real patches. Returns a JSON-serialisable dict:
+    puts nuclei statistics in µm; their threshold comes from the held-out real patches. ``encoder``
+    (``encoder.Encoder``): also the FD in its learned features. Returns a JSON-serialisable dict:
     ``{"note", "seed", "n", "patch_size", "comparisons": {name: description},
     "results": {name: {metric: value}}, "nuclei_medians": {set: {statistic: median}}}``.
     """
@@ -138,7 +144,7 @@ def evaluate_patches(
     # Noise coloured like the training patches: the model saw those colours, not the held-out ones.
     sets["noise"] = metrics.colour_matched_noise(sets["train"], n, seed=seed)
     threshold = nuclei.nuclei_threshold(sets["heldout"], mpp)
-    measured = {name: _Measured.of(patches, seed, threshold, mpp) for name, patches in sets.items()}
+    measured = {name: _Measured.of(patches, seed, threshold, mpp, encoder) for name, patches in sets.items()}
     options = {
         "seed": seed,
         "kid_subset_size": max(2, min(1000, n // 2)),
@@ -160,6 +166,7 @@ def evaluate_patches(
         "comparisons": dict(COMPARISONS),
         "results": results,
         "nuclei_medians": {name: nuclei.nuclei_medians(measured[name].nuclei) for name in MEDIAN_SETS},
+        "encoder": None if encoder is None else encoder.trained_on,
     }
 
 
@@ -190,6 +197,7 @@ def format_table(results: dict[str, Any]) -> str:
     rows = [
         [label] + [_format_value(key, results["results"][name]) for name in ("floor", "synthetic", "ceiling")]
         for key, label in METRICS.items()
+        if key in results["results"]["floor"]  # the learned FD: with an encoder only
     ]
     lines = [
         f"Note: {results['note']}",
@@ -289,6 +297,7 @@ def evaluate_model(
     canvas: int = DEFAULT_CANVAS,
     eta: float | tuple[float, ...] | None = None,
     hand_over: int | None = None,
+    encoder=None,
 ) -> dict[str, Any]:
     """Sample ``n`` synthetic patches from ``model`` (None: the bundled one) and score them with
     ``evaluate_patches`` against ``n`` real patches of the store's ``split`` ("val" or "test"),
@@ -304,7 +313,9 @@ def evaluate_model(
     that level makes of half the split's real patches (the inputs) handed over as a perfect coarser
     level would hand them (``levels.hand_over_patches``), so its own errors show apart from those
     of the levels below it; the other half is the reference, the inputs themselves the floor. The
-    store holds patches at that level's µm/px."""
+    store holds patches at that level's µm/px.
+
+    ``encoder`` (``encoder.Encoder``): also the Fréchet distance in its learned features."""
     from nca_tiles.diffusion.levels import load_synthesis_model
     from nca_tiles.training.patches import open_patch_store
 
@@ -340,6 +351,10 @@ def evaluate_model(
     if n_used < n:
         say(f"note: the store has fewer patches than --n {n}: evaluating on {n_used} per set")
     real_train, real_heldout = _read_rows(store.images, picked["train"]), _read_rows(store.images, picked[split])
+    encoder_mpp = None if encoder is None else encoder.trained_on.get("mpp")
+    if isinstance(encoder_mpp, (int, float)) and abs(encoder_mpp - store.mpp) > 0.01 * store.mpp:
+        say(f"note: the encoder learned {encoder_mpp:g} µm/px patches and these are {store.mpp:g} µm/px: its FD "
+            "still ranks the sets (floor, synthetic and ceiling alike), but sees their structure less well")
 
     loaded = load_synthesis_model(model, device)
     if hand_over is not None and not 1 <= hand_over < len(loaded.levels):
@@ -373,7 +388,7 @@ def evaluate_model(
             f"eta {etas[hand_over]:g}), against {half} others...")
         synthetic = hand_over_patches(loaded, hand_over, inputs, seed, steps, sampler, etas)
         say("computing metrics...")
-        results = evaluate_patches(inputs, reference, synthetic, seed=seed, mpp=store.mpp)
+        results = evaluate_patches(inputs, reference, synthetic, seed=seed, mpp=store.mpp, encoder=encoder)
         level = loaded.levels[hand_over]
         results.update(model=None if model is None else str(model), patches=str(patches), split=split, steps=steps,
                        level_steps=level_steps, sampler=sampler, eta=etas,
@@ -397,7 +412,7 @@ def evaluate_model(
         say(f"note: {len(synthetic)} of {drawn} synthetic patches had ≥ {min_tissue:.0%} tissue: "
             f"evaluating on {len(synthetic)} per set")
     say("computing metrics...")
-    results = evaluate_patches(real_train, real_heldout, synthetic, seed=seed, mpp=store.mpp)
+    results = evaluate_patches(real_train, real_heldout, synthetic, seed=seed, mpp=store.mpp, encoder=encoder)
     results.update(model=None if model is None else str(model), patches=str(patches), split=split, steps=steps,
                    level_steps=level_steps, sampler=sampler, eta=etas, min_tissue=min_tissue, synthetic_drawn=drawn,
                    synthetic_kept=len(synthetic), canvas=canvas)
