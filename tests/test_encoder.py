@@ -148,16 +148,61 @@ def test_the_bundled_encoder_sees_blur_more_than_colour(real_crops):
     assert learned[1] > 10, learned
 
 
-def test_cli_trains_an_encoder_on_a_store_and_evaluate_uses_it(tmp_path, sample_slide):
+@pytest.fixture(scope="module")
+def store(sample_slide, tmp_path_factory):
     from nca_tiles.training.patches import extract_patches
 
-    extract_patches([sample_slide], tmp_path / "patches.zarr", target_mpp=0.5, progress=False)
+    path = tmp_path_factory.mktemp("encoder") / "patches.zarr"
+    extract_patches([sample_slide], path, target_mpp=0.5, progress=False)
+    return path
+
+
+def test_cli_trains_an_encoder_on_a_store(tmp_path, store):
     out = tmp_path / "encoder"
-    result = CliRunner().invoke(cli, ["train-encoder", "--patches", str(tmp_path / "patches.zarr"), "--out", str(out),
+    result = CliRunner().invoke(cli, ["train-encoder", "--patches", str(store), "--out", str(out),
                                       "--steps", "3", "--batch-size", "8", "--threads", "1"])
     assert result.exit_code == 0, result.output
     assert f"wrote {out}: 240 features, trained 3 steps on" in result.output and "at 0.5 µm/px" in result.output
     assert load_encoder(out).trained_on["mpp"] == 0.5
+    again = ["train-encoder", "--patches", str(store), "--out", str(out), "--steps", "1",
+             "--batch-size", "4", "--threads", "1"]
+    refused = CliRunner().invoke(cli, again)
+    assert refused.exit_code != 0 and "exists: pass --overwrite" in refused.output
+    assert load_encoder(out).trained_on["steps"] == 3  # untouched
+    assert CliRunner().invoke(cli, [*again, "--overwrite"]).exit_code == 0
+    assert load_encoder(out).trained_on["steps"] == 1
+    not_an_encoder = tmp_path / "folder"
+    not_an_encoder.mkdir()
+    refused = CliRunner().invoke(cli, [*again[:4], str(not_an_encoder), *again[5:], "--overwrite"])
+    assert refused.exit_code != 0 and "is not an encoder: refusing to replace it" in refused.output
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from nca_tiles.runtime.outputs import output_lock
+with output_lock(Path(sys.argv[1]), "--out"):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_training_to_the_same_out_is_refused_while_the_first_runs(tmp_path, store):
+    import subprocess
+    import sys
+
+    out = tmp_path / "encoder"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = CliRunner().invoke(cli, ["train-encoder", "--patches", str(store), "--out", str(out),
+                                          "--steps", "1", "--batch-size", "4"])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert f"in use by process {holder.pid}" in result.output, result.output
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -277,24 +277,37 @@ def load_encoder(path: str | os.PathLike[str] | None = None) -> Encoder:
 
 
 def train_encoder_on_store(patches: str | os.PathLike[str], out: str | os.PathLike[str], config: EncoderConfig,
-                           say: Callable[[str], None] | None = None) -> Encoder:
-    """Train an encoder on the training split of a patch store and write it to ``out``."""
+                           say: Callable[[str], None] | None = None, overwrite: bool = False) -> Encoder:
+    """Train an encoder on the training split of a patch store and write it to ``out`` (refused
+    if it exists, unless ``overwrite`` and it is an encoder). Held under a lock beside ``out``:
+    a second training to the same place is refused, not raced."""
+    from nca_tiles.runtime.outputs import output_lock, remove_stale_temporaries
+    from nca_tiles.runtime.preflight import check_writable
     from nca_tiles.training.patches import open_patch_store
 
-    patches = Path(patches)
+    patches, out = Path(patches), Path(out)
     if not patches.exists():
         raise NcaTilesError(f"{patches} does not exist: give the patch store written by extract-patches")
-    store = open_patch_store(patches)
-    rows = np.asarray(store.indices("train"))
-    if len(rows) < 2:
-        raise NcaTilesError(f"{patches} has {len(rows)} patches in its 'train' split: an encoder needs at least 2")
-    if config.crop > store.patch_size:
-        raise NcaTilesError(f"the crop ({config.crop} px) is larger than the store's {store.patch_size} px patches")
-    images = np.asarray(store.images.get_orthogonal_selection((rows,)))
-    trained_on = {"patch_store": store.identity, "path": str(patches), "mpp": store.mpp,
-                  "patch_size": store.patch_size, "patches": int(len(rows))}
-    encoder = train_encoder(images, config, trained_on, say)
-    save_encoder(encoder, out)
+    if not out.parent.is_dir():
+        raise NcaTilesError(f"the folder of --out {out} does not exist: create it first")
+    check_writable(out, "--out")
+    with output_lock(out, "--out"):
+        remove_stale_temporaries(out)  # of a training killed with -9
+        if out.exists() and not overwrite:
+            raise NcaTilesError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
+        if out.exists() and not is_encoder_dir(out):
+            raise NcaTilesError(f"{out} exists and is not an encoder: refusing to replace it; choose another --out")
+        store = open_patch_store(patches)
+        rows = np.asarray(store.indices("train"))
+        if len(rows) < 2:
+            raise NcaTilesError(f"{patches} has {len(rows)} patches in its 'train' split: an encoder needs at least 2")
+        if config.crop > store.patch_size:
+            raise NcaTilesError(f"the crop ({config.crop} px) is larger than the store's {store.patch_size} px patches")
+        images = np.asarray(store.images.get_orthogonal_selection((rows,)))
+        trained_on = {"patch_store": store.identity, "path": str(patches), "mpp": store.mpp,
+                      "patch_size": store.patch_size, "patches": int(len(rows))}
+        encoder = train_encoder(images, config, trained_on, say)
+        save_encoder(encoder, out)
     return encoder
 
 
