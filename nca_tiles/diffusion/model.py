@@ -518,7 +518,7 @@ class DiffNCA(nn.Module):
         """What NCA step k of a model call reads of the channels-last ``state``, what it writes,
         and its weights (conditioning ``e`` folded in): the first step reads the image channels
         only (a call starts from the image and zeros), the last writes ε̂'s only (all a call
-        returns). The same numbers as every channel's, for about a tenth less work at s = 10
+        returns). The same numbers as every channel's, for about 8 % less work at s = 10
         (docs/design.md §4, "The first and last NCA steps")."""
         ic = self.config.image_channels
         reads, onto = state, state
