@@ -381,3 +381,28 @@ def run_measuring(script: str, *args: object, env: dict[str, str] | None = None)
                             capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     assert result.returncode == 0, result.stderr[-3000:]
     return [int(v) for v in result.stdout.split()]
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from nca_tiles.runtime.locking import exclusive_lock
+with exclusive_lock(Path(sys.argv[1]), sys.argv[2], sys.argv[3]):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+@contextmanager
+def lock_held_elsewhere(target: Path, what: str = "--out",
+                        hint: str = "choose another --out") -> Iterator[subprocess.Popen]:
+    """Another process holding the lock on ``target`` (as ``exclusive_lock(target, what, hint)``,
+    which ``output_lock`` takes too) for the body; yields that process, killed after."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(target), what, hint], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()

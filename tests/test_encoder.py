@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import lock_held_elsewhere
 
 from nca_tiles.errors import NcaTilesError
 from nca_tiles.evaluation.encoder import (
@@ -177,29 +178,11 @@ def test_cli_trains_an_encoder_on_a_store(tmp_path, store):
     assert refused.exit_code != 0 and "is not an encoder: refusing to replace it" in refused.output
 
 
-HOLD = """
-import sys, time
-from pathlib import Path
-from nca_tiles.runtime.outputs import output_lock
-with output_lock(Path(sys.argv[1]), "--out"):
-    print("locked", flush=True)
-    time.sleep(60)
-"""
-
-
 def test_a_second_training_to_the_same_out_is_refused_while_the_first_runs(tmp_path, store):
-    import subprocess
-    import sys
-
     out = tmp_path / "encoder"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(out) as holder:
         result = CliRunner().invoke(cli, ["train-encoder", "--patches", str(store), "--out", str(out),
                                           "--steps", "1", "--batch-size", "4"])
-    finally:
-        holder.kill()
-        holder.wait()
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert f"in use by process {holder.pid}" in result.output, result.output
     assert not out.exists()

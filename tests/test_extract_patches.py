@@ -18,8 +18,8 @@ import pytest
 import zarr
 from click.testing import CliRunner
 from helpers import (
-    assert_one_line_error, checkerboard, copy, corrupt_fine_levels, random_bytes, read_only_dir, truncated_copy,
-    write_ome_pyramid, write_png,
+    assert_one_line_error, checkerboard, copy, corrupt_fine_levels, lock_held_elsewhere, random_bytes, read_only_dir,
+    truncated_copy, write_ome_pyramid, write_png,
 )
 
 from nca_tiles import __version__
@@ -502,27 +502,12 @@ def test_read_only_out_is_refused_before_any_work(tmp_path, sample_slide, monkey
         assert list(ro.iterdir()) == []
 
 
-HOLD_LOCK = """
-import sys, time
-from pathlib import Path
-from nca_tiles.runtime.locking import exclusive_lock
-with exclusive_lock(Path(sys.argv[1]), "--out", "choose another --out"):
-    print("locked", flush=True)
-    time.sleep(60)
-"""
-
-
 def test_out_in_use_by_another_process_is_refused(tmp_path, sample_slide):
     out = tmp_path / "p.zarr"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(out) as holder:
         result = CliRunner().invoke(cli, ["extract-patches", str(sample_slide), "--out", str(out), "--mpp", "2"])
         assert_one_line_error(result, f"--out {out} is in use by process {holder.pid} on host", "choose another --out")
         assert not out.exists() and not leftovers(tmp_path)
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_second_extraction_to_the_same_out_is_refused_while_the_first_runs(tmp_path, sample_slide, monkeypatch):

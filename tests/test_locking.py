@@ -10,41 +10,20 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
-from helpers import read_only_dir
+from helpers import lock_held_elsewhere, read_only_dir
 
 from nca_tiles.errors import NcaTilesError
 from nca_tiles.runtime.locking import exclusive_lock, lock_path
 from nca_tiles.runtime.preflight import check_writable
 
-HOLD = """
-import sys, time
-from pathlib import Path
-from nca_tiles.runtime.locking import exclusive_lock
-with exclusive_lock(Path(sys.argv[1]), "work dir", "use another --work-dir"):
-    print("locked", flush=True)
-    time.sleep(60)
-"""
-
-
-def _holder(target):
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(target)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "locked"
-    return proc
-
-
 def test_second_holder_is_refused_with_the_holders_pid_and_host(tmp_path):
     target = tmp_path / "job.work"
-    proc = _holder(target)
-    try:
+    with lock_held_elsewhere(target, "work dir", "use another --work-dir") as proc:
         with pytest.raises(NcaTilesError, match=rf"in use by process {proc.pid} on host \S+ .*use another --work-dir"):
             with exclusive_lock(target, "work dir", "use another --work-dir"):
                 pass
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_refusal_names_a_holder_that_has_locked_but_not_yet_written_its_record(tmp_path):
@@ -67,9 +46,9 @@ def test_refusal_names_a_holder_that_has_locked_but_not_yet_written_its_record(t
 
 def test_lock_of_a_killed_process_does_not_block(tmp_path):
     target = tmp_path / "job.work"
-    proc = _holder(target)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    with lock_held_elsewhere(target, "work dir", "use another --work-dir") as proc:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
     assert lock_path(target).exists()  # left behind by kill -9 ...
     with exclusive_lock(target, "work dir", "use another --work-dir"):  # ... and no obstacle
         assert lock_path(target).exists()
