@@ -117,20 +117,14 @@ class Encoder:
         import torch
 
         from nca_tiles.evaluation.metrics import check_patches
+        from nca_tiles.training.trainer import to_model_space
 
         patches = check_patches(patches)
         out = []
         with torch.inference_mode():
             for start in range(0, len(patches), batch):
-                out.append(self.module(to_unit_range(patches[start : start + batch])).double().numpy())
+                out.append(self.module(to_model_space(patches[start : start + batch])).double().numpy())
         return np.concatenate(out)
-
-
-def to_unit_range(patches: np.ndarray) -> "torch.Tensor":
-    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [-1, 1]."""
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(patches)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
 # --------------------------------------------------------------------------- training
@@ -183,6 +177,8 @@ def train_encoder(images: np.ndarray, config: EncoderConfig, trained_on: dict[st
     """Train an encoder on uint8 RGB patches (N, H, W, 3) held in memory."""
     import torch
 
+    from nca_tiles.training.trainer import to_model_space
+
     say = say or (lambda line: None)
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
@@ -197,7 +193,7 @@ def train_encoder(images: np.ndarray, config: EncoderConfig, trained_on: dict[st
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.Adam(module.parameters(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps)
-    data = to_unit_range(images)
+    data = to_model_space(images)
     batch = min(config.batch_size, len(images))
     module.train()
     for step in range(1, config.steps + 1):
@@ -262,9 +258,9 @@ def load_encoder(path: str | os.PathLike[str] | None = None) -> Encoder:
         raise NcaTilesError(f"{config_path} lacks the encoder's config: a corrupt encoder")
     config = EncoderConfig.from_dict(saved["encoder"], config_path)
     module = _encoder_module(config)
-    weights = torch_load(path / "weights.pt") if (path / "weights.pt").is_file() else None
-    if weights is None:
+    if not (path / "weights.pt").is_file():
         raise NcaTilesError(f"{path} has no weights.pt: a partial copy of an encoder directory?")
+    weights = torch_load(path / "weights.pt")
     try:
         missing, unexpected = module.load_state_dict(weights, strict=False)
     except RuntimeError:  # a tensor of another shape
