@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nca_tiles.diffusion import compiled, rng
+from nca_tiles.diffusion.fired_update import fired_update, pixel_mlp
 from nca_tiles.errors import NcaTilesError
 
 
@@ -309,42 +310,39 @@ def fired_cell_rule(padded: torch.Tensor, state: torch.Tensor, fire: torch.Tenso
 
     The state is channels-last, so a pixel's channels are one contiguous row: the perception
     and the state are gathered as rows of fired pixels, and the update is added back onto those
-    rows (``index_add``, whose backward is the gather again). ``fire`` must hold 0 or 1.
-    ``in_place`` (no autograd): the updates are added into ``state`` itself, which is returned.
-    ``onto``: the updates are added to it (in place too) instead of to ``state``, for an NCA step
-    that reads fewer channels than it writes or writes fewer than it reads
-    (:meth:`DiffNCA.narrowed`).
+    rows. ``fire`` must hold 0 or 1. Out of place (training): :func:`fired_update`, whose
+    backward is written by hand. ``in_place`` (no autograd): the updates are added into ``state``
+    itself, which is returned. ``onto``: the updates are added to it (in place too) instead of to
+    ``state``, for an NCA step that reads fewer channels than it writes or writes fewer than it
+    reads (:meth:`DiffNCA.narrowed`).
     """
     b, c, h, width = state.shape
     pixels = h * width
-    cells = torch.cat([F.conv2d(padded, w.perceive), state], dim=1).permute(0, 2, 3, 1).reshape(b * pixels, -1)
+    perceived = F.conv2d(padded, w.perceive)
     fired = fire.reshape(b * pixels).nonzero().squeeze(1)  # ascending: sample 0's cells first
     counts = fire.reshape(b, pixels).count_nonzero(1).tolist()
-    # One gather and one scatter for the whole batch (under autograd, per-sample ones cost more
-    # than the work they skip); the MLP per sample, each with its folded weights.
-    # unbind, not w.to_hidden[i]: under autograd each index's backward fills a zero tensor the size
-    # of the whole batch's weights (a tenth of a training step); unbind's is one stack.
+    if not in_place:
+        c = state.shape[1] if onto is None else onto.shape[1]
+        new = fired_update(pixel_rows(perceived), pixel_rows(state), None if onto is None else pixel_rows(onto), fired,
+                           counts, w.to_hidden, w.hidden_bias, w.to_update, w.update_bias, w.norm_weight, w.norm_bias,
+                           w.norm_eps)
+        return new.view(b, h, width, c).permute(0, 3, 1, 2)
+    # One gather for the whole band; the MLP per sample, each with its folded weights.
+    cells = torch.cat([perceived, state], dim=1).permute(0, 2, 3, 1).reshape(b * pixels, -1)
     weights = zip(w.to_hidden.unbind(0), w.hidden_bias.unbind(0), w.to_update.unbind(0))
-    updates = [fired_pixel_mlp(rows, *sample, w) for rows, sample in zip(cells.index_select(0, fired).split(counts), weights)]
-    update = torch.cat(updates) if b > 1 else updates[0]
+    updates = [pixel_mlp(rows, *sample, w.update_bias[0], w.norm_weight, w.norm_bias, w.norm_eps)[0]
+               for rows, sample in zip(cells.index_select(0, fired).split(counts), weights)]
     onto = state if onto is None else onto
     c = onto.shape[1]
-    if not in_place:
-        new = onto.permute(0, 2, 3, 1).reshape(b * pixels, c).index_add(0, fired, update)
-        return new.view(b, h, width, c).permute(0, 3, 1, 2)
-    for i, (fired_i, update_i) in enumerate(zip(fired.split(counts), update.split(counts))):
+    for i, (fired_i, update_i) in enumerate(zip(fired.split(counts), updates)):
         rows = onto[i].permute(1, 2, 0).view(pixels, c)  # a channels-last band (or its channels): rows of pixels
         rows.index_add_(0, fired_i - i * pixels, update_i)
     return onto
 
 
-def fired_pixel_mlp(cells: torch.Tensor, to_hidden: torch.Tensor, hidden_bias: torch.Tensor, to_update: torch.Tensor,
-                    w: StepWeights) -> torch.Tensor:
-    """The update (n, c) of n fired cells (n, 2c: perception, state) of one sample, whose folded
-    weights are ``to_hidden`` (2c, h), ``hidden_bias`` (1, h) and ``to_update`` (h, c)."""
-    hidden = torch.addmm(hidden_bias, cells, to_hidden)
-    hidden = F.leaky_relu(F.layer_norm(hidden, hidden.shape[-1:], w.norm_weight, w.norm_bias, w.norm_eps), inplace=True)
-    return torch.addmm(w.update_bias[0], hidden, to_update)
+def pixel_rows(x: torch.Tensor) -> torch.Tensor:
+    """A channels-last (B, C, H, W) tensor as rows of pixels (B·H·W, C), without a copy."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
 def reading_only(w: StepWeights, channels: int) -> StepWeights:
