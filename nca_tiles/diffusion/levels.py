@@ -41,7 +41,7 @@ from nca_tiles.diffusion.checkpoint import (
     save_model_dir,
 )
 from nca_tiles.diffusion.pipeline import (Pipeline, build_pipeline, denoise_patches, initial_noise, predict_noise,
-                                         reverse_step, to_uint8)
+                                         reverse_step, to_model_space, to_uint8)
 from nca_tiles.diffusion.scale_space import level_size, relay_start, renoise, upsample_window
 from nca_tiles.errors import NcaTilesError
 
@@ -193,7 +193,7 @@ def choose_t_start(patches: np.ndarray, ratio: int, alpha_bars: np.ndarray) -> i
 
     ``patches`` are real uint8 (N, H, W, 3) patches at the finer level's µm/px.
     """
-    x = torch.from_numpy(np.ascontiguousarray(patches)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    x = to_model_space(patches)
     h, w = x.shape[-2:]
     h, w = h - h % ratio, w - w % ratio
     x = x[..., :h, :w]
@@ -462,7 +462,7 @@ def hand_over_patches(model: SynthesisModel, index: int, real: np.ndarray, seed:
         raise NcaTilesError(f"{real.shape[1]} px patches do not divide into level {index}'s {ratio}× coarser cells")
     timesteps = level_timesteps(model, sampler, steps)[index]
     level_eta = level_etas(model, eta)[index]
-    x0 = torch.from_numpy(np.ascontiguousarray(real)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    x0 = to_model_space(real)
     out = np.empty_like(real)
     for start in range(0, len(real), batch):
         seeds = [rng.derive_seed(seed, i) for i in range(start, min(len(real), start + batch))]

@@ -227,6 +227,11 @@ def sampling_plan(pipeline: Pipeline, sampler: str, steps: int | None) -> list[t
     return list(zip(ts, ts[1:] + [-1]))
 
 
+def to_model_space(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1]: the inverse of :func:`to_uint8`."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """Model space [-1, 1] (C, H, W) or (B, C, H, W) -> uint8 channel-last."""
     img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -117,7 +117,7 @@ class Encoder:
         import torch
 
         from nca_tiles.evaluation.metrics import check_patches
-        from nca_tiles.training.trainer import to_model_space
+        from nca_tiles.diffusion.pipeline import to_model_space
 
         patches = check_patches(patches)
         out = []
@@ -177,7 +177,7 @@ def train_encoder(images: np.ndarray, config: EncoderConfig, trained_on: dict[st
     """Train an encoder on uint8 RGB patches (N, H, W, 3) held in memory."""
     import torch
 
-    from nca_tiles.training.trainer import to_model_space
+    from nca_tiles.diffusion.pipeline import to_model_space
 
     say = say or (lambda line: None)
     images = np.asarray(images)

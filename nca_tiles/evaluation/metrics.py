@@ -103,14 +103,14 @@ def random_features(patches: np.ndarray, seed: int = 0, batch: int = 256) -> np.
     """Features (N, 352) float64 of a fixed CNN with seed-initialised random weights (CPU)."""
     import torch
 
+    from nca_tiles.diffusion.pipeline import to_model_space
+
     patches = check_patches(patches)
     net = _random_feature_net(seed)
     out = []
     with torch.inference_mode():
         for start in range(0, len(patches), batch):
-            x = torch.from_numpy(np.ascontiguousarray(patches[start : start + batch]))
-            x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-            out.append(net(x).double().numpy())
+            out.append(net(to_model_space(patches[start : start + batch])).double().numpy())
     return np.concatenate(out)
 
 
@@ -329,6 +329,8 @@ def c2st_auc(
     import torch
     from torch import nn
 
+    from nca_tiles.diffusion.pipeline import to_model_space
+
     patches_a = check_patches(patches_a, "patches_a", min_count=2)
     patches_b = check_patches(patches_b, "patches_b", min_count=2)
     if patches_a.shape[1:] != patches_b.shape[1:]:
@@ -341,11 +343,8 @@ def c2st_auc(
     n_train = min(max(1, round(n * train_fraction)), n - 1)
     idx_a, idx_b = rng.permutation(len(patches_a))[:n], rng.permutation(len(patches_b))[:n]
 
-    def tensor(patches: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(patches)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-
-    x_train = tensor(np.concatenate([patches_a[np.sort(idx_a[:n_train])], patches_b[np.sort(idx_b[:n_train])]]))
-    x_test = tensor(np.concatenate([patches_a[np.sort(idx_a[n_train:])], patches_b[np.sort(idx_b[n_train:])]]))
+    x_train = to_model_space(np.concatenate([patches_a[np.sort(idx_a[:n_train])], patches_b[np.sort(idx_b[:n_train])]]))
+    x_test = to_model_space(np.concatenate([patches_a[np.sort(idx_a[n_train:])], patches_b[np.sort(idx_b[n_train:])]]))
     y_train = torch.cat([torch.zeros(n_train), torch.ones(n_train)])
     y_test = np.concatenate([np.zeros(n - n_train), np.ones(n - n_train)])
 

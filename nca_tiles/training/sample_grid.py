@@ -53,9 +53,9 @@ def save_handover_grid(pipeline, real: np.ndarray, path: Path, start: int, relay
 
     from nca_tiles.diffusion import rng
     from nca_tiles.diffusion.levels import hand_over
-    from nca_tiles.diffusion.pipeline import to_uint8
+    from nca_tiles.diffusion.pipeline import to_model_space, to_uint8
 
-    x0 = torch.from_numpy(np.ascontiguousarray(real)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    x0 = to_model_space(real)
     seeds = [rng.derive_seed(seed, i) for i in range(len(real))]
     timesteps = pipeline.schedule.sampling_timesteps("ddim", min(steps, start + 1), start)
     x_t, result = hand_over(pipeline, x0, start, relay_factor, seeds, timesteps)

@@ -46,7 +46,7 @@ from nca_tiles.diffusion.model import preset as get_preset
 from nca_tiles.training.patches import open_patch_store
 from nca_tiles.runtime.preflight import check_writable
 from nca_tiles.runtime.threads import rebalance_threads
-from nca_tiles.diffusion.pipeline import autocast, resolve_device, resolve_precision
+from nca_tiles.diffusion.pipeline import autocast, resolve_device, resolve_precision, to_model_space
 from nca_tiles.diffusion.scale_space import relay_start
 from nca_tiles.diffusion.schedule import NoiseSchedule, ScheduleConfig
 
@@ -119,11 +119,6 @@ class TrainConfig:
                 raise NcaTilesError(f"--slide-weight {pattern}={weight}: a weight must be a finite number ≥ 0")
         if self.slide_weights and not self.balance_slides:
             raise NcaTilesError("--slide-weight weighs the slides of --balance-slides: give both")
-
-
-def to_model_space(images: np.ndarray) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
