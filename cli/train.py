@@ -13,7 +13,7 @@ from nca_tiles_cli.options import compile_option, device_option, seed_option, th
 
 # The names of nca_tiles.diffusion.model.PRESETS (a test keeps them equal), written out so --help imports no
 # torch. Not a click.Choice: an unknown name gets the one-line error of `info --preset`.
-PRESETS = ("paper", "small", "medium", "wide", "tiny")
+PRESETS = ("paper", "small", "medium", "wide", "deep", "tiny")
 # nca_tiles.diffusion.schedule.BETA_SCHEDULES, written out for the same reason (a test keeps them equal).
 BETA_SCHEDULES = ("linear", "cosine")
 
@@ -24,7 +24,8 @@ BETA_SCHEDULES = ("linear", "cosine")
 @click.option("--preset", default="small", show_default=True, metavar=f"[{'|'.join(PRESETS)}]",
               help="Model preset: paper (the paper's model, for a GPU), small (CPU), medium (a CPU model's coarse levels), "
                    "wide (small with twice the hidden units: a finest level, widened from a small one with "
-                   "--init-from), tiny (tests).")
+                   "--init-from), deep (small iterated 20 NCA steps: it sees 20 px a denoising step, at twice "
+                   "the cost; from a small one with --init-from), tiny (tests).")
 @click.option("--steps", type=int, default=200_000, show_default=True, help="Total training steps (the paper: 200 000).")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Patches per training step (the paper's: 16).")
 @click.option("--lr", type=float, default=1.6e-3, show_default=True,
@@ -62,7 +63,8 @@ BETA_SCHEDULES = ("linear", "cosine")
                    "(Nichol & Dhariwal 2021) ends at pure noise: for the coarsest level of a scale-space model.")
 @click.option("--init-from", type=click.Path(path_type=Path), default=None,
               help="Start from this model's weights instead of random ones; a new run only. Same --preset, or a "
-                   "wider one (small to wide or medium): the model is widened so that it computes what it did.")
+                   "wider one (small to wide or medium): the model is widened so that it computes what it did; or a "
+                   "deeper one (small to deep): the same weights iterate more NCA steps, and training adapts them.")
 @click.option("--time-limit", default=None, metavar="DURATION",
               help="Stop after this much training time (e.g. 90s, 9m, 2.5h; a number: seconds), checkpointed, "
                    "exit code 0; --resume goes on. For a lent machine or a scheduler's time slot.")

@@ -521,10 +521,10 @@ def test_unknown_preset_and_the_presets_in_help(store, tmp_path):
     assert LISTED == tuple(PRESETS)
     result = run_cli("train", "--help")
     assert_ok(result)
-    assert "--preset [paper|small|medium|wide|tiny]" in result.output and "TEXT" not in result.output
+    assert "--preset [paper|small|medium|wide|deep|tiny]" in result.output and "TEXT" not in result.output
     assert all(param.help for param in command.params), [p.name for p in command.params if not p.help]
     result = run_cli("train", "--patches", store, "--out", tmp_path / "run", "--preset", "huge", "--steps", 1)
-    assert_one_line_error(result, "unknown preset 'huge'", "paper, small, medium, wide, tiny")
+    assert_one_line_error(result, "unknown preset 'huge'", "paper, small, medium, wide, deep, tiny")
     assert list(tmp_path.iterdir()) == []
 
 

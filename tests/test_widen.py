@@ -76,15 +76,33 @@ def test_widening_is_a_pure_function_of_the_seed():
     assert not all(torch.equal(first[k], other[k]) for k in first)
 
 
-def test_the_bundled_presets_widen_small_to_wide_and_medium():
+def test_the_bundled_presets_widen_small_to_wide_and_medium_and_deepen_it_to_deep():
     assert widening_problem(PRESETS["small"], PRESETS["wide"]) is None
     assert widening_problem(PRESETS["small"], PRESETS["medium"]) is None
+    assert widening_problem(PRESETS["small"], PRESETS["deep"]) is None
+    assert PRESETS["deep"].nca_steps == 2 * PRESETS["small"].nca_steps
+
+
+def test_a_deepened_model_starts_from_the_same_weights_and_runs_every_step():
+    # One rule serves every NCA step, so a deeper model takes the weights as they are (and its
+    # halo grows with its steps); its first s steps are the narrow model's, the rest extrapolate.
+    narrow = trained_like(NARROW)
+    deep_config = ModelConfig(**{**NARROW.to_dict(), "nca_steps": 5})
+    deep = widened(narrow, deep_config)
+    assert deep_config.halo == 5
+    for name, tensor in narrow.state_dict().items():
+        assert torch.equal(deep.state_dict()[name], tensor), name
+    x_t, t = torch.randn(1, 3, 20, 20), torch.tensor([40])
+    with torch.no_grad():
+        shallow = narrow(x_t, t, CounterFireMask(0.5, [1], [40], [(0, 0)]))
+        deeper = deep(x_t, t, CounterFireMask(0.5, [1], [40], [(0, 0)]))
+    assert not torch.allclose(shallow, deeper)  # two more steps of the rule: not the same function
 
 
 @pytest.mark.parametrize("change, message", [
     ({"channels": 6}, "fewer"),
     ({"hidden": 24}, "not a multiple"),
-    ({"nca_steps": 4}, "nca_steps"),
+    ({"nca_steps": 2}, "fewer than 3"),
     ({"embedding_hidden": 32}, "embedding_hidden"),
 ])
 def test_widening_refuses_what_it_cannot_preserve(change, message):
@@ -116,6 +134,13 @@ def test_train_init_from_a_narrower_preset_widens_it(sample_slide, tmp_path):
         torch.testing.assert_close(wide_model(x_t, t, CounterFireMask(0.5, [0], [150], [(0, 0)])),
                                    narrow_model(x_t, t, CounterFireMask(0.5, [0], [150], [(0, 0)])),
                                    rtol=1e-4, atol=1e-4)
+    # A deeper preset takes the same weights and says from how many NCA steps.
+    deep = tmp_path / "deep"
+    assert_ok(run_cli("train", "--out", deep, "--preset", "deep", "--steps", 1, "--lr", "1e-30",
+                      "--init-from", small, *common))
+    source = json.loads((deep / "model" / "config.json").read_text())["training"]["initialized_from"]
+    assert source["widened_from"] == {"channels": 24, "hidden": 96, "nca_steps": 10}
+    assert load_model(deep, "cpu").model.config.halo == 20
     # A narrower preset, or another embedding, cannot take those weights.
     assert_one_line_error(run_cli("train", "--out", tmp_path / "x", "--preset", "tiny", "--steps", 1,
                                   "--init-from", small, *common), "cannot be widened", "--preset")

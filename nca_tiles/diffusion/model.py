@@ -91,12 +91,15 @@ class ModelConfig:
 # a coarse level, whose cells cost 1/f² of a full-resolution pixel: a 16 µm/px layout level of it
 # costs less per output pixel than one more 1 µm/px step of `small`. `wide` is `small` with twice its
 # hidden units (1.6× its MACs): capacity for a finest level, widened from a trained `small` one
-# (`train --init-from`, diffusion/widen.py). `tiny` is for tests.
+# (`train --init-from`, diffusion/widen.py). `deep` is `small` iterated 20 NCA steps, the paper's s:
+# its rule sees 20 px per denoising step (twice small's reach and cost), started from a trained
+# `small` one by `train --init-from`. `tiny` is for tests.
 PRESETS: dict[str, ModelConfig] = {
     "paper": ModelConfig(channels=96, hidden=512, nca_steps=20),
     "small": ModelConfig(channels=24, hidden=96, nca_steps=10, embedding_hidden=64, encoding_dim=32),
     "medium": ModelConfig(channels=48, hidden=192, nca_steps=10, embedding_hidden=64, encoding_dim=32),
     "wide": ModelConfig(channels=24, hidden=192, nca_steps=10, embedding_hidden=64, encoding_dim=32),
+    "deep": ModelConfig(channels=24, hidden=96, nca_steps=20, embedding_hidden=64, encoding_dim=32),
     "tiny": ModelConfig(channels=8, hidden=16, nca_steps=3, embedding_hidden=16, encoding_dim=8),
 }
 

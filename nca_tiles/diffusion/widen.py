@@ -12,6 +12,11 @@ validation loss flattened instead of starting from scratch (docs/design.md §7, 
   channel does, and nothing writes them yet (zero update rows), so they stay zero until training
   uses them. What reads them (the perception's columns) is random, so their gradient is not zero.
 - The hidden layer ignores the new channels' perceptions (zero columns) until training opens them.
+
+A deeper rule (more NCA steps s per denoising step: it sees s px) takes the same weights as they
+are, since one rule serves every step. That is *not* function-preserving: the steps beyond the
+narrow model's run its rule at step indices it never saw, so training adapts from there
+(docs/design.md §7, "Deepening a level").
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ import torch
 from nca_tiles.diffusion.model import DiffNCA, ModelConfig
 from nca_tiles.errors import NcaTilesError
 
-# Fields a widening keeps: the conditioning network and the rule's iteration are not widened.
-KEPT_FIELDS = ("nca_steps", "embedding_channels", "embedding_hidden", "encoding_dim", "fire_rate", "image_channels")
+# Fields a widening keeps: the conditioning network is not widened. (The NCA steps may grow.)
+KEPT_FIELDS = ("embedding_channels", "embedding_hidden", "encoding_dim", "fire_rate", "image_channels")
 
 
 def widening_problem(narrow: ModelConfig, wide: ModelConfig) -> str | None:
@@ -30,6 +35,8 @@ def widening_problem(narrow: ModelConfig, wide: ModelConfig) -> str | None:
     differs = [name for name in KEPT_FIELDS if getattr(narrow, name) != getattr(wide, name)]
     if differs:
         return f"they differ in {', '.join(differs)}, which widening keeps"
+    if wide.nca_steps < narrow.nca_steps:
+        return f"{wide.nca_steps} NCA steps are fewer than {narrow.nca_steps}"
     if wide.channels < narrow.channels:
         return f"{wide.channels} channels are fewer than {narrow.channels}"
     if wide.hidden % narrow.hidden:
@@ -49,7 +56,8 @@ def _split_columns(weight: torch.Tensor, copies: int, jitter: float, generator: 
 
 def widen_state_dict(state: dict[str, torch.Tensor], narrow: ModelConfig, wide: ModelConfig, seed: int = 0,
                      jitter: float = 1e-2) -> dict[str, torch.Tensor]:
-    """The weights of a ``wide`` Diff-NCA that computes what ``state`` (a ``narrow`` one's) does."""
+    """The weights of a ``wide`` Diff-NCA that computes what ``state`` (a ``narrow`` one's) does
+    (with as many NCA steps; with more, it starts from those weights: see the module's notes)."""
     problem = widening_problem(narrow, wide)
     if problem:
         raise NcaTilesError(f"cannot widen a c = {narrow.channels}, h = {narrow.hidden} model to "

@@ -371,6 +371,8 @@ class Trainer:
             load_weights(DiffNCA(narrow), state, files.weights or files.checkpoint)  # its own shapes, checked
             state = widen_state_dict(state, narrow, self.model.config, seed=rng.derive_seed(self.cfg.seed, INIT_SEED_KEY, 1))
             source["widened_from"] = {"channels": narrow.channels, "hidden": narrow.hidden}
+            if narrow.nca_steps != self.model.config.nca_steps:
+                source["widened_from"]["nca_steps"] = narrow.nca_steps
         load_weights(self.model, state, files.weights or files.checkpoint)
         self.ema.load_state_dict(self.model.state_dict())
         self.initialized_from = source
