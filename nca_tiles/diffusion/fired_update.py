@@ -2,7 +2,7 @@
 "The fired cells' backward").
 
 Under autograd, the fired-cells rule as a chain of torch ops (gather, one small MLP per sample,
-scatter-add) cost a training step about a tenth in memory passes its math does not need: the
+scatter-add) cost a training step memory passes its math does not need (4–6 % of its time): the
 gather's backward zero-filled and scattered a gradient of every pixel's perception *and* state,
 the per-sample split's backward concatenated the cells' gradients again, the state's two
 gradients (through the cells and around them) were added in one more pass, and every op of every
