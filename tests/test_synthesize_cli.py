@@ -143,7 +143,7 @@ def test_run_without_keep_canvas_leaves_no_work_dir(model, tmp_path):
 
 
 def test_dry_run_counts_the_compiles_memory_where_it_compiles(model, tmp_path):
-    """torch.compile's first compile adds ~180 MiB to a process, whatever the canvas: the host
+    """torch.compile's first compile adds ~180–220 MiB to a process, whatever the canvas: the host
     memory the dry run prints includes it under --compile, and leaves it out where the run stays
     eager (--no-compile, and --compile auto on a CPU)."""
     from nca_tiles.diffusion import compiled
@@ -155,7 +155,7 @@ def test_dry_run_counts_the_compiles_memory_where_it_compiles(model, tmp_path):
         (line,) = [line for line in result.output.splitlines() if line.startswith("host memory")]
         return line
 
-    assert "of which torch.compile's 192.0 MiB once" in host_line("--compile")
+    assert "of which torch.compile's 256.0 MiB once" in host_line("--compile")
     assert "compile" not in host_line("--no-compile")
     assert "compile" not in host_line()
     assert entries(tmp_path) == set()
