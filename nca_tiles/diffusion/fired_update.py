@@ -12,6 +12,8 @@ gradient once, where it ends up.
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 import torch.nn.functional as F
 
@@ -103,8 +105,7 @@ def pixel_mlp(cells: torch.Tensor, to_hidden: torch.Tensor, hidden_bias: torch.T
 
 def spans(counts: list[int]) -> list[tuple[int, int]]:
     """Each sample's rows [lo, hi) of the fired cells, from their counts."""
-    ends = torch.tensor(counts).cumsum(0).tolist() if counts else []
-    return [(end - n, end) for n, end in zip(counts, ends)]
+    return [(end - n, end) for n, end in zip(counts, accumulate(counts))]
 
 
 def scattered(shape: torch.Size, fired: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

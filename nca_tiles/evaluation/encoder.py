@@ -116,8 +116,8 @@ class Encoder:
         """Features (N, sum(widths)) float64 of uint8 RGB patches (N, H, W, 3)."""
         import torch
 
-        from nca_tiles.evaluation.metrics import check_patches
         from nca_tiles.diffusion.pipeline import to_model_space
+        from nca_tiles.evaluation.metrics import check_patches
 
         patches = check_patches(patches)
         out = []
