@@ -96,7 +96,7 @@ class TrainConfig:
     balance_slides: bool = False
     # With balance_slides: (pattern, weight) pairs giving the slides whose file name matches the
     # pattern (fnmatch; the first match counts) that weight in the draw, the others 1; 0: never.
-    # Equal shares over-weight a small slide of unusual tissue (the README's layout runs).
+    # Equal shares over-weight a small slide of unusual tissue (docs/model_history.md's layout runs).
     slide_weights: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
