@@ -83,6 +83,7 @@ def test_results_are_json_serialisable_and_complete(results):
         assert set(METRICS) | {"kid_random_std"} == set(values)
     assert "NOT Inception" in again["note"]
     assert set(again["nuclei_medians"]) == {"heldout", "train", "synthetic", "noise"}
+    assert set(again["spectrum_bands"]) == {"period_px", "floor", "synthetic", "ceiling"}
     for medians in again["nuclei_medians"].values():
         assert set(medians) == {"density_per_mm2", "area_um2", "eccentricity", "nearest_um"}
         assert medians["density_per_mm2"] > 0  # real crops (and their blur) have nuclei
@@ -99,6 +100,24 @@ def test_format_table(results):
     assert [cell.strip() for cell in medians.split("|")][1:] == ["held-out real", "train real", "synthetic", "noise"]
     area = next(line for line in table.splitlines() if line.startswith("nucleus area µm²"))
     assert float(area.split("|")[3]) == pytest.approx(results["nuclei_medians"]["synthetic"]["area_um2"], rel=1e-3)
+
+
+def test_power_per_scale_says_where_the_blurred_set_lost_its_contrast(results):
+    """A Gaussian blur of σ = 2 px keeps a 40–64 px period and takes almost all of a 2–3 px one:
+    the per-band ratios say so, in order, while the real floor stays near 1 at every band."""
+    bands = results["spectrum_bands"]
+    assert bands["period_px"][0] == [64.0, pytest.approx(41.5, abs=0.1)] and bands["period_px"][-1][1] == 2.0
+    synthetic, floor = np.array(bands["synthetic"]), np.array(bands["floor"])
+    assert synthetic[0] > 0.7 and synthetic[-1] < 0.01
+    # The finer the scale, the more the blur took (down to the last band, where uint8 rounding is all
+    # that is left of either set).
+    assert np.all(np.diff(synthetic[2:-1]) < 0)
+    assert np.all((floor > 0.7) & (floor < 1.4))
+    table = format_table(results).splitlines()
+    header = next(line for line in table if line.startswith("power ÷ held-out real's"))
+    assert [cell.strip() for cell in header.split("|")][1:] == ["train real", "synthetic", "noise"]
+    finest = next(line for line in table if line.startswith("3.08–2 µm"))
+    assert float(finest.split("|")[2]) == pytest.approx(synthetic[-1], rel=1e-2)
 
 
 def test_evaluate_patches_refuses_bad_input(real_crops):

@@ -125,7 +125,8 @@ def evaluate_patches(
     puts nuclei statistics in µm; their threshold comes from the held-out real patches. ``encoder``
     (``encoder.Encoder``): also the FD in its learned features. Returns a JSON-serialisable dict:
     ``{"note", "seed", "n", "patch_size", "comparisons": {name: description},
-    "results": {name: {metric: value}}, "nuclei_medians": {set: {statistic: median}}}``.
+    "results": {name: {metric: value}}, "nuclei_medians": {set: {statistic: median}},
+    "spectrum_bands": {"period_px": [[longest, shortest], ...], name: [power ratio per band]}}``.
     """
     real_train = metrics.check_patches(real_train, "real_train", min_count=4)
     real_heldout = metrics.check_patches(real_heldout, "real_heldout", min_count=4)
@@ -166,6 +167,12 @@ def evaluate_patches(
         "comparisons": dict(COMPARISONS),
         "results": results,
         "nuclei_medians": {name: nuclei.nuclei_medians(measured[name].nuclei) for name in MEDIAN_SETS},
+        # Which scales the spectrum distance comes from, and which way: power ÷ the held-out real's.
+        "spectrum_bands": {
+            "period_px": [list(periods) for periods in spectrum.band_periods(min(synthetic.shape[1:3]))],
+            **{comparison: spectrum.power_ratio(measured[name].spectrum, measured["heldout"].spectrum).tolist()
+               for comparison, name in (("floor", "train"), ("synthetic", "synthetic"), ("ceiling", "noise"))},
+        },
         "encoder": None if encoder is None else encoder.trained_on,
     }
 
@@ -190,7 +197,8 @@ def _text_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def format_table(results: dict[str, Any]) -> str:
     """A plain-text table: metric | real vs real (floor) | synthetic | noise (ceiling); then, where
-    the results have them, each set's nuclei medians."""
+    the results have them, each set's nuclei medians and its power per scale over the held-out
+    real patches'."""
     hand_over = results.get("hand_over")
     floor = "inputs vs real (floor)" if hand_over else "real vs real (floor)"
     header = ["metric", floor, "synthetic", "noise (ceiling)"]
@@ -221,6 +229,14 @@ def format_table(results: dict[str, Any]) -> str:
         m_rows = [[label] + [f"{medians[name][key]:.4g}" for name in MEDIAN_SETS] for key, label in MEDIAN_LABELS.items()]
         titles = [("inputs" if hand_over and name == "train" else title) for name, title in MEDIAN_SETS.items()]
         lines += ["", *_text_table(["nuclei, median per set", *titles], m_rows)]
+    bands = results.get("spectrum_bands")  # absent in results saved before it existed
+    if bands:
+        mpp = results.get("mpp", 1.0)
+        b_rows = [[f"{longest * mpp:.3g}–{shortest * mpp:.3g} µm"] + [f"{bands[name][i]:.3g}" for name in
+                                                                     ("floor", "synthetic", "ceiling")]
+                  for i, (longest, shortest) in enumerate(bands["period_px"])]
+        lines += ["", *_text_table(["power ÷ held-out real's, period", "inputs" if hand_over else "train real",
+                                    "synthetic", "noise"], b_rows)]
     return "\n".join(lines)
 
 

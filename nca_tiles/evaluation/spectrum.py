@@ -5,7 +5,9 @@ puts its power at the highest frequencies, nuclei around 1/(7 µm), stroma fibre
 Per channel, each patch minus its mean is windowed (Hann, so the patch border is no edge), its 2D
 power is averaged over rings of equal frequency, and the set's mean is taken in log10. Two sets
 are compared by the mean absolute difference of their log spectra over channels and frequencies:
-0 means the same texture at every scale; 1 means a tenfold power difference on average.
+0 means the same texture at every scale; 1 means a tenfold power difference on average. Per band,
+``power_ratio`` says which way: above 1, more contrast at that scale than the reference (blobs
+too strong); below 1, less (detail missing).
 """
 
 from __future__ import annotations
@@ -36,6 +38,17 @@ def power_spectrum(patches: np.ndarray) -> np.ndarray:
         ring = band == b
         out[:, b] = np.log10(mean_power[ring].mean(axis=0) + 1e-12) if ring.any() else np.nan
     return out
+
+
+def band_periods(size: int) -> list[tuple[float, float]]:
+    """Each band's periods, (longest, shortest) in pixels, coarsest band first."""
+    edges = band_edges(size)
+    return [(float(1.0 / lo), float(1.0 / hi)) for lo, hi in zip(edges[:-1], edges[1:])]
+
+
+def power_ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Power of spectrum ``a`` over ``b`` per band (N_BANDS,): the geometric mean over channels."""
+    return 10.0 ** np.mean(a - b, axis=0)
 
 
 def spectrum_distance(a: np.ndarray, b: np.ndarray) -> float:
