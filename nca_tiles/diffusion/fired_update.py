@@ -81,7 +81,7 @@ class FiredUpdate(torch.autograd.Function):
         g_perceived = scattered(ctx.perceived_shape, fired, g_cells[:, :c]) if needs[0] else None
         g_state = g_onto = None
         if ctx.onto_is_state:  # one gradient: around the cells (grad_new) and through them
-            g_state = grad_new.index_add(0, fired, g_cells[:, c:])
+            g_state = grad_new.index_add(0, fired, g_cells[:, c:]) if needs[1] else None
         else:
             g_state = scattered(ctx.state_shape, fired, g_cells[:, c:]) if needs[1] else None
             g_onto = grad_new if needs[2] else None
