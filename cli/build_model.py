@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from nca_tiles_cli.options import ETAS
+
 
 @click.command(short_help="Stack models trained at several µm/px into one scale-space model.")
 @click.option("--level", "levels", type=click.Path(path_type=Path), multiple=True, required=True,
@@ -17,7 +19,11 @@ import click
 @click.option("--patches", "patch_stores", type=click.Path(path_type=Path), multiple=True,
               help="Real patches at each finer level's µm/px (one store per level after the first), to measure "
                    "where its noise hides what the coarser level cannot draw.")
-def build_model(levels, out, t_starts, patch_stores) -> None:
+@click.option("--eta", type=ETAS, default=None,
+              help="DDIM η each level samples with unless synthesize --eta says otherwise: X for every level, or "
+                   "X,X,... coarse to fine, chosen with evaluate --hand-over's power per scale (docs/design.md §7). "
+                   "Default: none recorded (0 on the coarsest, 1 on a cheap relay-started level, 0.3 on the finest).")
+def build_model(levels, out, t_starts, patch_stores, eta) -> None:
     """Stack single-scale models, trained on patches at coarser and finer µm/px, into one
     scale-space model: the noisy early denoising steps run on the coarse level (a cell is several
     pixels, so the rule reaches further at a fraction of the cost), the late steps at full
@@ -25,5 +31,5 @@ def build_model(levels, out, t_starts, patch_stores) -> None:
     """
     from nca_tiles.diffusion.levels import build_scale_space_model
 
-    model = build_scale_space_model(out, list(levels), list(t_starts) or None, list(patch_stores) or None)
+    model = build_scale_space_model(out, list(levels), list(t_starts) or None, list(patch_stores) or None, eta)
     click.echo(f"wrote {out}: {model.describe()}, model {model.hash}")

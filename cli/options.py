@@ -130,5 +130,5 @@ def eta_option():
     return click.option(
         "--eta", type=ETAS, default=None,
         help="DDIM η (0: deterministic, 1: as much fresh noise as DDPM); X,X,...: each level's, coarse to fine. "
-             "Default: 0; on a scale-space model 1 on a cheap relay-started level and 0.3 on the finest "
-             "(docs/design.md §7).")
+             "Default: the η the model records for each level (build-model --eta); else 0, and on a scale-space "
+             "model 1 on a cheap relay-started level and 0.3 on the finest (docs/design.md §7).")

@@ -192,6 +192,52 @@ def test_eta_per_level_on_the_command_line(three_level_dir, tmp_path):
         assert slide.metadata.generator["eta"] == [0.0, 0.5, 0.0]
 
 
+def test_a_model_records_its_levels_eta_and_synthesizes_with_it(three_level_dir, tmp_path):
+    """build-model --eta writes each level's η into the model (format 3): synthesis uses it unless
+    --eta says otherwise, and it is part of the model's hash, since it changes the pixels. A model
+    without one keeps format 2, its hash and its defaults."""
+    from click.testing import CliRunner
+
+    from nca_tiles.diffusion.levels import level_etas
+    from nca_tiles_cli.main import cli
+
+    config = json.loads((three_level_dir / "config.json").read_text())
+    assert config["format_version"] == 2 and all("eta" not in level for level in config["levels"])
+    levels = [str(three_level_dir / level["path"]) for level in config["levels"]]
+    result = CliRunner().invoke(cli, ["build-model", *(a for path in levels for a in ("--level", path)), "--t-start", "100",
+                                      "--t-start", "200", "--eta", "0,0.5,0.25", "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0 and "1/4 from t=100 (η 0.5)" in result.output, result.output
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["format_version"] == 3 and [level["eta"] for level in saved["levels"]] == [0.0, 0.5, 0.25]
+    recorded, plain = load_synthesis_model(tmp_path / "m", "cpu"), load_synthesis_model(three_level_dir, "cpu")
+    assert level_etas(recorded, None) == [0.0, 0.5, 0.25] and level_etas(recorded, 1.0) == [1.0] * 3
+    assert recorded.hash != plain.hash and [lv.eta for lv in plain.levels] == [None] * 3
+    steps = (4, 3, 3)
+    np.testing.assert_array_equal(generate_levels(recorded, H, W, seed=7, steps=steps),
+                                  generate_levels(plain, H, W, seed=7, steps=steps, eta=(0.0, 0.5, 0.25)))
+    assert_same_image(synthesize(tmp_path / "m", tmp_path / "s.ome.tif", chunk=32, steps=steps),
+                      generate_levels(plain, H, W, seed=7, steps=steps, eta=(0.0, 0.5, 0.25)))
+    info = CliRunner().invoke(cli, ["info", str(tmp_path / "m")])
+    assert info.exit_code == 0 and "re-noised to t = 100, DDIM η 0.5" in info.output, info.output
+    for eta, message in [("0,1", "--eta gives 2 values for a model of 3 level(s)"), ("0,2,0", "between 0 (deterministic")]:
+        result = CliRunner().invoke(cli, ["build-model", *(a for path in levels for a in ("--level", path)),
+                                          "--t-start", "100", "--t-start", "200", "--eta", eta, "--out", str(tmp_path / "x")])
+        assert result.exit_code != 0 and message in result.output and result.output.count("\n") == 1, result.output
+        assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("version,eta", [(2, 0.5), (3, 1.5), (3, "0.5"), (3, True)])
+def test_a_recorded_eta_must_be_a_number_in_a_format_3_model(three_level_dir, tmp_path, version, eta):
+    import shutil
+
+    copy = shutil.copytree(three_level_dir, tmp_path / "copy")
+    config = json.loads((copy / "config.json").read_text())
+    config["format_version"], config["levels"][1]["eta"] = version, eta
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(NcaTilesError, match="level 1 'eta' must be a DDIM η between 0 and 1 in a format 3 model"):
+        load_synthesis_model(copy, "cpu")
+
+
 def test_single_scale_levels_are_the_old_sampler(tmp_path):
     model = load_synthesis_model(save_test_model(tmp_path / "m"), "cpu")
     np.testing.assert_array_equal(generate_levels(model, 40, 30, seed=5, steps=3),

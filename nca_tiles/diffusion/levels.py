@@ -13,6 +13,9 @@ A scale-space model directory::
     level-0/      a model directory (config.json, weights.pt) of the coarsest level
     level-1/      ... the finest level (factor 1): its µm/px is the slide's
 
+A level may also record its DDIM ``"eta"`` (format 3, ``build-model --eta``): the η it samples
+with unless ``--eta`` says otherwise, chosen for that level's rule (docs/design.md §7).
+
 Any other model path (run directory, model directory, checkpoint, None = bundled) is a
 single-scale model: one level, factor 1, from pure noise — pixel for pixel what it always was.
 """
@@ -45,7 +48,8 @@ from nca_tiles.diffusion.pipeline import (Pipeline, build_pipeline, denoise_patc
 from nca_tiles.diffusion.scale_space import level_size, relay_start, renoise, upsample_window
 from nca_tiles.errors import NcaTilesError
 
-SCALE_SPACE_FORMAT = 2
+SCALE_SPACE_FORMAT = 3  # 3: a level may record its DDIM η; written only then, so 2 stays readable by older versions
+ETA_FORMAT = 3
 LEVEL_SEED_KEY = 0x5CA1E  # derives each finer level's seed: no two levels share random numbers
 # Re-noise to where noise of std √(1−ᾱ)/√ᾱ (relative to the image) is this many times the detail
 # the coarse level cannot hold (the residual of down- then upsampling real patches).
@@ -57,6 +61,7 @@ class Level:
     pipeline: Pipeline
     factor: int  # one cell of this level is factor × factor output pixels
     t_start: int | None  # None: from pure noise at T − 1; else the upsampled coarser level re-noised to it
+    eta: float | None = None  # the DDIM η the model records for this level; None: level_etas' default
 
 
 @dataclass
@@ -103,7 +108,8 @@ class SynthesisModel:
     def describe(self) -> str:
         if not self.is_scale_space:
             return "single-scale"
-        parts = [f"1/{lv.factor}" + ("" if lv.t_start is None else f" from t={lv.t_start}") for lv in self.levels]
+        parts = [f"1/{lv.factor}" + ("" if lv.t_start is None else f" from t={lv.t_start}")
+                 + ("" if lv.eta is None else f" (η {lv.eta:g})") for lv in self.levels]
         return "scale space: " + ", ".join(parts)
 
 
@@ -135,6 +141,11 @@ def _check_levels(config: dict, path: Path) -> list[dict]:
         t_start = level.get("t_start")
         if (i == 0) != (t_start is None) or (t_start is not None and (isinstance(t_start, bool) or not isinstance(t_start, int))):
             raise NcaTilesError(f"{where}: level {i} 't_start' must be {'absent' if i == 0 else 'a timestep'}, got {t_start!r}")
+        if "eta" in level:
+            eta = level["eta"]
+            if version < ETA_FORMAT or isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+                raise NcaTilesError(f"{where}: level {i} 'eta' must be a DDIM η between 0 and 1 in a format "
+                                    f"{ETA_FORMAT} model, got {eta!r}: the model is corrupt; build it again")
         previous = factor
     if levels[-1]["factor"] != 1:
         raise NcaTilesError(f"{where}: the last level must be the finest (factor 1)")
@@ -155,9 +166,12 @@ def load_synthesis_model(path: Path | str | None = None, device: str = "auto", p
         files = resolve_model_path(path / spec["path"])
         meta, state = load_model_files(files)
         pipeline = build_pipeline(meta, state, device, precision, source=files.weights or files.checkpoint)
-        levels.append(Level(pipeline, spec["factor"], spec.get("t_start")))
+        eta = spec.get("eta")
+        levels.append(Level(pipeline, spec["factor"], spec.get("t_start"), None if eta is None else float(eta)))
     _check_consistent(levels, path)
-    digest = hashlib.sha256(json.dumps([[lv.pipeline.hash, lv.factor, lv.t_start] for lv in levels]).encode())
+    # A recorded η changes the pixels, so it is part of the hash; models without one keep theirs.
+    digest = hashlib.sha256(json.dumps([[lv.pipeline.hash, lv.factor, lv.t_start, *([] if lv.eta is None else [lv.eta])]
+                                        for lv in levels]).encode())
     return SynthesisModel(levels, path, digest.hexdigest()[:16])
 
 
@@ -203,8 +217,10 @@ def choose_t_start(patches: np.ndarray, ratio: int, alpha_bars: np.ndarray) -> i
     return int(above[0]) if len(above) else len(alpha_bars) - 1
 
 
-def save_scale_space_model(out: Path, level_paths: list[Path], factors: list[int], t_starts: list[int | None]) -> Path:
-    """Write a scale-space model directory from single-scale models (coarsest first)."""
+def save_scale_space_model(out: Path, level_paths: list[Path], factors: list[int], t_starts: list[int | None],
+                           etas: Sequence[float] | None = None) -> Path:
+    """Write a scale-space model directory from single-scale models (coarsest first); ``etas``: the
+    DDIM η each level records (format 3), None: none (format 2, as before η was recorded)."""
     out = Path(out)
     if out.exists():
         raise NcaTilesError(f"{out} exists: choose another --out")
@@ -217,8 +233,9 @@ def save_scale_space_model(out: Path, level_paths: list[Path], factors: list[int
         for i, (source, factor, t_start) in enumerate(zip(level_paths, factors, t_starts, strict=True)):
             meta, state = load_model_files(resolve_model_path(Path(source)))
             save_model_dir(tmp / f"level-{i}", meta, state)
-            specs.append({"path": f"level-{i}", "factor": factor, **({} if t_start is None else {"t_start": t_start})})
-        config = {"format_version": SCALE_SPACE_FORMAT, "kind": SCALE_SPACE_KIND, "levels": specs}
+            specs.append({"path": f"level-{i}", "factor": factor, **({} if t_start is None else {"t_start": t_start}),
+                          **({} if etas is None else {"eta": float(etas[i])})})
+        config = {"format_version": 2 if etas is None else ETA_FORMAT, "kind": SCALE_SPACE_KIND, "levels": specs}
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         load_synthesis_model(tmp, device="cpu")  # refuse to write what could not be loaded
         tmp.rename(out)
@@ -228,11 +245,14 @@ def save_scale_space_model(out: Path, level_paths: list[Path], factors: list[int
 
 
 def build_scale_space_model(out: Path, level_paths: list[Path], t_starts: list[int] | None = None,
-                            patch_stores: list[Path] | None = None) -> SynthesisModel:
+                            patch_stores: list[Path] | None = None,
+                            eta: float | Sequence[float] | None = None) -> SynthesisModel:
     """``nca-tiles build-model``: factors from the models' µm/px, each finer level's t_start given
-    or measured on real patches at its µm/px (``choose_t_start``)."""
+    or measured on real patches at its µm/px (``choose_t_start``); ``eta``: the DDIM η each level
+    records (one number: every level's; None: none, so synthesis uses ``level_etas``' defaults)."""
     if len(level_paths) < 2:
         raise NcaTilesError("a scale-space model needs at least two --level models, coarsest first")
+    etas = None if eta is None else checked_etas(eta, len(level_paths))
     metas = [load_model_files(resolve_model_path(Path(p)))[0] for p in level_paths]
     mpps = [float(meta["data"]["mpp"]) for meta in metas]
     factors = []
@@ -265,7 +285,7 @@ def build_scale_space_model(out: Path, level_paths: list[Path], t_starts: list[i
                                          schedule.alphas_cumprod))
     else:
         raise NcaTilesError("give --t-start for each finer level, or --patches to measure it on real patches")
-    save_scale_space_model(out, level_paths, factors, [None, *chosen])
+    save_scale_space_model(out, level_paths, factors, [None, *chosen], etas)
     return load_synthesis_model(out, device="cpu")
 
 
@@ -283,7 +303,8 @@ def describe_scale_space_model(path: Path) -> str:
              f"hash: {model.hash}"]
     for k, (spec, level) in enumerate(zip(config["levels"], model.levels)):
         start = "from pure noise" if level.t_start is None else f"from the coarser level re-noised to t = {level.t_start}"
-        lines.append(f"level {k}: factor {level.factor} ({level.pipeline.mpp:g} µm/px), {start}")
+        sampled = "" if level.eta is None else f", DDIM η {level.eta:g}"
+        lines.append(f"level {k}: factor {level.factor} ({level.pipeline.mpp:g} µm/px), {start}{sampled}")
         lines += ["  " + line for line in describe_model(Path(path) / spec["path"]).splitlines()]
     return "\n".join(lines)
 
@@ -314,18 +335,25 @@ FINEST_ETA = 0.3
 
 
 def level_etas(model: SynthesisModel, eta: float | Sequence[float] | None) -> list[float]:
-    """DDIM η of each level, coarse to fine. None: RELAY_ETA on a cheap relay-started level,
-    FINEST_ETA on a scale-space model's finest, 0 (deterministic) elsewhere; one number: every
-    level; a sequence: each level's."""
+    """DDIM η of each level, coarse to fine. None: the η the model records for a level, else
+    RELAY_ETA on a cheap relay-started level, FINEST_ETA on a scale-space model's finest, 0
+    (deterministic) elsewhere; one number: every level; a sequence: each level's."""
     levels = len(model.levels)
     if eta is None:
         def default(i: int, level: Level) -> float:
+            if level.eta is not None:
+                return level.eta
             if i == levels - 1:
                 return FINEST_ETA if model.is_scale_space else 0.0
             cheap_relay = level.t_start is not None and step_cost(model, i) <= CHEAP_STEP_COST
             return RELAY_ETA if cheap_relay else 0.0
 
         return [default(i, level) for i, level in enumerate(model.levels)]
+    return checked_etas(eta, levels)
+
+
+def checked_etas(eta: float | Sequence[float], levels: int) -> list[float]:
+    """``eta`` as one DDIM η per level of a ``levels``-level model; a one-line error if it is not."""
     etas = list(eta) if isinstance(eta, Sequence) else [eta] * levels
     if len(etas) != levels:
         raise NcaTilesError(f"--eta gives {len(etas)} values for a model of {levels} level(s): "
