@@ -323,10 +323,12 @@ RELAY_MAX_STRIDE = 4
 CHEAP_STEP_COST = 1 / 16
 
 
-# DDIM η of a cheap relay-started level, unless --eta says otherwise. Deterministic DDIM walks to
-# the conditional mean; fresh noise at each step lets the 4 µm/px level redraw cell-dense detail
-# from its blurred start (docs/design.md §7, "Stochastic relay levels"). The coarsest level stays
-# deterministic (η = 1 there scattered the layout: FD 2.06 against 0.88).
+# DDIM η of a cheap relay-started level, unless --eta or the model says otherwise. Deterministic DDIM
+# walks to the conditional mean; fresh noise at each step lets the 4 µm/px level redraw cell-dense
+# detail from its blurred start (docs/design.md §7, "Stochastic relay levels"). The coarsest level
+# stays deterministic (η = 1 there scattered the layout: FD 2.06 against 0.88). Too much fresh noise
+# stays as blobs: the bundled model records 0.5 for that level ("η by the power per scale"); this
+# default stays 1 so that models without a recorded η keep their pixels.
 RELAY_ETA = 1.0
 # DDIM η of a scale-space model's finest level: a little fresh noise sharpens its nuclei (test
 # split: nearest-nucleus W1 1.42 against 1.74 at η = 0); at η = 1 its few steps leave grain. A
