@@ -143,7 +143,7 @@ def _check_levels(config: dict, path: Path) -> list[dict]:
             raise NcaTilesError(f"{where}: level {i} 't_start' must be {'absent' if i == 0 else 'a timestep'}, got {t_start!r}")
         if "eta" in level:
             eta = level["eta"]
-            if version < ETA_FORMAT or isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+            if version < ETA_FORMAT or not is_eta(eta):
                 raise NcaTilesError(f"{where}: level {i} 'eta' must be a DDIM η between 0 and 1 in a format "
                                     f"{ETA_FORMAT} model, got {eta!r}: the model is corrupt; build it again")
         previous = factor
@@ -361,9 +361,14 @@ def checked_etas(eta: float | Sequence[float], levels: int) -> list[float]:
         raise NcaTilesError(f"--eta gives {len(etas)} values for a model of {levels} level(s): "
                             f"give one number (every level) or {levels}, coarse to fine")
     for value in etas:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:  # NaN too
+        if not is_eta(value):
             raise NcaTilesError(f"--eta must be between 0 (deterministic DDIM) and 1, got {value!r}")
     return [float(value) for value in etas]
+
+
+def is_eta(value: object) -> bool:
+    """A DDIM η: a number (not a bool) in [0, 1]; NaN is not."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0.0 <= value <= 1.0
 
 
 def step_cost(model: SynthesisModel, index: int) -> float:
