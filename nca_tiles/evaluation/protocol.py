@@ -29,6 +29,8 @@ COMPARISONS: dict[str, str] = {
     "synthetic": "synthetic vs held-out real",
     "ceiling": "colour-matched noise vs held-out real",
 }
+# comparison -> the set compared with the held-out real patches
+COMPARED_SETS: dict[str, str] = {"floor": "train", "synthetic": "synthetic", "ceiling": "noise"}
 
 # metric key -> table label
 METRICS: dict[str, str] = {
@@ -155,7 +157,7 @@ def evaluate_patches(
     }
     results = {
         comparison: _compare(measured[name], measured["heldout"], **options)
-        for comparison, name in (("floor", "train"), ("synthetic", "synthetic"), ("ceiling", "noise"))
+        for comparison, name in COMPARED_SETS.items()
     }
     return {
         "note": metrics.NOT_INCEPTION_NOTE,
@@ -171,7 +173,7 @@ def evaluate_patches(
         "spectrum_bands": {
             "period_px": [list(periods) for periods in spectrum.band_periods(min(synthetic.shape[1:3]))],
             **{comparison: spectrum.power_ratio(measured[name].spectrum, measured["heldout"].spectrum).tolist()
-               for comparison, name in (("floor", "train"), ("synthetic", "synthetic"), ("ceiling", "noise"))},
+               for comparison, name in COMPARED_SETS.items()},
         },
         "encoder": None if encoder is None else encoder.trained_on,
     }
