@@ -9,7 +9,8 @@ spread, the real wall time and real ÷ estimate, and whether that is within 1.5�
 Jobs (the bundled model, or ``--model``; seed 0, ``--device``, the default ``--compile`` unless
 ``--compile``/``--no-compile`` is given):
 
-- ``demo``: the synthesis ``nca-tiles demo`` runs — 1280 × 1280 px in chunks of 512, 20 DDIM steps;
+- ``demo``: the synthesis ``nca-tiles demo`` runs — 1280 × 1280 px in chunks of 512, 50 DDIM steps
+  (synthesize's default, which the demo takes);
 - ``3000x2000``: a 3000 × 2000 px slide in chunks of 512, 10 DDIM steps (to keep it to minutes on
   a CPU);
 - ``--quick``: ``tiny``, 384 × 256 px in chunks of 128, 2 DDIM steps.
@@ -43,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_synthesis, bes
 from bench_synthesis import format_table, header_lines, log, machine_info, write_json  # noqa: E402
 
 JOBS = {
-    "demo": {"width": 1280, "height": 1280, "chunk": 512, "steps": 20},  # nca_tiles/demo.py's defaults
+    "demo": {"width": 1280, "height": 1280, "chunk": 512, "steps": 50},  # nca_tiles/demo.py's defaults
     "3000x2000": {"width": 3000, "height": 2000, "chunk": 512, "steps": 10},
 }
 QUICK_JOBS = {"tiny": {"width": 384, "height": 256, "chunk": 128, "steps": 2}}

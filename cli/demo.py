@@ -16,7 +16,10 @@ from nca_tiles_cli.options import compile_option, device_option, overwrite_optio
 @click.option("--height", type=int, default=1280, show_default=True, help="Synthetic slide height in px (at most 8192).")
 @click.option("--chunk", type=int, default=512, show_default=True,
               help="Chunk side in px: the slide is synthesized chunk by chunk, seamlessly (at least 2 × the model's halo).")
-@click.option("--steps", type=int, default=20, show_default=True, help="DDIM denoising steps (at most the model's timesteps: 300 for the bundled model).")
+@click.option("--steps", type=int, default=None,
+              help="DDIM denoising steps, shared by the model's levels as synthesize shares them (at most the model's "
+                   "timesteps: 300 for the bundled model). Default: synthesize's, 50, so the demo shows what a slide "
+                   "looks like.")
 @seed_option()
 @device_option()
 @overwrite_option()

@@ -64,12 +64,13 @@ class DemoResult:
 
 
 def run_demo(out: str | os.PathLike[str] = "demo", *, model: str | os.PathLike[str] | None = None,
-             width: int = 1280, height: int = 1280, chunk: int = 512, steps: int = 20, seed: int = 0,
+             width: int = 1280, height: int = 1280, chunk: int = 512, steps: int | None = None, seed: int = 0,
              device: str = "auto", overwrite: bool = False, progress: bool = True,
              say: Callable[[str], None] | None = None) -> DemoResult:
     """The whole pipeline on the bundled sample slide, into the folder ``out``: patches, a
     ``width`` × ``height`` slide from ``model`` (None: the bundled one) as a pyramidal OME-TIFF,
-    the real-vs-synthetic figure and a thumbnail. Rerun to resume an interrupted demo; a finished
+    the real-vs-synthetic figure and a thumbnail. ``steps``: DDIM steps, None for as many as
+    ``synthesize`` takes by default, so that the demo shows what a user's slides look like. Rerun to resume an interrupted demo; a finished
     one is refused unless ``overwrite``. ``say`` receives a line per step; ``progress`` shows
     the synthesis' progress bar."""
     from nca_tiles.runtime.preflight import check_writable
@@ -86,7 +87,10 @@ def run_demo(out: str | os.PathLike[str] = "demo", *, model: str | os.PathLike[s
     from nca_tiles.training.sample_grid import save_png
     from nca_tiles.wsi.thumbnail import write_preview
 
+    from nca_tiles.diffusion.schedule import DEFAULT_DDIM_STEPS
+
     say = say or (lambda line: None)
+    steps = DEFAULT_DDIM_STEPS if steps is None else steps
     loaded = load_synthesis_model(model, device)
     check_options(width, height, chunk, steps, seed, loaded.max_halo, loaded.timesteps)
     paths = DemoPaths(out)

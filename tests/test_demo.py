@@ -35,6 +35,20 @@ def test_demo_writes_slide_figure_and_thumbnail(tmp_path):
     assert again.exit_code != 0 and "--overwrite" in again.output
 
 
+def test_the_demo_draws_the_slide_synthesize_draws_by_default(tmp_path):
+    """The demo is a user's first picture: with no --steps it must take synthesize's default
+    (it took 20 DDIM steps, which left the fine level 7, and drew blurrier tissue than any slide)."""
+    from nca_tiles.demo import run_demo
+
+    run_demo(tmp_path / "demo", width=160, height=128, chunk=64, progress=False)
+    out = tmp_path / "slide.ome.tif"
+    result = run_cli("synthesize", "--width", 160, "--height", 128, "--chunk", 64, "--out", out)
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "demo" / "synthetic.ome.tif", level=0),
+                                  tifffile.imread(out, level=0))
+    assert "50" in run_cli("demo", "--help").output
+
+
 # kill -9 as soon as the slide has its final name: the window between the rename and the removal
 # of the work dir is microseconds wide, so an outside kill cannot be timed into it.
 KILL_AFTER_SLIDE = """

@@ -46,6 +46,7 @@ from nca_tiles.diffusion.checkpoint import (
 from nca_tiles.diffusion.pipeline import (Pipeline, build_pipeline, denoise_patches, initial_noise, predict_noise,
                                          reverse_step, to_model_space, to_uint8)
 from nca_tiles.diffusion.scale_space import level_size, relay_start, renoise, upsample_window
+from nca_tiles.diffusion.schedule import DEFAULT_DDIM_STEPS
 from nca_tiles.errors import NcaTilesError
 
 SCALE_SPACE_FORMAT = 3  # 3: a level may record its DDIM η; written only then, so 2 stays readable by older versions
@@ -379,7 +380,7 @@ def step_cost(model: SynthesisModel, index: int) -> float:
 
 def level_timesteps(model: SynthesisModel, sampler: str, steps: int | Sequence[int] | None) -> list[list[int]]:
     """The timesteps each level visits. DDPM: every timestep of each level's span. DDIM: ``steps``
-    in all (default 50), shared in proportion to the span of t each level covers (the coarsest
+    in all (default DEFAULT_DDIM_STEPS), shared in proportion to the span of t each level covers (the coarsest
     covers T; a finer one t_start + 1), at least one each — except that a cheap coarser level
     (``step_cost`` ≤ CHEAP_STEP_COST) takes more, on top of ``steps``, where its share is fewer:
     the coarsest COARSEST_MIN_STEPS, a relay-started one steps at most RELAY_MAX_STRIDE timesteps
@@ -392,7 +393,7 @@ def level_timesteps(model: SynthesisModel, sampler: str, steps: int | Sequence[i
     if sampler == "ddpm" or not model.is_scale_space:
         return [lv.pipeline.schedule.sampling_timesteps(sampler, steps, start)
                 for lv, start in zip(model.levels, starts)]
-    total = 50 if steps is None else steps
+    total = DEFAULT_DDIM_STEPS if steps is None else steps
     if total < len(spans):
         raise NcaTilesError(f"--steps {total} is fewer than the model's {len(spans)} levels: give at least one step a level")
     if total > sum(spans):

@@ -16,6 +16,9 @@ import torch
 from nca_tiles.errors import NcaTilesError
 
 SAMPLERS = ("ddim", "ddpm")
+# DDIM steps when none are given, for synthesize, evaluate and the demo alike (a scale-space model
+# shares them among its levels: levels.level_timesteps).
+DEFAULT_DDIM_STEPS = 50
 BETA_SCHEDULES = ("linear", "cosine")
 
 
@@ -96,7 +99,7 @@ class NoiseSchedule:
                 raise NcaTilesError(f"ddpm always takes all {span} steps: drop --steps or use --sampler ddim")
             return list(range(first, -1, -1))
         if steps is None:
-            steps = min(50, span)
+            steps = min(DEFAULT_DDIM_STEPS, span)
         if not 1 <= steps <= span:
             raise NcaTilesError(f"--steps must be between 1 and {span} for ddim")
         # Built from the step index, not by np.arange with a float stride: that sometimes yields one
