@@ -6,12 +6,19 @@ from pathlib import Path
 
 import click
 
-from nca_tiles_cli.options import compile_option, device_option, overwrite_option, seed_option, threads_option
+from nca_tiles_cli.options import (
+    compile_option,
+    device_option,
+    model_option,
+    overwrite_option,
+    seed_option,
+    threads_option,
+)
 
 
 @click.command(short_help="Run the whole pipeline on the bundled sample slide.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo"), show_default=True, help="Output folder.")
-@click.option("--model", type=click.Path(path_type=Path), default=None, help="Model to use (default: the bundled one).")
+@model_option()
 @click.option("--width", type=int, default=1280, show_default=True, help="Synthetic slide width in px (at most 8192).")
 @click.option("--height", type=int, default=1280, show_default=True, help="Synthetic slide height in px (at most 8192).")
 @click.option("--chunk", type=int, default=512, show_default=True,

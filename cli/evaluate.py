@@ -11,6 +11,7 @@ from nca_tiles_cli.options import (
     compile_option,
     device_option,
     eta_option,
+    model_option,
     seed_option,
     steps_option,
     threads_option,
@@ -18,7 +19,7 @@ from nca_tiles_cli.options import (
 
 
 @click.command(short_help="Quality metrics of a model against real patches, or a slide's seam score.")
-@click.option("--model", type=click.Path(path_type=Path), help="Trained model (run directory or checkpoint). Default: the bundled model.")
+@model_option()
 @click.option("--patches", type=click.Path(path_type=Path), help="Patch store (.zarr from extract-patches) holding the real patches.")
 @click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True, help="Held-out real patches to compare with.")
 @click.option("--n", "n", type=int, default=1024, show_default=True, help="Patches per set (synthetic, held-out real, train real, noise).")

@@ -11,6 +11,7 @@ from nca_tiles_cli.options import (
     compile_option,
     device_option,
     eta_option,
+    model_option,
     overwrite_option,
     seed_option,
     steps_option,
@@ -19,8 +20,7 @@ from nca_tiles_cli.options import (
 
 
 @click.command(short_help="Synthesize a whole-slide image of any size, chunk by chunk.")
-@click.option("--model", type=click.Path(path_type=Path), default=None,
-              help="Run directory, model directory or checkpoint file. Default: the bundled model.")
+@model_option()
 @click.option("--width", type=int, required=True, help="Slide width in pixels.")
 @click.option("--height", type=int, required=True, help="Slide height in pixels.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output slide (.ome.tif, or .ome.zarr with --format ome-zarr).")

@@ -109,7 +109,7 @@ def test_chunk_corner_crop_is_centred_on_a_corner():
 @pytest.mark.parametrize("args, fragments", [
     (["--width", 0], ["--width", "between 2 and 8,192"]),
     (["--height", 10**6], ["--height", "8,192", "nca-tiles synthesize"]),
-    (["--chunk", 19], ["--chunk", "between 20 and", "halo of 10 px"]),  # the bundled model's halo is 10
+    (["--chunk", 39], ["--chunk", "between 40 and", "halo of 20 px"]),  # the bundled model's halo is 20
     (["--chunk", 10**6], ["--chunk", "8,192"]),
     (["--steps", 0], ["--steps", "between 1 and 300"]),
     (["--steps", 301], ["--steps", "between 1 and 300"]),

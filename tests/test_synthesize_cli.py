@@ -254,3 +254,31 @@ def test_one_list_of_compressions_for_both_commands():
     for command in ("synthesize", "export"):
         text = " ".join(run_cli(command, "--help").output.split())
         assert ", ".join(COMPRESSION_NAMES) in text, (command, text)
+
+
+# -- bundled models by name -------------------------------------------------------------------
+def test_a_bundled_model_is_chosen_by_name_and_a_folder_of_that_name_wins(tmp_path, monkeypatch):
+    import shutil
+
+    from nca_tiles.diffusion.checkpoint import BUNDLED_MODELS_DIR, bundled_model_names
+
+    assert bundled_model_names() == ["default", "fast"]
+    monkeypatch.chdir(tmp_path)  # no folder called "fast" here, yet
+
+    def slide(name, *model):
+        out = tmp_path / f"{name}.ome.tif"
+        assert_ok(run_cli("synthesize", *model, "--width", 48, "--height", 48, "--chunk", 48, "--steps", 3,
+                          "--out", out))
+        return tifffile.imread(out, level=0)
+
+    fast = slide("fast-by-name", "--model", "fast")
+    np.testing.assert_array_equal(fast, slide("fast-by-path", "--model", BUNDLED_MODELS_DIR / "fast"))
+    default = slide("default")
+    np.testing.assert_array_equal(default, slide("default-by-name", "--model", "default"))
+    assert not np.array_equal(fast, default)  # two models, not one under two names
+
+    shutil.copytree(BUNDLED_MODELS_DIR / "default", tmp_path / "fast")  # the user's own folder "fast"
+    np.testing.assert_array_equal(default, slide("folder", "--model", "fast"))
+
+    assert_one_line_error(run_cli("synthesize", "--model", "fastest", "--width", 48, "--height", 48,
+                                  "--out", tmp_path / "x.ome.tif"), "fastest", "bundled model", "default, fast")

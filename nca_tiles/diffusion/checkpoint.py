@@ -25,7 +25,25 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "weights.pt"
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_DIR_NAME = "model"
-DEFAULT_MODEL_DIR = Path(__file__).parents[1] / "data" / "models" / "default"
+BUNDLED_MODELS_DIR = Path(__file__).parents[1] / "data" / "models"
+DEFAULT_MODEL_DIR = BUNDLED_MODELS_DIR / "default"
+
+
+def bundled_model_names() -> list[str]:
+    """The models that ship with nca-tiles, by the name ``--model`` takes (``default``, ``fast``)."""
+    return sorted(p.name for p in BUNDLED_MODELS_DIR.iterdir() if (p / CONFIG_NAME).is_file())
+
+
+def model_location(path: Path | str | None) -> Path:
+    """Where a ``--model`` points: None is the bundled default; a path that exists is that path;
+    else a bundled model's name is its folder. A path wins, so that a user's folder called ``fast``
+    is never shadowed by a model added to a later release."""
+    if path is None:
+        return DEFAULT_MODEL_DIR
+    path = Path(path)
+    if not path.exists() and len(path.parts) == 1 and (BUNDLED_MODELS_DIR / path.name / CONFIG_NAME).is_file():
+        return BUNDLED_MODELS_DIR / path.name
+    return path
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
@@ -187,10 +205,12 @@ def read_scale_space_config(path: Path) -> dict | None:
 
 
 def resolve_model_path(path: Path | None) -> ModelFiles:
-    """Accept a model directory, a run directory, or a checkpoint file (None: the bundled model)."""
-    path = DEFAULT_MODEL_DIR if path is None else Path(path)
+    """Accept a model directory, a run directory, a checkpoint file, or a bundled model's name
+    (None: the bundled default)."""
+    path = model_location(path)
     if not path.exists():
-        raise NcaTilesError(f"model {path} does not exist: give a run directory, model directory or checkpoint file")
+        raise NcaTilesError(f"model {path} does not exist: give a run directory, model directory or checkpoint file, "
+                            f"or a bundled model's name ({', '.join(bundled_model_names())})")
     if read_scale_space_config(path) is not None:
         raise NcaTilesError(f"{path} is a scale-space model (several levels): load it with "
                             "nca_tiles.load_model (diffusion.levels.load_synthesis_model), or give one of its level-N folders")

@@ -36,9 +36,9 @@ import torch
 from nca_tiles.diffusion import rng
 from nca_tiles.diffusion.checkpoint import (
     CONFIG_NAME,
-    DEFAULT_MODEL_DIR,
     SCALE_SPACE_KIND,
     load_model_files,
+    model_location,
     read_scale_space_config,
     resolve_model_path,
     save_model_dir,
@@ -154,8 +154,9 @@ def _check_levels(config: dict, path: Path) -> list[dict]:
 
 
 def load_synthesis_model(path: Path | str | None = None, device: str = "auto", precision: str = "auto") -> SynthesisModel:
-    """Load a single-scale or scale-space model for synthesis (None: the bundled model)."""
-    path = DEFAULT_MODEL_DIR if path is None else Path(path)
+    """Load a single-scale or scale-space model for synthesis: a path, or a bundled model's name
+    (None: the bundled default; checkpoint.model_location)."""
+    path = model_location(path)
     config = read_scale_space_config(path)
     if config is None:
         files = resolve_model_path(path)
