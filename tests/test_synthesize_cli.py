@@ -282,3 +282,15 @@ def test_a_bundled_model_is_chosen_by_name_and_a_folder_of_that_name_wins(tmp_pa
 
     assert_one_line_error(run_cli("synthesize", "--model", "fastest", "--width", 48, "--height", 48,
                                   "--out", tmp_path / "x.ome.tif"), "fastest", "bundled model", "default, fast")
+
+
+def test_a_job_started_with_a_bundled_model_that_is_not_the_default_says_how_to_resume_it(tmp_path):
+    """`default` changed on 2026-12-06: a job started with the model bundled before (now `fast`)
+    must not be resumed with the new one, and the refusal names the model that resumes it."""
+    work = tmp_path / "job.work"
+    args = ("--width", 48, "--height", 48, "--chunk", 48, "--steps", 3, "--work-dir", work, "--keep-canvas",
+            "--out", tmp_path / "slide.ome.tif")
+    assert_ok(run_cli("synthesize", "--model", "fast", *args))
+    assert_one_line_error(run_cli("synthesize", *args), "different job", "model_hash",
+                          "bundled model 'fast'", "--model fast")
+    assert_ok(run_cli("synthesize", "--model", "fast", *args))  # as it says

@@ -37,6 +37,7 @@ from nca_tiles.diffusion import rng
 from nca_tiles.diffusion.checkpoint import (
     CONFIG_NAME,
     SCALE_SPACE_KIND,
+    bundled_model_names,
     load_model_files,
     model_location,
     read_scale_space_config,
@@ -175,6 +176,15 @@ def load_synthesis_model(path: Path | str | None = None, device: str = "auto", p
     digest = hashlib.sha256(json.dumps([[lv.pipeline.hash, lv.factor, lv.t_start, *([] if lv.eta is None else [lv.eta])]
                                         for lv in levels]).encode())
     return SynthesisModel(levels, path, digest.hexdigest()[:16])
+
+
+def bundled_model_with_hash(model_hash: str) -> str | None:
+    """The name of the bundled model whose hash this is, if any: a job started with one that is no
+    longer the default resumes with ``--model NAME``."""
+    for name in bundled_model_names():
+        if load_synthesis_model(name, device="cpu").hash == model_hash:
+            return name
+    return None
 
 
 def _check_consistent(levels: list[Level], where: Path | str) -> None:

@@ -39,6 +39,17 @@ RGB = "rgb"
 MANIFEST_VERSION = 2  # 2: jobs have levels (version 1 jobs read as one level)
 
 
+def _resume_hint(started: Job, asked: Job) -> str:
+    """A job started with a bundled model that has since stopped being the default (or was named)
+    resumes with that model's name: say which."""
+    if started.model_hash == asked.model_hash:
+        return ""
+    from nca_tiles.diffusion.levels import bundled_model_with_hash
+
+    name = bundled_model_with_hash(started.model_hash)
+    return "" if name is None else f"it was started with the bundled model {name!r}: rerun with --model {name} to resume it, or "
+
+
 @dataclass
 class Manifest:
     job: Job
@@ -124,7 +135,7 @@ class WorkDir:
             diff = sorted(k for k, v in job.to_dict().items() if manifest.job.to_dict().get(k) != v)
             raise NcaTilesError(
                 f"work dir {self.path} holds a different job (differs in {', '.join(diff)}): "
-                "use another --work-dir, or delete it to start afresh"
+                f"{_resume_hint(manifest.job, job)}use another --work-dir, or delete it to start afresh"
             )
 
     def check_can_create(self) -> None:
