@@ -5,7 +5,7 @@ The public API, one function per stage (examples/api_end_to_end.py runs the pipe
     open_slide(path)                          read any slide format (wsi.slide)
     extract_patches(slides, out, ...)         tissue patches into a zarr store (training.patches)
     train(patches, out, preset, TrainConfig(...), device)   a training run (training.trainer.run_training)
-    load_model(path=None, device="auto")      a single- or scale-space model for sampling; None: the bundled one
+    load_model(path=None, device="auto")      a single- or scale-space model for sampling: a path, or "default" or "fast" (bundled); None: "default"
     generate_region(model, height, width)     a region in memory, level by level (diffusion.levels)
     load_synthesis_model(path=None)           the same as load_model (its first name)
     synthesize_slide(SlideRequest(...), model)             a slide of any size (synthesis.slide_job)
