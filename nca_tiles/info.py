@@ -17,11 +17,11 @@ def describe(path: str | os.PathLike[str] | None = None, preset: str | None = No
         return describe_preset(preset)
     if path is None:
         raise NcaTilesError("give a PATH to describe, or --preset NAME")
-    from nca_tiles.diffusion.checkpoint import is_model_path, model_location
+    from nca_tiles.diffusion.checkpoint import bundled_model_names, is_model_path, model_location
 
     path = model_location(path)  # a bundled model's name, too
     if not path.exists():
-        raise NcaTilesError(f"{path} does not exist")
+        raise NcaTilesError(f"{path} does not exist (a bundled model's name: {', '.join(bundled_model_names())})")
 
     from nca_tiles.diffusion.levels import describe_scale_space_model, is_scale_space_model
     from nca_tiles.training.patches import is_patch_store

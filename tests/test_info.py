@@ -225,3 +225,15 @@ def test_corrupt_checkpoint(tmp_path):
         load_model(checkpoint, "cpu")
     torch.save({"format_version": 1, "meta": meta}, checkpoint)
     assert_one_line_error(run_cli("info", checkpoint), str(checkpoint), "lacks 'ema'")
+
+
+def test_info_describes_a_bundled_model_by_name(tmp_path, monkeypatch):
+    from nca_tiles.diffusion.checkpoint import BUNDLED_MODELS_DIR
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("default", "fast"):
+        by_name, by_path = run_cli("info", name), run_cli("info", BUNDLED_MODELS_DIR / name)
+        assert_ok(by_name)
+        assert by_name.output == by_path.output and "scale-space model" in by_name.output
+    assert run_cli("info", "default").output != run_cli("info", "fast").output
+    assert_one_line_error(run_cli("info", "fastest"), "fastest", "does not exist", "default, fast")
