@@ -70,9 +70,9 @@ def run_demo(out: str | os.PathLike[str] = "demo", *, model: str | os.PathLike[s
     """The whole pipeline on the bundled sample slide, into the folder ``out``: patches, a
     ``width`` × ``height`` slide from ``model`` (None: the bundled one) as a pyramidal OME-TIFF,
     the real-vs-synthetic figure and a thumbnail. ``steps``: DDIM steps, None for as many as
-    ``synthesize`` takes by default, so that the demo shows what a user's slides look like. Rerun to resume an interrupted demo; a finished
-    one is refused unless ``overwrite``. ``say`` receives a line per step; ``progress`` shows
-    the synthesis' progress bar."""
+    ``synthesize`` takes by default, so that the demo shows what a user's slides look like. Rerun
+    to resume an interrupted demo; a finished one is refused unless ``overwrite``. ``say``
+    receives a line per step; ``progress`` shows the synthesis' progress bar."""
     from nca_tiles.runtime.preflight import check_writable
 
     out = Path(out)
@@ -81,13 +81,12 @@ def run_demo(out: str | os.PathLike[str] = "demo", *, model: str | os.PathLike[s
     import tifffile
 
     from nca_tiles.diffusion.levels import load_synthesis_model
+    from nca_tiles.diffusion.schedule import DEFAULT_DDIM_STEPS
     from nca_tiles.errors import NcaTilesError
     from nca_tiles.synthesis.slide_job import SlideRequest, default_work_dir, synthesize_slide
     from nca_tiles.training.patches import extract_patches
     from nca_tiles.training.sample_grid import save_png
     from nca_tiles.wsi.thumbnail import write_preview
-
-    from nca_tiles.diffusion.schedule import DEFAULT_DDIM_STEPS
 
     say = say or (lambda line: None)
     steps = DEFAULT_DDIM_STEPS if steps is None else steps

@@ -46,7 +46,9 @@ def test_the_demo_draws_the_slide_synthesize_draws_by_default(tmp_path):
     assert result.exit_code == 0, result.output
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "demo" / "synthetic.ome.tif", level=0),
                                   tifffile.imread(out, level=0))
-    assert "50" in run_cli("demo", "--help").output
+    from nca_tiles.diffusion.schedule import DEFAULT_DDIM_STEPS
+
+    assert f"synthesize's, {DEFAULT_DDIM_STEPS}," in " ".join(run_cli("demo", "--help").output.split())
 
 
 # kill -9 as soon as the slide has its final name: the window between the rename and the removal

@@ -287,6 +287,18 @@ def test_levels_of_different_architectures_tile_exactly(tmp_path):
         assert_same_image(synthesize(model_dir, tmp_path / f"tiled{chunk}.ome.tif", chunk=chunk), whole)
 
 
+@pytest.mark.parametrize("name", ["default", "fast"])
+def test_the_bundled_models_tile_exactly(name, tmp_path):
+    """The bundled models as shipped: `default`'s finest level has the longest reach (halo 20 over
+    the coarser levels' 10), the case the miniature above does not build."""
+    model = load_synthesis_model(name, "cpu")
+    assert [lv.pipeline.halo for lv in model.levels] == ([10, 10, 20] if name == "default" else [10, 10, 10])
+    whole = synthesize(name, tmp_path / "whole.ome.tif", chunk=max(W, H), steps=3)
+    assert whole.std() > 5
+    for chunk in (40, 64):
+        assert_same_image(synthesize(name, tmp_path / f"tiled{chunk}.ome.tif", chunk=chunk, steps=3), whole)
+
+
 def test_each_level_tiled_equals_whole(model_dir, tmp_path):
     """The coarse level's result (kept with the canvas) is the same whatever the chunking."""
     levels = {}

@@ -41,7 +41,7 @@ def model_location(path: Path | str | None) -> Path:
     if path is None:
         return DEFAULT_MODEL_DIR
     path = Path(path)
-    if not path.exists() and len(path.parts) == 1 and (BUNDLED_MODELS_DIR / path.name / CONFIG_NAME).is_file():
+    if not path.exists() and len(path.parts) == 1 and path.name in bundled_model_names():
         return BUNDLED_MODELS_DIR / path.name
     return path
 
