@@ -83,6 +83,9 @@ def evaluate(
     train-encoder: colour-blind by training, so it sees structure); Wasserstein-1
     of haematoxylin, eosin and DAB optical densities; and a classifier
     two-sample test (AUC 0.5 = real and synthetic cannot be told apart).
+    A store of several slides adds the tissue mix: each slide's share of the
+    held-out patches and of the synthetic ones (by a classifier trained on
+    the train patches), with each one's nuclei medians.
 
     \b
     With --hand-over LEVEL: the synthetic patches are that level's redraw of

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from nca_tiles.evaluation import metrics, nuclei, spectrum
+from nca_tiles.evaluation import metrics, nuclei, spectrum, tissue_mix
 from nca_tiles.errors import NcaTilesError
 
 COMPARISONS: dict[str, str] = {
@@ -239,6 +239,8 @@ def format_table(results: dict[str, Any]) -> str:
                   for i, (longest, shortest) in enumerate(bands["period_px"])]
         lines += ["", *_text_table(["power ÷ held-out real's, period", "inputs" if hand_over else "train real",
                                     "synthetic", "noise"], b_rows)]
+    if results.get("tissue_mix"):  # a model against a store of several slides
+        lines += ["", *tissue_mix.format_tissue_mix(results["tissue_mix"], _text_table)]
     return "\n".join(lines)
 
 
@@ -431,6 +433,10 @@ def evaluate_model(
             f"evaluating on {len(synthetic)} per set")
     say("computing metrics...")
     results = evaluate_patches(real_train, real_heldout, synthetic, seed=seed, mpp=store.mpp, encoder=encoder)
+    sources = [Path(slide["path"]).name for slide in store.slides]
+    results["tissue_mix"] = tissue_mix.tissue_mix(
+        real_train, store.slide_index[np.sort(picked["train"])], real_heldout, store.slide_index[np.sort(picked[split])],
+        synthetic, sources, store.mpp, encoder, seed)
     results.update(model=None if model is None else str(model), patches=str(patches), split=split, steps=steps,
                    level_steps=level_steps, sampler=sampler, eta=etas, min_tissue=min_tissue, synthetic_drawn=drawn,
                    synthetic_kept=len(synthetic), canvas=canvas)

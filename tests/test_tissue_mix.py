@@ -1,0 +1,107 @@
+"""The tissue mix of ``evaluate``: each patch's most likely source slide, on real patches of two slides."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from nca_tiles.evaluation import tissue_mix
+from nca_tiles.evaluation.encoder import load_encoder
+from nca_tiles.evaluation.protocol import _text_table, evaluate_patches, format_table
+from nca_tiles.training.patches import open_patch_store
+from nca_tiles_cli.main import cli
+
+TUMOUR = Path(__file__).resolve().parents[1] / "nca_tiles" / "data" / "training" / "ovary_hgsc_tumour.jpg"
+
+
+@pytest.fixture(scope="module")
+def two_slide_store(sample_slide: Path, tmp_path_factory) -> Path:
+    """Skin (the sample slide) and ovarian carcinoma at 1 µm/px: two stains, two tissues."""
+    from nca_tiles.training.patches import extract_patches
+
+    out = tmp_path_factory.mktemp("mix") / "patches.zarr"
+    extract_patches([sample_slide, TUMOUR], out, target_mpp=1.0, stride=24, max_per_slide=150,
+                    source_mpp={"ovary_*": 0.25}, progress=False)  # val split: 14 skin, 16 tumour patches
+    return out
+
+
+def _split(store, name: str) -> tuple[np.ndarray, np.ndarray]:
+    rows = store.indices(name)
+    return np.asarray(store.images.oindex[rows]), store.slide_index[rows]
+
+
+def test_the_classifier_tells_two_real_slides_apart_and_counts_each_sets_shares(two_slide_store):
+    store = open_patch_store(two_slide_store)
+    (train, train_src), (test, test_src) = _split(store, "train"), _split(store, "val")
+    assert set(test_src) == {0, 1}
+    tumour_only = test[test_src == 1]
+    mix = tissue_mix.tissue_mix(train, train_src, test, test_src, tumour_only, ["skin", "tumour"], 1.0,
+                                load_encoder())
+    assert mix["heldout_accuracy"] >= 0.9
+    # the held-out shares are the true ones; a set of one slide's patches is that slide's
+    assert mix["shares"]["heldout"] == pytest.approx([np.mean(test_src == 0), np.mean(test_src == 1)])
+    assert mix["shares"]["synthetic"][1] >= 0.9
+    # no skin patch among the "synthetic" ones: too few for medians, said so, not made up
+    assert mix["nuclei_medians"]["synthetic"][0] is None
+    assert mix["nuclei_medians"]["heldout"][1]["density_per_mm2"] > 0
+    json.dumps(mix)
+    lines = tissue_mix.format_tissue_mix(mix, _text_table)
+    assert any(line.startswith("skin") and "–" in line for line in lines)
+
+
+def test_stain_statistics_alone_tell_two_stains_apart(two_slide_store):
+    store = open_patch_store(two_slide_store)
+    (train, train_src), (test, test_src) = _split(store, "train"), _split(store, "val")
+    mix = tissue_mix.tissue_mix(train, train_src, test, test_src, test, ["skin", "tumour"], 1.0)
+    assert mix["features"] == "stain statistics" and mix["heldout_accuracy"] >= 0.9
+    # the same patches as held-out and as "synthetic": the same shares, but for misassigned ones
+    assert np.allclose(mix["shares"]["synthetic"], mix["shares"]["heldout"], atol=1 - mix["heldout_accuracy"] + 1e-9)
+
+
+def test_one_slide_has_no_mix(real_crops):
+    sources = np.zeros(len(real_crops), np.int64)
+    assert tissue_mix.tissue_mix(real_crops[:40], sources[:40], real_crops[40:80], sources[40:80], real_crops[80:120],
+                                 ["skin"], 0.5) is None
+    results = evaluate_patches(real_crops[:16], real_crops[16:32], real_crops[32:48], kid_subsets=4,
+                               n_pixels=2_000, c2st_steps=10)
+    assert "tissue mix" not in format_table(results)  # patches without sources: no table
+
+
+def test_the_fit_is_a_pure_function_of_its_inputs(two_slide_store):
+    store = open_patch_store(two_slide_store)
+    train, train_src = _split(store, "train")
+    features = tissue_mix.mix_features(train)
+    a, b = (tissue_mix.fit_sources(features, train_src, 2, seed=0) for _ in range(2))
+    assert np.array_equal(a.weight, b.weight) and np.array_equal(a.bias, b.bias)
+
+
+def test_cli_prints_the_mix_of_a_model_against_a_store_of_two_slides(two_slide_store, tmp_path):
+    import torch
+
+    from nca_tiles.diffusion.checkpoint import save_model_dir
+    from nca_tiles.diffusion.model import PRESETS, DiffNCA
+    from nca_tiles.diffusion.schedule import ScheduleConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = DiffNCA(PRESETS["tiny"])
+        for parameter in model.to_update.parameters():
+            torch.nn.init.normal_(parameter, std=0.2)
+    meta = {"model": PRESETS["tiny"].to_dict(), "schedule": ScheduleConfig().to_dict(),
+            "data": {"mpp": 1.0, "patch_size": 64}}
+    save_model_dir(tmp_path / "model", meta, model.state_dict())
+    out = tmp_path / "m.json"
+    result = CliRunner().invoke(cli, ["evaluate", "--model", str(tmp_path / "model"), "--patches", str(two_slide_store),
+                                      "--split", "val", "--n", "16", "--steps", "1", "--min-tissue", "0",
+                                      "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "tissue mix, source slide" in result.output
+    assert "cmu_small_region.svs" in result.output and "ovary_hgsc_tumour.jpg" in result.output
+    saved = json.loads(out.read_text())["tissue_mix"]
+    assert saved["sources"] == ["cmu_small_region.svs", "ovary_hgsc_tumour.jpg"]
+    for shares in saved["shares"].values():
+        assert sum(shares) == pytest.approx(1.0)
