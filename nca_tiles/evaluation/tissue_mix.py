@@ -132,7 +132,7 @@ def format_tissue_mix(mix: dict[str, Any], table) -> list[str]:
             for i, name in enumerate(mix["sources"])]
     header = ["tissue mix, source slide", "held-out share", "synthetic share", "nuclei/mm² held-out",
               "synthetic", "area µm² held-out", "synthetic"]
-    return [f"tissue mix: each patch's most likely source slide, by a linear classifier on the train "
-            f"patches' {mix['features']} (held-out real patches assigned right: {mix['heldout_accuracy']:.0%}; "
-            "synthetic ones are a nearest guess); nuclei medians per source (–: under "
-            f"{MIN_PATCHES_FOR_MEDIANS} patches)", *table(header, rows)]
+    return [f"tissue mix: each patch's most likely source slide, by a linear classifier on the train patches' "
+            f"{mix['features']}",
+            f"(held-out real patches assigned right: {mix['heldout_accuracy']:.0%}; synthetic ones are a nearest "
+            f"guess); nuclei medians per source (–: under {MIN_PATCHES_FOR_MEDIANS} patches)", *table(header, rows)]
