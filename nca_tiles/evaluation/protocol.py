@@ -366,7 +366,7 @@ def evaluate_model(
             raise NcaTilesError(
                 f"{patches} has {len(rows)} patches in its {name!r} split: evaluation needs at least {MIN_PATCHES}"
             )
-        picked[name] = rows if len(rows) <= n else rng.choice(rows, n, replace=False)
+        picked[name] = np.sort(rows if len(rows) <= n else rng.choice(rows, n, replace=False))
     n_used = min(n, *(len(rows) for rows in picked.values()))
     if n_used < n:
         say(f"note: the store has fewer patches than --n {n}: evaluating on {n_used} per set")
@@ -435,8 +435,8 @@ def evaluate_model(
     results = evaluate_patches(real_train, real_heldout, synthetic, seed=seed, mpp=store.mpp, encoder=encoder)
     sources = [Path(slide["path"]).name for slide in store.slides]
     results["tissue_mix"] = tissue_mix.tissue_mix(
-        real_train, store.slide_index[np.sort(picked["train"])], real_heldout, store.slide_index[np.sort(picked[split])],
-        synthetic, sources, store.mpp, encoder, seed)
+        real_train, store.slide_index[picked["train"]], real_heldout, store.slide_index[picked[split]], synthetic,
+        sources, store.mpp, encoder, seed, threshold=results["nuclei_threshold_haematoxylin_od"])
     results.update(model=None if model is None else str(model), patches=str(patches), split=split, steps=steps,
                    level_steps=level_steps, sampler=sampler, eta=etas, min_tissue=min_tissue, synthetic_drawn=drawn,
                    synthetic_kept=len(synthetic), canvas=canvas)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from nca_tiles.evaluation import nuclei
+from nca_tiles.evaluation import metrics, nuclei
 
 L2_PENALTY = 1e-2  # on the standardised features: a few hundred patches, tens of features
 LBFGS_ITERATIONS = 500
@@ -28,9 +28,7 @@ MIN_PATCHES_FOR_MEDIANS = 5  # a source's nuclei medians from fewer patches say 
 def stain_statistics(patches: np.ndarray) -> np.ndarray:
     """Per patch (N, 12): mean and standard deviation of the haematoxylin, eosin and DAB optical
     densities and of R, G, B in 0..1 — the hue and contrast that tell one slide's stain from another's."""
-    from skimage.color import rgb2hed
-
-    hed = np.stack([rgb2hed(p).reshape(-1, 3) for p in patches])
+    hed = metrics.stain_optical_density(patches, n_pixels=None).reshape(len(patches), -1, 3)
     rgb = patches.reshape(len(patches), -1, 3) / 255.0
     return np.concatenate([hed.mean(1), hed.std(1), rgb.mean(1), rgb.std(1)], axis=1).astype(np.float32)
 
@@ -95,18 +93,20 @@ def _medians_by_source(patches: np.ndarray, labels: np.ndarray, classes: int, th
 
 def tissue_mix(train: np.ndarray, train_sources: np.ndarray, heldout: np.ndarray, heldout_sources: np.ndarray,
                synthetic: np.ndarray, source_names: list[str], mpp: float, encoder=None,
-               seed: int = 0) -> dict[str, Any] | None:
+               seed: int = 0, threshold: float | None = None) -> dict[str, Any] | None:
     """Each source slide's share of the held-out real patches (their true sources) and of the
     synthetic ones (assigned by a classifier trained on ``train``), with each source's nuclei
     medians in both; the classifier's accuracy on the held-out patches. None where the training
-    patches come from fewer than two slides (nothing to tell apart). JSON-serialisable."""
+    patches come from fewer than two slides (nothing to tell apart). JSON-serialisable.
+    ``threshold``: the nuclei threshold the other nuclei statistics used (None: taken from
+    ``heldout``, as ``evaluate_patches`` takes it)."""
     classes = len(source_names)
     if len(np.unique(train_sources)) < 2:
         return None
     classifier = fit_sources(mix_features(train, encoder), train_sources, classes, seed)
     assigned_heldout = classifier.predict(mix_features(heldout, encoder))
     assigned_synthetic = classifier.predict(mix_features(synthetic, encoder))
-    threshold = nuclei.nuclei_threshold(heldout, mpp)
+    threshold = nuclei.nuclei_threshold(heldout, mpp) if threshold is None else threshold
     return {
         "sources": list(source_names),
         "features": "stain statistics" + ("" if encoder is None else " + learned features"),
