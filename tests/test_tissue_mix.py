@@ -105,3 +105,51 @@ def test_cli_prints_the_mix_of_a_model_against_a_store_of_two_slides(two_slide_s
     assert saved["sources"] == ["cmu_small_region.svs", "ovary_hgsc_tumour.jpg"]
     for shares in saved["shares"].values():
         assert sum(shares) == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------- a hand-over, per source
+
+
+def test_a_redraw_is_scored_against_its_own_inputs_slide_by_slide(two_slide_store):
+    from nca_tiles.evaluation import nuclei
+
+    store = open_patch_store(two_slide_store)
+    inputs, sources = _split(store, "val")
+    threshold = nuclei.nuclei_threshold(inputs, 1.0)
+    # a "redraw" that keeps the skin and swaps every tumour patch for a skin one
+    skin, tumour = inputs[sources == 0], inputs[sources == 1]
+    redraws = inputs.copy()
+    redraws[sources == 1] = skin[np.arange(len(tumour)) % len(skin)]
+    by_source = tissue_mix.redraw_by_source(inputs, redraws, sources, ["skin", "tumour"], 1.0, threshold)
+    assert by_source["patches"] == [len(skin), len(tumour)]
+    medians = by_source["nuclei_medians"]
+    assert medians["inputs"][1] == nuclei.nuclei_medians(nuclei.nuclei_stats(tumour, threshold, 1.0))
+    assert medians["redraws"][0] == medians["inputs"][0]  # kept
+    assert medians["redraws"][1] != medians["inputs"][1]  # the swapped slide shows it, the kept one does not
+    # too few patches of a slide: no medians made up
+    few = tissue_mix.redraw_by_source(inputs[:20], redraws[:20], np.r_[np.zeros(17, int), np.ones(3, int)],
+                                      ["skin", "tumour"], 1.0, threshold)
+    assert few["nuclei_medians"]["inputs"][1] is None and few["nuclei_medians"]["redraws"][1] is None
+    json.dumps(by_source)
+    lines = tissue_mix.format_redraw_by_source(few, _text_table)
+    assert any(line.startswith("tumour") and "–" in line for line in lines)
+    assert tissue_mix.redraw_by_source(inputs, redraws, np.zeros(len(inputs), int), ["skin"], 1.0, threshold) is None
+
+
+def test_cli_prints_a_hand_overs_nuclei_per_source_slide(two_slide_store, tmp_path):
+    from helpers import save_test_scale_space_model
+
+    model = save_test_scale_space_model(tmp_path, factor=2, t_start=1)
+    out = tmp_path / "h.json"
+    result = CliRunner().invoke(cli, ["evaluate", "--model", str(model), "--patches", str(two_slide_store),
+                                      "--split", "val", "--n", "16", "--steps", "2", "--hand-over", "1",
+                                      "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "redraw by source slide" in result.output
+    saved = json.loads(out.read_text())
+    by_source = saved["redraw_by_source"]
+    assert by_source["sources"] == ["cmu_small_region.svs", "ovary_hgsc_tumour.jpg"]
+    assert sum(by_source["patches"]) == saved["n"] and min(by_source["patches"]) > 0
+    # the inputs' medians are those of the inputs: the tumour's nuclei are the denser ones
+    inputs = by_source["nuclei_medians"]["inputs"]
+    assert inputs[1]["density_per_mm2"] > inputs[0]["density_per_mm2"]

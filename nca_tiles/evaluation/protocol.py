@@ -241,6 +241,8 @@ def format_table(results: dict[str, Any]) -> str:
                                     "synthetic", "noise"], b_rows)]
     if results.get("tissue_mix"):  # a model against a store of several slides
         lines += ["", *tissue_mix.format_tissue_mix(results["tissue_mix"], _text_table)]
+    if results.get("redraw_by_source"):  # a hand-over from a store of several slides
+        lines += ["", *tissue_mix.format_redraw_by_source(results["redraw_by_source"], _text_table)]
     return "\n".join(lines)
 
 
@@ -403,12 +405,16 @@ def evaluate_model(
             raise NcaTilesError(f"{patches} has {len(rows)} patches in its {split!r} split: a hand-over needs at "
                                 f"least {2 * MIN_PATCHES}")
         inputs, reference = _read_rows(store.images, rows[:half]), _read_rows(store.images, rows[half : 2 * half])
+        input_sources = store.slide_index[np.sort(rows[:half])]  # in the order _read_rows reads them
         say(f"level {hand_over}: redrawing {half} real {size} x {size} patches of the {split} split, handed over "
             f"at t = {loaded.levels[hand_over].t_start} ({sampler}, {level_steps[hand_over]} steps, "
             f"eta {etas[hand_over]:g}), against {half} others...")
         synthetic = hand_over_patches(loaded, hand_over, inputs, seed, steps, sampler, etas)
         say("computing metrics...")
         results = evaluate_patches(inputs, reference, synthetic, seed=seed, mpp=store.mpp, encoder=encoder)
+        results["redraw_by_source"] = tissue_mix.redraw_by_source(
+            inputs, synthetic, input_sources, [Path(slide["path"]).name for slide in store.slides], store.mpp,
+            results["nuclei_threshold_haematoxylin_od"])
         level = loaded.levels[hand_over]
         results.update(model=None if model is None else str(model), patches=str(patches), split=split, steps=steps,
                        level_steps=level_steps, sampler=sampler, eta=etas,

@@ -136,3 +136,40 @@ def format_tissue_mix(mix: dict[str, Any], table) -> list[str]:
             f"{mix['features']}",
             f"(held-out real patches assigned right: {mix['heldout_accuracy']:.0%}; synthetic ones are a nearest "
             f"guess); nuclei medians per source (–: under {MIN_PATCHES_FOR_MEDIANS} patches)", *table(header, rows)]
+
+
+def redraw_by_source(inputs: np.ndarray, redraws: np.ndarray, sources: np.ndarray, source_names: list[str],
+                     mpp: float, threshold: float) -> dict[str, Any] | None:
+    """A hand-over's nuclei per source slide: each input patch's redraw comes from the input's slide,
+    so no classifier is needed. The whole set's medians average tissues a level redraws differently
+    (one gaining nuclei, another losing them, docs/design.md §8, "Tissue mix"). None for a store of
+    one slide. JSON-serialisable."""
+    classes = len(source_names)
+    if classes < 2:
+        return None
+    return {
+        "sources": list(source_names),
+        "patches": np.bincount(sources, minlength=classes).tolist(),
+        "nuclei_medians": {
+            "inputs": _medians_by_source(inputs, sources, classes, threshold, mpp),
+            "redraws": _medians_by_source(redraws, sources, classes, threshold, mpp),
+        },
+    }
+
+
+def format_redraw_by_source(by_source: dict[str, Any], table) -> list[str]:
+    """Lines of the hand-over's per-source nuclei table."""
+
+    def median(which: str, i: int, key: str) -> str:
+        values = by_source["nuclei_medians"][which][i]
+        return "–" if values is None else f"{values[key]:.4g}"
+
+    columns = (("density_per_mm2", "nuclei/mm²"), ("area_um2", "area µm²"), ("nearest_um", "nearest µm"))
+    header = ["redraw by source slide", "patches"]
+    for _, label in columns:
+        header += [f"{label} inputs", "redraws"]
+    rows = [[name, str(by_source["patches"][i])]
+            + [median(which, i, key) for key, _ in columns for which in ("inputs", "redraws")]
+            for i, name in enumerate(by_source["sources"])]
+    return [f"nuclei medians of each source slide's inputs and their redraws (–: under {MIN_PATCHES_FOR_MEDIANS} "
+            "patches)", *table(header, rows)]
