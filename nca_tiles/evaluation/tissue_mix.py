@@ -119,13 +119,20 @@ def tissue_mix(train: np.ndarray, train_sources: np.ndarray, heldout: np.ndarray
     }
 
 
+def _median_cell(table: dict[str, Any]):
+    """A table cell of one source's nuclei median: table["nuclei_medians"][set][source][statistic], "–" where None."""
+
+    def median(which: str, i: int, key: str) -> str:
+        values = table["nuclei_medians"][which][i]
+        return "–" if values is None else f"{values[key]:.4g}"
+
+    return median
+
+
 def format_tissue_mix(mix: dict[str, Any], table) -> list[str]:
     """Lines of the tissue-mix table (``table``: the protocol's plain-text table writer)."""
 
-    def median(which: str, i: int, key: str) -> str:
-        values = mix["nuclei_medians"][which][i]
-        return "–" if values is None else f"{values[key]:.4g}"
-
+    median = _median_cell(mix)
     rows = [[name, f"{mix['shares']['heldout'][i]:.2f}", f"{mix['shares']['synthetic'][i]:.2f}",
              median("heldout", i, "density_per_mm2"), median("synthetic", i, "density_per_mm2"),
              median("heldout", i, "area_um2"), median("synthetic", i, "area_um2")]
@@ -160,10 +167,7 @@ def redraw_by_source(inputs: np.ndarray, redraws: np.ndarray, sources: np.ndarra
 def format_redraw_by_source(by_source: dict[str, Any], table) -> list[str]:
     """Lines of the hand-over's per-source nuclei table."""
 
-    def median(which: str, i: int, key: str) -> str:
-        values = by_source["nuclei_medians"][which][i]
-        return "–" if values is None else f"{values[key]:.4g}"
-
+    median = _median_cell(by_source)
     columns = (("density_per_mm2", "nuclei/mm²"), ("area_um2", "area µm²"), ("nearest_um", "nearest µm"))
     header = ["redraw by source slide", "patches"]
     for _, label in columns:
