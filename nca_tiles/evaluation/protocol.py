@@ -395,6 +395,7 @@ def evaluate_model(
     # Resolved per level (refusing bad step counts and η before any sampling): what the record says.
     level_steps = [len(ts) for ts in level_timesteps(loaded, sampler, steps)]
     etas = level_etas(loaded, eta)
+    sources = [Path(slide["path"]).name for slide in store.slides]
     if hand_over is not None:
         # Half the held-out patches are handed over, the other half is the reference: a perfect
         # level's redraw would be as close to it as the inputs are (the floor), whatever the split's
@@ -404,8 +405,8 @@ def evaluate_model(
         if half < MIN_PATCHES:
             raise NcaTilesError(f"{patches} has {len(rows)} patches in its {split!r} split: a hand-over needs at "
                                 f"least {2 * MIN_PATCHES}")
-        inputs, reference = _read_rows(store.images, rows[:half]), _read_rows(store.images, rows[half : 2 * half])
-        input_sources = store.slide_index[np.sort(rows[:half])]  # in the order _read_rows reads them
+        input_rows = np.sort(rows[:half])  # sorted once: the order _read_rows reads them, and their sources'
+        inputs, reference = _read_rows(store.images, input_rows), _read_rows(store.images, rows[half : 2 * half])
         say(f"level {hand_over}: redrawing {half} real {size} x {size} patches of the {split} split, handed over "
             f"at t = {loaded.levels[hand_over].t_start} ({sampler}, {level_steps[hand_over]} steps, "
             f"eta {etas[hand_over]:g}), against {half} others...")
@@ -413,7 +414,7 @@ def evaluate_model(
         say("computing metrics...")
         results = evaluate_patches(inputs, reference, synthetic, seed=seed, mpp=store.mpp, encoder=encoder)
         results["redraw_by_source"] = tissue_mix.redraw_by_source(
-            inputs, synthetic, input_sources, [Path(slide["path"]).name for slide in store.slides], store.mpp,
+            inputs, synthetic, store.slide_index[input_rows], sources, store.mpp,
             results["nuclei_threshold_haematoxylin_od"])
         level = loaded.levels[hand_over]
         results.update(model=None if model is None else str(model), patches=str(patches), split=split, steps=steps,
@@ -439,7 +440,6 @@ def evaluate_model(
             f"evaluating on {len(synthetic)} per set")
     say("computing metrics...")
     results = evaluate_patches(real_train, real_heldout, synthetic, seed=seed, mpp=store.mpp, encoder=encoder)
-    sources = [Path(slide["path"]).name for slide in store.slides]
     results["tissue_mix"] = tissue_mix.tissue_mix(
         real_train, store.slide_index[picked["train"]], real_heldout, store.slide_index[picked[split]], synthetic,
         sources, store.mpp, encoder, seed, threshold=results["nuclei_threshold_haematoxylin_od"])
