@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from nca_tiles_cli.options import ETAS
+from nca_tiles_cli.options import ETAS, STEP_COUNTS
 
 
 @click.command(short_help="Stack models trained at several µm/px into one scale-space model.")
@@ -23,7 +23,11 @@ from nca_tiles_cli.options import ETAS
               help="DDIM η each level samples with unless synthesize --eta says otherwise: X for every level, or "
                    "X,X,... coarse to fine, chosen with evaluate --hand-over's power per scale (docs/design.md §7). "
                    "Default: none recorded (0 on the coarsest, 1 on a cheap relay-started level, 0.3 on the finest).")
-def build_model(levels, out, t_starts, patch_stores, eta) -> None:
+@click.option("--steps", type=STEP_COUNTS, default=None,
+              help="DDIM steps each level takes unless synthesize --steps says otherwise: N,N,... coarse to fine "
+                   "(docs/design.md §7, \"Steps per level\"). Default: none recorded (50 shared by the levels, "
+                   "cheap coarse levels taking more).")
+def build_model(levels, out, t_starts, patch_stores, eta, steps) -> None:
     """Stack single-scale models, trained on patches at coarser and finer µm/px, into one
     scale-space model: the noisy early denoising steps run on the coarse level (a cell is several
     pixels, so the rule reaches further at a fraction of the cost), the late steps at full
@@ -31,5 +35,5 @@ def build_model(levels, out, t_starts, patch_stores, eta) -> None:
     """
     from nca_tiles.diffusion.levels import build_scale_space_model
 
-    model = build_scale_space_model(out, list(levels), list(t_starts) or None, list(patch_stores) or None, eta)
+    model = build_scale_space_model(out, list(levels), list(t_starts) or None, list(patch_stores) or None, eta, steps)
     click.echo(f"wrote {out}: {model.describe()}, model {model.hash}")

@@ -131,8 +131,9 @@ ETAS = PerLevel(float, "0 or 0,1,0")
 def steps_option():
     return click.option(
         "--steps", type=STEP_COUNTS, default=None,
-        help="Denoising steps (ddim: default 50, shared by a scale-space model's levels, cheap coarse levels "
-             "taking more; N,N,...: each level's, coarse to fine; ddpm: always all).")
+        help="Denoising steps (ddim: default the steps the model records for each level (build-model --steps), "
+             "else 50, shared by a scale-space model's levels, cheap coarse levels taking more; N,N,...: each "
+             "level's, coarse to fine; ddpm: always all).")
 
 
 def eta_option():

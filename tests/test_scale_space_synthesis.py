@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -235,6 +236,61 @@ def test_a_recorded_eta_must_be_a_number_in_a_format_3_model(three_level_dir, tm
     config["format_version"], config["levels"][1]["eta"] = version, eta
     (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(NcaTilesError, match="level 1 'eta' must be a DDIM η between 0 and 1 in a format 3 model"):
+        load_synthesis_model(copy, "cpu")
+
+
+def test_a_model_records_its_levels_steps_and_synthesizes_with_them(three_level_dir, tmp_path):
+    """build-model --steps writes each level's DDIM steps into the model (format 4): synthesis,
+    tiled as whole, takes them unless --steps says otherwise, and they are part of the model's hash,
+    since they change the pixels. A model without them keeps its format, hash and shared steps."""
+    from click.testing import CliRunner
+
+    from nca_tiles.diffusion.levels import level_timesteps
+    from nca_tiles_cli.main import cli
+
+    levels = [str(three_level_dir / level["path"])
+              for level in json.loads((three_level_dir / "config.json").read_text())["levels"]]
+    build = ["build-model", *(a for path in levels for a in ("--level", path)), "--t-start", "100", "--t-start", "200"]
+    result = CliRunner().invoke(cli, [*build, "--steps", "4,3,5", "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0 and "1/1 from t=200 (5 steps)" in result.output, result.output
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["format_version"] == 4 and [level["steps"] for level in saved["levels"]] == [4, 3, 5]
+    recorded, plain = load_synthesis_model(tmp_path / "m", "cpu"), load_synthesis_model(three_level_dir, "cpu")
+    assert recorded.hash != plain.hash and plain.recorded_steps is None
+    assert [len(ts) for ts in level_timesteps(recorded, "ddim", None)] == [4, 3, 5]
+    assert level_timesteps(recorded, "ddim", 60) == level_timesteps(plain, "ddim", 60)  # --steps N: shared as before
+    assert level_timesteps(recorded, "ddpm", None) == level_timesteps(plain, "ddpm", None)  # ddpm takes them all
+    as_recorded = generate_levels(plain, H, W, seed=7, steps=(4, 3, 5))
+    np.testing.assert_array_equal(generate_levels(recorded, H, W, seed=7), as_recorded)
+    assert_same_image(synthesize(tmp_path / "m", tmp_path / "s.ome.tif", chunk=32, steps=None), as_recorded)
+    info = CliRunner().invoke(cli, ["info", str(tmp_path / "m")])
+    assert info.exit_code == 0 and "re-noised to t = 200, 5 DDIM steps" in info.output, info.output
+    for steps, message in [("4,3", "give one number per level (3), coarse to fine"), ("12", "one number per level"),
+                           ("4,3,202", "level 2 covers 201 timesteps, so it takes 1 to 201 DDIM steps, got 202"),
+                           ("0,3,5", "level 0 covers 300 timesteps")]:
+        result = CliRunner().invoke(cli, [*build, "--steps", steps, "--out", str(tmp_path / "x")])
+        assert result.exit_code != 0 and message in result.output and result.output.count("\n") == 1, result.output
+        assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("version,steps,message", [
+    (3, [50, 26, 17], "level 0 'steps' must be a positive number of DDIM steps in a format 4 model"),
+    (4, [50, 0, 17], "level 1 'steps' must be a positive number"),
+    (4, [50, 26, True], "level 2 'steps' must be a positive number"),
+    (4, [50, 26, None], "every level or none must record its 'steps'"),
+    (4, [50, 102, 17], "level 1 records 102 DDIM steps, more than the 101 timesteps it covers"),
+])
+def test_recorded_steps_must_be_counts_each_level_can_take(three_level_dir, tmp_path, version, steps, message):
+    import shutil
+
+    copy = shutil.copytree(three_level_dir, tmp_path / "copy")
+    config = json.loads((copy / "config.json").read_text())
+    config["format_version"] = version
+    for level, n in zip(config["levels"], steps):
+        if n is not None:
+            level["steps"] = n
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(NcaTilesError, match=re.escape(message)):
         load_synthesis_model(copy, "cpu")
 
 

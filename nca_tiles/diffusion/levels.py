@@ -14,7 +14,10 @@ A scale-space model directory::
     level-1/      ... the finest level (factor 1): its µm/px is the slide's
 
 A level may also record its DDIM ``"eta"`` (format 3, ``build-model --eta``): the η it samples
-with unless ``--eta`` says otherwise, chosen for that level's rule (docs/design.md §7).
+with unless ``--eta`` says otherwise, chosen for that level's rule (docs/design.md §7); and, with
+every other level, its DDIM ``"steps"`` (format 4, ``build-model --steps``): the steps it takes
+unless ``--steps`` says otherwise, so that a level relay-started late still gets its share of the
+compute (docs/design.md §7, "Steps per level").
 
 Any other model path (run directory, model directory, checkpoint, None = bundled) is a
 single-scale model: one level, factor 1, from pure noise — pixel for pixel what it always was.
@@ -50,8 +53,11 @@ from nca_tiles.diffusion.scale_space import level_size, relay_start, renoise, up
 from nca_tiles.diffusion.schedule import DEFAULT_DDIM_STEPS
 from nca_tiles.errors import NcaTilesError
 
-SCALE_SPACE_FORMAT = 3  # 3: a level may record its DDIM η; written only then, so 2 stays readable by older versions
+# 3: a level may record its DDIM η; 4: the levels may record their DDIM steps. Each written only
+# where used, so models without them stay readable by older versions.
+SCALE_SPACE_FORMAT = 4
 ETA_FORMAT = 3
+STEPS_FORMAT = 4
 LEVEL_SEED_KEY = 0x5CA1E  # derives each finer level's seed: no two levels share random numbers
 # Re-noise to where noise of std √(1−ᾱ)/√ᾱ (relative to the image) is this many times the detail
 # the coarse level cannot hold (the residual of down- then upsampling real patches).
@@ -64,6 +70,7 @@ class Level:
     factor: int  # one cell of this level is factor × factor output pixels
     t_start: int | None  # None: from pure noise at T − 1; else the upsampled coarser level re-noised to it
     eta: float | None = None  # the DDIM η the model records for this level; None: level_etas' default
+    steps: int | None = None  # the DDIM steps the model records for this level; None: level_timesteps' share
 
 
 @dataclass
@@ -110,9 +117,18 @@ class SynthesisModel:
     def describe(self) -> str:
         if not self.is_scale_space:
             return "single-scale"
-        parts = [f"1/{lv.factor}" + ("" if lv.t_start is None else f" from t={lv.t_start}")
-                 + ("" if lv.eta is None else f" (η {lv.eta:g})") for lv in self.levels]
-        return "scale space: " + ", ".join(parts)
+        def part(lv: Level) -> str:
+            recorded = [*([] if lv.eta is None else [f"η {lv.eta:g}"]), *([] if lv.steps is None else [f"{lv.steps} steps"])]
+            return (f"1/{lv.factor}" + ("" if lv.t_start is None else f" from t={lv.t_start}")
+                    + (f" ({', '.join(recorded)})" if recorded else ""))
+
+        return "scale space: " + ", ".join(part(lv) for lv in self.levels)
+
+    @property
+    def recorded_steps(self) -> list[int] | None:
+        """Each level's DDIM steps as the model records them (build-model --steps), or None."""
+        steps = [lv.steps for lv in self.levels]
+        return None if None in steps else steps
 
 
 def level_seed(seed: int, index: int) -> int:
@@ -148,7 +164,14 @@ def _check_levels(config: dict, path: Path) -> list[dict]:
             if version < ETA_FORMAT or not is_eta(eta):
                 raise NcaTilesError(f"{where}: level {i} 'eta' must be a DDIM η between 0 and 1 in a format "
                                     f"{ETA_FORMAT} model, got {eta!r}: the model is corrupt; build it again")
+        if "steps" in level:
+            steps = level["steps"]
+            if version < STEPS_FORMAT or isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                raise NcaTilesError(f"{where}: level {i} 'steps' must be a positive number of DDIM steps in a format "
+                                    f"{STEPS_FORMAT} model, got {steps!r}: the model is corrupt; build it again")
         previous = factor
+    if len({"steps" in level for level in levels}) > 1:
+        raise NcaTilesError(f"{where}: every level or none must record its 'steps': the model is corrupt; build it again")
     if levels[-1]["factor"] != 1:
         raise NcaTilesError(f"{where}: the last level must be the finest (factor 1)")
     return levels
@@ -170,10 +193,16 @@ def load_synthesis_model(path: Path | str | None = None, device: str = "auto", p
         meta, state = load_model_files(files)
         pipeline = build_pipeline(meta, state, device, precision, source=files.weights or files.checkpoint)
         eta = spec.get("eta")
-        levels.append(Level(pipeline, spec["factor"], spec.get("t_start"), None if eta is None else float(eta)))
+        levels.append(Level(pipeline, spec["factor"], spec.get("t_start"), None if eta is None else float(eta),
+                            spec.get("steps")))
     _check_consistent(levels, path)
-    # A recorded η changes the pixels, so it is part of the hash; models without one keep theirs.
-    digest = hashlib.sha256(json.dumps([[lv.pipeline.hash, lv.factor, lv.t_start, *([] if lv.eta is None else [lv.eta])]
+    for i, level in enumerate(levels):
+        if level.steps is not None and level.steps > _span(level):
+            raise NcaTilesError(f"{path / CONFIG_NAME}: level {i} records {level.steps} DDIM steps, more than the "
+                                f"{_span(level)} timesteps it covers: the model is corrupt; build it again")
+    # A recorded η or step count changes the pixels, so it is part of the hash; models without keep theirs.
+    digest = hashlib.sha256(json.dumps([[lv.pipeline.hash, lv.factor, lv.t_start, *([] if lv.eta is None else [lv.eta]),
+                                         *([] if lv.steps is None else ["steps", lv.steps])]
                                         for lv in levels]).encode())
     return SynthesisModel(levels, path, digest.hexdigest()[:16])
 
@@ -230,9 +259,10 @@ def choose_t_start(patches: np.ndarray, ratio: int, alpha_bars: np.ndarray) -> i
 
 
 def save_scale_space_model(out: Path, level_paths: list[Path], factors: list[int], t_starts: list[int | None],
-                           etas: Sequence[float] | None = None) -> Path:
+                           etas: Sequence[float] | None = None, steps: Sequence[int] | None = None) -> Path:
     """Write a scale-space model directory from single-scale models (coarsest first); ``etas``: the
-    DDIM η each level records (format 3), None: none (format 2, as before η was recorded)."""
+    DDIM η each level records (format 3), ``steps``: the DDIM steps each level records (format 4);
+    None: none (the oldest format that holds the rest: 2 where neither is recorded)."""
     out = Path(out)
     if out.exists():
         raise NcaTilesError(f"{out} exists: choose another --out")
@@ -246,8 +276,10 @@ def save_scale_space_model(out: Path, level_paths: list[Path], factors: list[int
             meta, state = load_model_files(resolve_model_path(Path(source)))
             save_model_dir(tmp / f"level-{i}", meta, state)
             specs.append({"path": f"level-{i}", "factor": factor, **({} if t_start is None else {"t_start": t_start}),
-                          **({} if etas is None else {"eta": float(etas[i])})})
-        config = {"format_version": 2 if etas is None else ETA_FORMAT, "kind": SCALE_SPACE_KIND, "levels": specs}
+                          **({} if etas is None else {"eta": float(etas[i])}),
+                          **({} if steps is None else {"steps": int(steps[i])})})
+        version = STEPS_FORMAT if steps is not None else ETA_FORMAT if etas is not None else 2
+        config = {"format_version": version, "kind": SCALE_SPACE_KIND, "levels": specs}
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         load_synthesis_model(tmp, device="cpu")  # refuse to write what could not be loaded
         tmp.rename(out)
@@ -258,13 +290,19 @@ def save_scale_space_model(out: Path, level_paths: list[Path], factors: list[int
 
 def build_scale_space_model(out: Path, level_paths: list[Path], t_starts: list[int] | None = None,
                             patch_stores: list[Path] | None = None,
-                            eta: float | Sequence[float] | None = None) -> SynthesisModel:
+                            eta: float | Sequence[float] | None = None,
+                            steps: Sequence[int] | None = None) -> SynthesisModel:
     """``nca-tiles build-model``: factors from the models' µm/px, each finer level's t_start given
     or measured on real patches at its µm/px (``choose_t_start``); ``eta``: the DDIM η each level
-    records (one number: every level's; None: none, so synthesis uses ``level_etas``' defaults)."""
+    records (one number: every level's; None: none, so synthesis uses ``level_etas``' defaults);
+    ``steps``: the DDIM steps each level records, coarse to fine (None: none, so synthesis shares
+    its steps as ``level_timesteps`` does)."""
     if len(level_paths) < 2:
         raise NcaTilesError("a scale-space model needs at least two --level models, coarsest first")
     etas = None if eta is None else checked_etas(eta, len(level_paths))
+    if steps is not None and (isinstance(steps, (int, str)) or len(steps) != len(level_paths)):
+        raise NcaTilesError(f"--steps records each level's DDIM steps: give one number per level "
+                            f"({len(level_paths)}), coarse to fine")
     metas = [load_model_files(resolve_model_path(Path(p)))[0] for p in level_paths]
     mpps = [float(meta["data"]["mpp"]) for meta in metas]
     factors = []
@@ -297,7 +335,15 @@ def build_scale_space_model(out: Path, level_paths: list[Path], t_starts: list[i
                                          schedule.alphas_cumprod))
     else:
         raise NcaTilesError("give --t-start for each finer level, or --patches to measure it on real patches")
-    save_scale_space_model(out, level_paths, factors, [None, *chosen], etas)
+    if steps is not None:
+        from nca_tiles.diffusion.schedule import ScheduleConfig
+
+        spans = [ScheduleConfig.from_dict(metas[0]["schedule"]).timesteps, *(t + 1 for t in chosen)]
+        for index, (n, span) in enumerate(zip(steps, spans)):
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= span:
+                raise NcaTilesError(f"--steps: level {index} covers {span} timesteps, so it takes 1 to {span} DDIM "
+                                    f"steps, got {n!r}")
+    save_scale_space_model(out, level_paths, factors, [None, *chosen], etas, steps)
     return load_synthesis_model(out, device="cpu")
 
 
@@ -315,7 +361,8 @@ def describe_scale_space_model(path: Path) -> str:
              f"hash: {model.hash}"]
     for k, (spec, level) in enumerate(zip(config["levels"], model.levels)):
         start = "from pure noise" if level.t_start is None else f"from the coarser level re-noised to t = {level.t_start}"
-        sampled = "" if level.eta is None else f", DDIM η {level.eta:g}"
+        sampled = ("" if level.eta is None else f", DDIM η {level.eta:g}") + (
+            "" if level.steps is None else f", {level.steps} DDIM steps")
         lines.append(f"level {k}: factor {level.factor} ({level.pipeline.mpp:g} µm/px), {start}{sampled}")
         lines += ["  " + line for line in describe_model(Path(path) / spec["path"]).splitlines()]
     return "\n".join(lines)
@@ -396,9 +443,12 @@ def level_timesteps(model: SynthesisModel, sampler: str, steps: int | Sequence[i
     (``step_cost`` ≤ CHEAP_STEP_COST) takes more, on top of ``steps``, where its share is fewer:
     the coarsest COARSEST_MIN_STEPS, a relay-started one steps at most RELAY_MAX_STRIDE timesteps
     apart (at most its span); together they cost a few finest-level steps.
-    ``steps`` as a sequence: each level's DDIM steps, coarse to fine, as given."""
-    spans = [lv.t_start + 1 if lv.t_start is not None else lv.pipeline.schedule.timesteps for lv in model.levels]
+    ``steps`` as a sequence: each level's DDIM steps, coarse to fine, as given. ``steps`` None on
+    a model that records its levels' steps (build-model --steps): those."""
+    spans = [_span(lv) for lv in model.levels]
     starts = [span - 1 for span in spans]
+    if steps is None and sampler == "ddim" and model.recorded_steps is not None:
+        steps = model.recorded_steps
     if isinstance(steps, Sequence):
         return _timesteps_as_given(model, sampler, list(steps), starts)
     if sampler == "ddpm" or not model.is_scale_space:
@@ -419,6 +469,11 @@ def level_timesteps(model: SynthesisModel, sampler: str, steps: int | Sequence[i
             shares[i] = max(shares[i], min(span, least))
     return [lv.pipeline.schedule.sampling_timesteps(sampler, n, start)
             for lv, n, start in zip(model.levels, shares, starts)]
+
+
+def _span(level: Level) -> int:
+    """How many timesteps a level covers: from t_start (or T − 1, from pure noise) down to 0."""
+    return level.t_start + 1 if level.t_start is not None else level.pipeline.schedule.timesteps
 
 
 def _timesteps_as_given(model: SynthesisModel, sampler: str, steps: list[int], starts: list[int]) -> list[list[int]]:
@@ -450,7 +505,7 @@ def macs_per_output_pixel(model: SynthesisModel, timesteps: list[list[int]]) -> 
 # -- the in-memory reference ------------------------------------------------------------------------
 @torch.no_grad()
 def generate_levels(model: SynthesisModel | Pipeline, height: int, width: int, seed: int = 0,
-                    steps: int | Sequence[int] | None = 50,
+                    steps: int | Sequence[int] | None = None,
                     sampler: str = "ddim", eta: float | Sequence[float] | None = None) -> np.ndarray:
     """Synthesize a whole (height, width) canvas in memory, level by level: uint8 (H, W, 3).
 
@@ -520,7 +575,7 @@ def hand_over_patches(model: SynthesisModel, index: int, real: np.ndarray, seed:
 
 
 def generate_level_patches(model: SynthesisModel, n: int, size: int = 64, seed: int = 0,
-                           steps: int | Sequence[int] | None = 50,
+                           steps: int | Sequence[int] | None = None,
                            sampler: str = "ddim", eta: float | Sequence[float] | None = None) -> np.ndarray:
     """n independent size × size samples, uint8 (n, size, size, 3); sample i uses seed (seed, i).
     A single-scale model samples them in batches (``generate_patches``)."""
