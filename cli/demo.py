@@ -25,8 +25,8 @@ from nca_tiles_cli.options import (
               help="Chunk side in px: the slide is synthesized chunk by chunk, seamlessly (at least 2 × the model's halo).")
 @click.option("--steps", type=int, default=None,
               help="DDIM denoising steps, shared by the model's levels as synthesize shares them (at most the model's "
-                   "timesteps: 300 for the bundled model). Default: synthesize's, 50, so the demo shows what a slide "
-                   "looks like.")
+                   "timesteps: 300 for the bundled model). Default: synthesize's — the steps the model records for "
+                   "each level, else 50 shared — so the demo shows what a slide looks like.")
 @seed_option()
 @device_option()
 @overwrite_option()

@@ -80,8 +80,7 @@ def run_demo(out: str | os.PathLike[str] = "demo", *, model: str | os.PathLike[s
     check_writable(out, "--out")  # before minutes of work
     import tifffile
 
-    from nca_tiles.diffusion.levels import load_synthesis_model
-    from nca_tiles.diffusion.schedule import DEFAULT_DDIM_STEPS
+    from nca_tiles.diffusion.levels import level_timesteps, load_synthesis_model
     from nca_tiles.errors import NcaTilesError
     from nca_tiles.synthesis.slide_job import SlideRequest, default_work_dir, synthesize_slide
     from nca_tiles.training.patches import extract_patches
@@ -89,7 +88,6 @@ def run_demo(out: str | os.PathLike[str] = "demo", *, model: str | os.PathLike[s
     from nca_tiles.wsi.thumbnail import write_preview
 
     say = say or (lambda line: None)
-    steps = DEFAULT_DDIM_STEPS if steps is None else steps
     loaded = load_synthesis_model(model, device)
     check_options(width, height, chunk, steps, seed, loaded.max_halo, loaded.timesteps)
     paths = DemoPaths(out)
@@ -104,7 +102,9 @@ def run_demo(out: str | os.PathLike[str] = "demo", *, model: str | os.PathLike[s
         result = extract_patches([SAMPLE_SLIDE], paths.patches, target_mpp=loaded.mpp, progress=False)
         say(f"    {result.n_patches} patches of 64 px at {loaded.mpp} µm/px -> {paths.patches}")
 
-    say(f"2/4 synthesizing a {width} × {height} px slide in {chunk} px chunks, {steps} DDIM steps ...")
+    counts = [len(ts) for ts in level_timesteps(loaded, "ddim", steps)]
+    say(f"2/4 synthesizing a {width} × {height} px slide in {chunk} px chunks, "
+        f"{' + '.join(map(str, counts))} DDIM steps{' (coarse to fine)' if len(counts) > 1 else ''} ...")
     # The slide appears only when complete, and its work dir goes only after that: a slide with
     # no work dir is finished (synthesize_slide cannot tell it from a stranger's without the
     # manifest); with one, the job resumes, or finishes the clean-up a killed run left.
@@ -125,12 +125,13 @@ def run_demo(out: str | os.PathLike[str] = "demo", *, model: str | os.PathLike[s
     return DemoResult(paths, width, height, loaded.mpp)
 
 
-def check_options(width: int, height: int, chunk: int, steps: int, seed: int, halo: int, timesteps: int) -> None:
+def check_options(width: int, height: int, chunk: int, steps: int | None, seed: int, halo: int, timesteps: int) -> None:
     """Refuse numbers the demo cannot use, before it writes anything."""
     for option, side in (("--width", width), ("--height", height)):
         check_int(option, side, MIN_SIDE, MAX_SIDE, " (larger slides: nca-tiles synthesize)" if side > MAX_SIDE else "")
     check_int("--chunk", chunk, 2 * halo, MAX_SIDE, f" (at least twice the model's halo of {halo} px)")
-    check_int("--steps", steps, 1, timesteps, " (DDIM steps: at most the model's timesteps)")
+    if steps is not None:  # None: synthesize's default
+        check_int("--steps", steps, 1, timesteps, " (DDIM steps: at most the model's timesteps)")
     check_seed("--seed", seed)
 
 

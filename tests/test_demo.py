@@ -46,9 +46,34 @@ def test_the_demo_draws_the_slide_synthesize_draws_by_default(tmp_path):
     assert result.exit_code == 0, result.output
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "demo" / "synthetic.ome.tif", level=0),
                                   tifffile.imread(out, level=0))
-    from nca_tiles.diffusion.schedule import DEFAULT_DDIM_STEPS
+    assert "Default: synthesize's — the steps the model records for each level, else 50 shared" in " ".join(
+        run_cli("demo", "--help").output.split())
 
-    assert f"synthesize's, {DEFAULT_DDIM_STEPS}," in " ".join(run_cli("demo", "--help").output.split())
+
+def test_the_demo_and_a_slide_request_take_the_steps_a_model_records(tmp_path):
+    """A model that records its levels' DDIM steps (build-model --steps) is drawn with them by the
+    demo and by a SlideRequest without steps, as by synthesize: the demo passed 50 shared, which
+    gave the bundled fine level 10 steps instead of its 17."""
+    from nca_tiles.demo import run_demo
+    from nca_tiles.diffusion.levels import load_synthesis_model, save_scale_space_model
+    from nca_tiles.synthesis.job import make_job
+    from nca_tiles.synthesis.slide_job import SlideRequest
+    from helpers import save_test_model
+
+    dirs = [save_test_model(tmp_path / name, seed=seed, mpp=mpp) for name, seed, mpp in (("c4", 5, 4.0), ("f1", 4, 1.0))]
+    model_dir = save_scale_space_model(tmp_path / "m", dirs, [4, 1], [None, 100], steps=[5, 4])
+    model = load_synthesis_model(model_dir, "cpu")
+    req = SlideRequest(width=160, height=128, out=tmp_path / "x.ome.tif")
+    job = make_job(model, req.seed, req.width, req.height, req.chunk, req.sampler, req.steps, req.eta)
+    assert [len(level.timesteps) for level in job.levels] == [5, 4]
+    lines: list[str] = []
+    run_demo(tmp_path / "demo", model=model_dir, width=160, height=128, chunk=64, progress=False, say=lines.append)
+    assert any("5 + 4 DDIM steps (coarse to fine)" in line for line in lines), lines
+    out = tmp_path / "slide.ome.tif"
+    result = run_cli("synthesize", "--model", model_dir, "--width", 160, "--height", 128, "--chunk", 64, "--out", out)
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "demo" / "synthetic.ome.tif", level=0),
+                                  tifffile.imread(out, level=0))
 
 
 # kill -9 as soon as the slide has its final name: the window between the rename and the removal

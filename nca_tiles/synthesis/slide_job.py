@@ -31,7 +31,6 @@ from nca_tiles.runtime.memory import configure_allocator
 from nca_tiles.runtime.outputs import output_lock
 from nca_tiles.runtime.preflight import check_writable
 from nca_tiles.diffusion.levels import SynthesisModel, load_synthesis_model
-from nca_tiles.diffusion.schedule import DEFAULT_DDIM_STEPS
 from nca_tiles.synthesis.sweeps import DaskExecutor, InProcessExecutor, run_sweeps
 
 # Bounds of the request: beyond them a typo would only fail (or hang) deep inside a run.
@@ -50,7 +49,8 @@ class SlideRequest:
     seed: int = 0
     chunk: int = 1024
     sampler: str = "ddim"
-    steps: int | tuple[int, ...] | None = DEFAULT_DDIM_STEPS  # one count shared by the levels, or one per level
+    # One count shared by the levels, or one per level; None: the model's own (levels.level_timesteps).
+    steps: int | tuple[int, ...] | None = None
     eta: float | tuple[float, ...] | None = None  # None: each level's default (levels.level_etas)
     batch: int = 1
     work_dir: Path | None = None
