@@ -12,7 +12,8 @@ from helpers import lock_held_elsewhere
 
 from nca_tiles.errors import NcaTilesError
 from nca_tiles.evaluation.encoder import (
-    DEFAULT_ENCODER_DIR, FORMAT_VERSION, EncoderConfig, augment, load_encoder, nt_xent, save_encoder, train_encoder)
+    DEFAULT_ENCODER_DIR, FEATURE_MEMO_SETS, FORMAT_VERSION, EncoderConfig, augment, load_encoder, nt_xent, save_encoder,
+    train_encoder)
 from nca_tiles_cli.main import cli
 
 TINY = EncoderConfig(widths=(4, 8), projection=8, crop=32, steps=12, batch_size=16, seed=3)
@@ -51,6 +52,24 @@ def test_the_contrastive_loss_is_low_when_views_agree_and_high_when_they_do_not(
     assert nt_xent(z, z, 0.1) < 0.1
     assert nt_xent(z, torch.randn(32, 16), 0.1) > np.log(32)
 
+
+def test_features_are_computed_once_per_content(real_crops):
+    encoder = train_encoder(real_crops[:32], TINY, {})
+    batches = []
+    encoder.module.register_forward_hook(lambda module, args, out: batches.append(len(args[0])))
+    patches = real_crops[:6].copy()
+    first = encoder.features(patches)
+    assert batches == [6]
+    np.testing.assert_array_equal(encoder.features(patches.copy()), first)  # same pixels, other array
+    assert batches == [6] and not first.flags.writeable  # shared with later callers: read-only
+    patches[0, 0, 0] ^= 0xFF  # same array, other pixels: its own features
+    changed = encoder.features(patches)
+    assert batches == [6, 6] and not np.array_equal(changed[0], first[0])
+    np.testing.assert_array_equal(changed[1:], first[1:])
+    for k in range(FEATURE_MEMO_SETS):  # older sets make way for newer ones
+        encoder.features(real_crops[8 + k : 9 + k])
+    encoder.features(patches)
+    assert len(batches) == 3 + FEATURE_MEMO_SETS
 
 def test_save_and_load_round_trip(tmp_path, real_crops):
     encoder = train_encoder(real_crops[:32], TINY, {"patch_store": "abc"})

@@ -16,11 +16,12 @@ version, what it was trained on) and ``weights.pt`` (the encoder's weights only)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,9 @@ def _encoder_module(config: EncoderConfig) -> "torch.nn.Module":
     return PatchEncoder()
 
 
+FEATURE_MEMO_SETS = 8  # an evaluation asks for the features of at most a handful of sets
+
+
 @dataclass
 class Encoder:
     """A trained encoder: its config, module (eval mode) and what it was trained on."""
@@ -111,15 +115,28 @@ class Encoder:
     config: EncoderConfig
     module: Any
     trained_on: dict[str, Any]
+    # The features of the last few sets, by their content's digest: an evaluation's metrics and
+    # its tissue mix ask for the same sets' features (seconds of encoder time each).
+    _memo: dict[tuple, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def features(self, patches: np.ndarray, batch: int = 256) -> np.ndarray:
         """Features (N, sum(widths)) float64 of uint8 RGB patches (N, H, W, 3)."""
+        from nca_tiles.evaluation.metrics import check_patches
+
+        patches = np.ascontiguousarray(check_patches(patches))
+        key = (patches.shape, hashlib.blake2b(patches.data, digest_size=16).digest())
+        if key not in self._memo:
+            if len(self._memo) >= FEATURE_MEMO_SETS:
+                self._memo.pop(next(iter(self._memo)))
+            self._memo[key] = self._compute_features(patches, batch)
+            self._memo[key].flags.writeable = False  # shared between callers
+        return self._memo[key]
+
+    def _compute_features(self, patches: np.ndarray, batch: int) -> np.ndarray:
         import torch
 
         from nca_tiles.diffusion.pipeline import to_model_space
-        from nca_tiles.evaluation.metrics import check_patches
 
-        patches = check_patches(patches)
         out = []
         with torch.inference_mode():
             for start in range(0, len(patches), batch):
