@@ -19,8 +19,9 @@ from nca_tiles_cli.options import (
 @click.command(short_help="Run the whole pipeline on the bundled sample slide.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo"), show_default=True, help="Output folder.")
 @model_option()
-@click.option("--width", type=int, default=1280, show_default=True, help="Synthetic slide width in px (at most 8192).")
-@click.option("--height", type=int, default=1280, show_default=True, help="Synthetic slide height in px (at most 8192).")
+# The side defaults are nca_tiles.demo.DEMO_SIDE, written out so that --help imports nothing heavy.
+@click.option("--width", type=int, default=1024, show_default=True, help="Synthetic slide width in px (at most 8192).")
+@click.option("--height", type=int, default=1024, show_default=True, help="Synthetic slide height in px (at most 8192).")
 @click.option("--chunk", type=int, default=512, show_default=True,
               help="Chunk side in px: the slide is synthesized chunk by chunk, seamlessly (at least 2 × the model's halo).")
 @click.option("--steps", type=int, default=None,

@@ -11,7 +11,7 @@ import tifffile
 from click.testing import CliRunner
 from PIL import Image
 
-from nca_tiles.demo import chunk_corner_crop
+from nca_tiles.demo import DEMO_SIDE, chunk_corner_crop
 from nca_tiles_cli.demo import demo as demo_command
 from nca_tiles_cli.main import cli
 from helpers import assert_one_line_error, run_cli
@@ -151,3 +151,8 @@ def test_bad_numbers_are_refused_before_anything_is_written(tmp_path, args, frag
 def test_every_option_has_help():
     assert all(param.help for param in demo_command.params), [p.name for p in demo_command.params if not p.help]
     assert "--chunk" in run_cli("demo", "--help").output
+
+
+def test_the_command_draws_the_slide_run_demo_draws():
+    defaults = {param.name: param.default for param in demo_command.params}
+    assert defaults["width"] == defaults["height"] == DEMO_SIDE == 2 * defaults["chunk"]  # a corner at the centre
