@@ -71,6 +71,7 @@ def test_features_are_computed_once_per_content(real_crops):
     encoder.features(patches)
     assert len(batches) == 3 + FEATURE_MEMO_SETS
 
+
 def test_save_and_load_round_trip(tmp_path, real_crops):
     encoder = train_encoder(real_crops[:32], TINY, {"patch_store": "abc"})
     save_encoder(encoder, tmp_path / "enc")

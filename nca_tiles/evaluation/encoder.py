@@ -117,7 +117,7 @@ class Encoder:
     trained_on: dict[str, Any]
     # The features of the last few sets, by their content's digest: an evaluation's metrics and
     # its tissue mix ask for the same sets' features (seconds of encoder time each).
-    _memo: dict[tuple, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+    _memo: dict[tuple, np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def features(self, patches: np.ndarray, batch: int = 256) -> np.ndarray:
         """Features (N, sum(widths)) float64 of uint8 RGB patches (N, H, W, 3)."""
