@@ -81,11 +81,13 @@ def evaluate(
     (NOT Inception-FID: not comparable to published numbers), and FD in the
     features of a small encoder trained on real patches (--encoder, from
     train-encoder: colour-blind by training, so it sees structure); Wasserstein-1
-    of haematoxylin, eosin and DAB optical densities; and a classifier
-    two-sample test (AUC 0.5 = real and synthetic cannot be told apart).
+    of haematoxylin, eosin and DAB optical densities; a classifier two-sample
+    test (AUC 0.5 = real and synthetic cannot be told apart); nuclei
+    statistics; the power spectrum per scale; fibre coherence (whether the
+    eosin texture runs one way, as stroma fibres do).
     A store of several slides adds the tissue mix: each slide's share of the
     held-out patches and of the synthetic ones (by a classifier trained on
-    the train patches), with each one's nuclei medians.
+    the train patches), with each one's nuclei and fibre medians.
 
     \b
     With --hand-over LEVEL: the synthetic patches are that level's redraw of

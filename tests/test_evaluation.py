@@ -87,6 +87,7 @@ def test_results_are_json_serialisable_and_complete(results):
     for medians in again["nuclei_medians"].values():
         assert set(medians) == {"density_per_mm2", "area_um2", "eccentricity", "nearest_um"}
         assert medians["density_per_mm2"] > 0  # real crops (and their blur) have nuclei
+    assert set(again["fibre_coherence_medians"]) == {"heldout", "train", "synthetic", "noise"}
 
 
 def test_format_table(results):
@@ -100,6 +101,19 @@ def test_format_table(results):
     assert [cell.strip() for cell in medians.split("|")][1:] == ["held-out real", "train real", "synthetic", "noise"]
     area = next(line for line in table.splitlines() if line.startswith("nucleus area µm²"))
     assert float(area.split("|")[3]) == pytest.approx(results["nuclei_medians"]["synthetic"]["area_um2"], rel=1e-3)
+    fibre = next(line for line in table.splitlines() if line.startswith("fibre coherence"))
+    assert float(fibre.split("|")[3]) == pytest.approx(results["fibre_coherence_medians"]["synthetic"], abs=1e-3)
+
+
+def test_fibre_coherence_sees_blur_and_noise(results):
+    """Two real samples agree; noise points every way (below real); a σ = 2 px blur takes the
+    fine, many-way detail and leaves the edges of larger structures, which run one way within a
+    window (above real). The W1 distance puts both far above the real floor — coherence is read
+    beside the power per scale, which tells a smooth image from a fibrous one (fibres.py)."""
+    medians, w1 = results["fibre_coherence_medians"], {k: v["fibre_coherence"] for k, v in results["results"].items()}
+    assert abs(medians["train"] - medians["heldout"]) < 0.05
+    assert medians["noise"] < medians["heldout"] < medians["synthetic"]
+    assert w1["synthetic"] > 3 * w1["floor"] and w1["ceiling"] > 3 * w1["floor"]
 
 
 def test_power_per_scale_says_where_the_blurred_set_lost_its_contrast(results):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nca_tiles.evaluation import nuclei, spectrum
+from nca_tiles.evaluation import fibres, nuclei, spectrum
 
 PINK = (236, 180, 220)  # eosin-ish background
 PURPLE = (70, 40, 140)  # haematoxylin-dark nucleus
@@ -94,3 +94,53 @@ def test_spectrum_distance_of_speckle_and_smooth_texture():
     a, b = spectrum.power_spectrum(speckle), spectrum.power_spectrum(smooth)
     assert spectrum.spectrum_distance(a, a) == 0
     assert spectrum.spectrum_distance(a, b) > 0.5
+
+
+def strands(angle_deg: float, period: float = 6.0, size: int = 64) -> np.ndarray:
+    """Pink and white strands ``period`` px apart running at ``angle_deg``: a caricature of collagen."""
+    yy, xx = np.mgrid[:size, :size].astype(float)
+    theta = np.deg2rad(angle_deg)
+    wave = 0.5 + 0.5 * np.sin(2 * np.pi * (xx * np.cos(theta) + yy * np.sin(theta)) / period)
+    white, pink = np.array([245.0, 240, 245]), np.array(PINK, float) * 0.85
+    return np.rint(white + wave[..., None] * (pink - white)).astype(np.uint8)
+
+
+def crumpled(seed: int, size: int = 64) -> np.ndarray:
+    """Pink and white blobs of the strands' size, every way: the texture of a model without fibres."""
+    from scipy.ndimage import gaussian_filter
+
+    field = gaussian_filter(np.random.default_rng(seed).standard_normal((size, size)), 1.5)
+    wave = 1 / (1 + np.exp(-field / field.std() * 2))
+    white, pink = np.array([245.0, 240, 245]), np.array(PINK, float) * 0.85
+    return np.rint(white + wave[..., None] * (pink - white)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("angle", [0, 30, 90, 135])
+def test_strands_are_coherent_whichever_way_they_run(angle):
+    assert fibres.fibre_coherence(strands(angle)[None], 1.0)[0] > 0.9
+
+
+def test_crumpled_texture_is_not_and_the_distance_says_so():
+    fibrous = np.stack([strands(a) for a in (0, 45, 100, 160)])
+    blobs = np.stack([crumpled(seed) for seed in range(4)])
+    a, b = fibres.fibre_coherence(fibrous, 1.0), fibres.fibre_coherence(blobs, 1.0)
+    assert b.max() < 0.35 < 0.9 < a.min()
+    assert fibres.coherence_distance(a, a) == 0
+    assert fibres.coherence_distance(a, b) == pytest.approx(a.mean() - b.mean())
+
+
+def test_coherence_does_not_depend_on_orientation_or_colour_scale():
+    """A quarter turn maps the structure tensor onto itself; a paler stain scales its gradients,
+    and coherence is a ratio of them."""
+    patch = crumpled(7)
+    turned = np.ascontiguousarray(np.rot90(patch))
+    np.testing.assert_allclose(fibres.fibre_coherence(turned[None], 1.0), fibres.fibre_coherence(patch[None], 1.0),
+                               rtol=1e-9)
+    assert fibres.fibre_coherence(np.full((1, 64, 64, 3), 240, np.uint8), 1.0)[0] == 0  # glass: no texture
+
+
+def test_real_stroma_is_more_coherent_than_noise(real_crops):
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (16, 64, 64, 3), dtype=np.uint8)
+    real = fibres.fibre_coherence(real_crops[:64], 1.0)
+    assert np.median(real) > 1.5 * np.median(fibres.fibre_coherence(noise, 1.0))

@@ -111,7 +111,7 @@ def test_cli_prints_the_mix_of_a_model_against_a_store_of_two_slides(two_slide_s
 
 
 def test_a_redraw_is_scored_against_its_own_inputs_slide_by_slide(two_slide_store):
-    from nca_tiles.evaluation import nuclei
+    from nca_tiles.evaluation import fibres, nuclei
 
     store = open_patch_store(two_slide_store)
     inputs, sources = _split(store, "val")
@@ -123,7 +123,8 @@ def test_a_redraw_is_scored_against_its_own_inputs_slide_by_slide(two_slide_stor
     by_source = tissue_mix.redraw_by_source(inputs, redraws, sources, ["skin", "tumour"], 1.0, threshold)
     assert by_source["patches"] == [len(skin), len(tumour)]
     medians = by_source["nuclei_medians"]
-    assert medians["inputs"][1] == nuclei.nuclei_medians(nuclei.nuclei_stats(tumour, threshold, 1.0))
+    assert medians["inputs"][1] == {**nuclei.nuclei_medians(nuclei.nuclei_stats(tumour, threshold, 1.0)),
+                                    "fibre_coherence": float(np.median(fibres.fibre_coherence(tumour, 1.0)))}
     assert medians["redraws"][0] == medians["inputs"][0]  # kept
     assert medians["redraws"][1] != medians["inputs"][1]  # the swapped slide shows it, the kept one does not
     # too few patches of a slide: no medians made up
@@ -153,3 +154,15 @@ def test_cli_prints_a_hand_overs_nuclei_per_source_slide(two_slide_store, tmp_pa
     # the inputs' medians are those of the inputs: the tumour's nuclei are the denser ones
     inputs = by_source["nuclei_medians"]["inputs"]
     assert inputs[1]["density_per_mm2"] > inputs[0]["density_per_mm2"]
+
+
+def test_results_saved_before_fibre_coherence_still_print():
+    """A tissue mix saved before fibre coherence existed has no such key: its cells print as "–"."""
+    old = {"sources": ["skin", "tumour"], "features": "stain statistics", "heldout_accuracy": 1.0,
+           "shares": {"heldout": [0.5, 0.5], "synthetic": [1.0, 0.0]},
+           "nuclei_medians": {"heldout": [{"density_per_mm2": 4000.0, "area_um2": 20.0}] * 2,
+                              "synthetic": [{"density_per_mm2": 3000.0, "area_um2": 25.0}, None]}}
+    lines = tissue_mix.format_tissue_mix(old, _text_table)
+    skin = next(line for line in lines if line.startswith("skin"))
+    assert [cell.strip() for cell in skin.split("|")][-2:] == ["–", "–"]
+    assert [cell.strip() for cell in skin.split("|")][3:5] == ["4000", "3000"]

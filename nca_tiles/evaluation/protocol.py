@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from nca_tiles.evaluation import metrics, nuclei, spectrum, tissue_mix
+from nca_tiles.evaluation import fibres, metrics, nuclei, spectrum, tissue_mix
 from nca_tiles.errors import NcaTilesError
 
 COMPARISONS: dict[str, str] = {
@@ -48,6 +48,7 @@ METRICS: dict[str, str] = {
     "nuclei_eccentricity": "W1 nucleus eccentricity",
     "nuclei_nearest_um": "W1 nearest nucleus µm",
     "spectrum": "power spectrum |Δ log10|",
+    "fibre_coherence": "W1 fibre coherence",
 }
 
 # sets whose nuclei medians are printed, and their column titles
@@ -77,6 +78,7 @@ class _Measured:
     structure_features: np.ndarray
     nuclei: nuclei.NucleiStats
     spectrum: np.ndarray
+    fibre_coherence: np.ndarray  # per patch (fibres.fibre_coherence)
     learned_features: np.ndarray | None  # of the self-supervised encoder, if one is given
 
     @classmethod
@@ -84,7 +86,8 @@ class _Measured:
         structure = metrics.structure_patches(patches)
         return cls(patches, metrics.random_features(patches, seed=seed), structure,
                    metrics.random_features(structure, seed=seed), nuclei.nuclei_stats(patches, threshold, mpp),
-                   spectrum.power_spectrum(patches), None if encoder is None else encoder.features(patches))
+                   spectrum.power_spectrum(patches), fibres.fibre_coherence(patches, mpp),
+                   None if encoder is None else encoder.features(patches))
 
 
 def _compare(measured: _Measured, reference: _Measured, seed: int, kid_subset_size: int, kid_subsets: int,
@@ -105,6 +108,7 @@ def _compare(measured: _Measured, reference: _Measured, seed: int, kid_subset_si
         "c2st_structure": metrics.c2st_auc(reference.structure, measured.structure, seed=seed, steps=c2st_steps),
         **{f"nuclei_{name}": value for name, value in nuclei.nuclei_distances(measured.nuclei, reference.nuclei).items()},
         "spectrum": spectrum.spectrum_distance(measured.spectrum, reference.spectrum),
+        "fibre_coherence": fibres.coherence_distance(measured.fibre_coherence, reference.fibre_coherence),
     }
 
 
@@ -169,6 +173,8 @@ def evaluate_patches(
         "comparisons": dict(COMPARISONS),
         "results": results,
         "nuclei_medians": {name: nuclei.nuclei_medians(measured[name].nuclei) for name in MEDIAN_SETS},
+        # Fibres or not: stroma runs one way, speckle and noise every way (fibres.py).
+        "fibre_coherence_medians": {name: float(np.median(measured[name].fibre_coherence)) for name in MEDIAN_SETS},
         # Which scales the spectrum distance comes from, and which way: power ÷ the held-out real's.
         "spectrum_bands": {
             "period_px": [list(periods) for periods in spectrum.band_periods(min(synthetic.shape[1:3]))],
@@ -231,6 +237,11 @@ def format_table(results: dict[str, Any]) -> str:
         m_rows = [[label] + [f"{medians[name][key]:.4g}" for name in MEDIAN_SETS] for key, label in MEDIAN_LABELS.items()]
         titles = [("inputs" if hand_over and name == "train" else title) for name, title in MEDIAN_SETS.items()]
         lines += ["", *_text_table(["nuclei, median per set", *titles], m_rows)]
+    fibre = results.get("fibre_coherence_medians")  # absent in results saved before it existed
+    if fibre:
+        titles = [("inputs" if hand_over and name == "train" else title) for name, title in MEDIAN_SETS.items()]
+        lines += ["", *_text_table(["eosin texture, median per set", *titles],
+                                   [["fibre coherence (0–1)", *(f"{fibre[name]:.3f}" for name in MEDIAN_SETS)]])]
     bands = results.get("spectrum_bands")  # absent in results saved before it existed
     if bands:
         mpp = results.get("mpp", 1.0)

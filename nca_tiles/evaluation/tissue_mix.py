@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from nca_tiles.evaluation import metrics, nuclei
+from nca_tiles.evaluation import fibres, metrics, nuclei
 
 L2_PENALTY = 1e-2  # on the standardised features: a few hundred patches, tens of features
 LBFGS_ITERATIONS = 500
@@ -82,11 +82,13 @@ def _shares(labels: np.ndarray, classes: int) -> list[float]:
 
 def _medians_by_source(patches: np.ndarray, labels: np.ndarray, classes: int, threshold: float,
                        mpp: float) -> list[dict[str, float] | None]:
-    """Each source's nuclei medians (None where fewer than MIN_PATCHES_FOR_MEDIANS patches have it)."""
+    """Each source's nuclei medians and median fibre coherence (None where fewer than
+    MIN_PATCHES_FOR_MEDIANS patches have it)."""
     out: list[dict[str, float] | None] = []
     for source in range(classes):
         picked = patches[labels == source]
-        out.append(nuclei.nuclei_medians(nuclei.nuclei_stats(picked, threshold, mpp))
+        out.append({**nuclei.nuclei_medians(nuclei.nuclei_stats(picked, threshold, mpp)),
+                    "fibre_coherence": float(np.median(fibres.fibre_coherence(picked, mpp)))}
                    if len(picked) >= MIN_PATCHES_FOR_MEDIANS else None)
     return out
 
@@ -120,11 +122,13 @@ def tissue_mix(train: np.ndarray, train_sources: np.ndarray, heldout: np.ndarray
 
 
 def _median_cell(table: dict[str, Any]):
-    """A table cell of one source's nuclei median: table["nuclei_medians"][set][source][statistic], "–" where None."""
+    """A table cell of one source's median: table["nuclei_medians"][set][source][statistic], "–" where
+    None (or, in results saved before it existed, no fibre coherence)."""
 
     def median(which: str, i: int, key: str) -> str:
         values = table["nuclei_medians"][which][i]
-        return "–" if values is None else f"{values[key]:.4g}"
+        value = None if values is None else values.get(key)
+        return "–" if value is None else f"{value:.3g}" if key == "fibre_coherence" else f"{value:.4g}"
 
     return median
 
@@ -135,14 +139,15 @@ def format_tissue_mix(mix: dict[str, Any], table) -> list[str]:
     median = _median_cell(mix)
     rows = [[name, f"{mix['shares']['heldout'][i]:.2f}", f"{mix['shares']['synthetic'][i]:.2f}",
              median("heldout", i, "density_per_mm2"), median("synthetic", i, "density_per_mm2"),
-             median("heldout", i, "area_um2"), median("synthetic", i, "area_um2")]
+             median("heldout", i, "area_um2"), median("synthetic", i, "area_um2"),
+             median("heldout", i, "fibre_coherence"), median("synthetic", i, "fibre_coherence")]
             for i, name in enumerate(mix["sources"])]
     header = ["tissue mix, source slide", "held-out share", "synthetic share", "nuclei/mm² held-out",
-              "synthetic", "area µm² held-out", "synthetic"]
+              "synthetic", "area µm² held-out", "synthetic", "fibre coherence held-out", "synthetic"]
     return [f"tissue mix: each patch's most likely source slide, by a linear classifier on the train patches' "
             f"{mix['features']}",
             f"(held-out real patches assigned right: {mix['heldout_accuracy']:.0%}; synthetic ones are a nearest "
-            f"guess); nuclei medians per source (–: under {MIN_PATCHES_FOR_MEDIANS} patches)", *table(header, rows)]
+            f"guess); nuclei and fibre-coherence medians per source (–: under {MIN_PATCHES_FOR_MEDIANS} patches)", *table(header, rows)]
 
 
 def redraw_by_source(inputs: np.ndarray, redraws: np.ndarray, sources: np.ndarray, source_names: list[str],
@@ -168,12 +173,13 @@ def format_redraw_by_source(by_source: dict[str, Any], table) -> list[str]:
     """Lines of the hand-over's per-source nuclei table."""
 
     median = _median_cell(by_source)
-    columns = (("density_per_mm2", "nuclei/mm²"), ("area_um2", "area µm²"), ("nearest_um", "nearest µm"))
+    columns = (("density_per_mm2", "nuclei/mm²"), ("area_um2", "area µm²"), ("nearest_um", "nearest µm"),
+               ("fibre_coherence", "fibre coherence"))
     header = ["redraw by source slide", "patches"]
     for _, label in columns:
         header += [f"{label} inputs", "redraws"]
     rows = [[name, str(by_source["patches"][i])]
             + [median(which, i, key) for key, _ in columns for which in ("inputs", "redraws")]
             for i, name in enumerate(by_source["sources"])]
-    return [f"nuclei medians of each source slide's inputs and their redraws (–: under {MIN_PATCHES_FOR_MEDIANS} "
+    return [f"nuclei and fibre-coherence medians of each source slide's inputs and their redraws (–: under {MIN_PATCHES_FOR_MEDIANS} "
             "patches)", *table(header, rows)]
