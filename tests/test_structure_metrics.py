@@ -144,3 +144,13 @@ def test_real_stroma_is_more_coherent_than_noise(real_crops):
     noise = rng.integers(0, 256, (16, 64, 64, 3), dtype=np.uint8)
     real = fibres.fibre_coherence(real_crops[:64], 1.0)
     assert np.median(real) > 1.5 * np.median(fibres.fibre_coherence(noise, 1.0))
+
+
+def test_coherence_is_nan_where_strands_are_sub_pixel():
+    """At 4 µm/px (a coarse level's patches) a 1 µm strand scale is a quarter pixel: no number is
+    better than one that measures the sampling."""
+    patches = np.stack([strands(30, period=3), crumpled(1)])
+    at_4 = fibres.fibre_coherence(patches, 4.0)
+    assert at_4.shape == (2,) and np.isnan(at_4).all()
+    assert np.isnan(fibres.coherence_distance(at_4, fibres.fibre_coherence(patches, 1.0)))
+    assert not np.isnan(fibres.fibre_coherence(patches, 0.5)).any()

@@ -41,9 +41,18 @@ def coherence_map(image: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray
     return anisotropy / np.maximum(trace, 1e-12), trace
 
 
+def resolves_strands(mpp: float) -> bool:
+    """Whether a strand's gradient scale is at least a pixel: at coarser µm/px (a 4 µm/px level)
+    strands are sub-pixel and a coherence would measure the sampling, not fibres."""
+    return STRAND_UM / mpp >= 1.0
+
+
 def fibre_coherence(patches: np.ndarray, mpp: float) -> np.ndarray:
-    """Energy-weighted mean coherence (patches,) in [0, 1] of uint8 RGB patches at ``mpp`` µm/px.
-    A border of one window is left out: there the window reaches past the patch."""
+    """Energy-weighted mean coherence (patches,) in [0, 1] of uint8 RGB patches at ``mpp`` µm/px;
+    NaN where the µm/px does not resolve strands. A border of one window is left out: there the
+    window reaches past the patch."""
+    if not resolves_strands(mpp):
+        return np.full(len(patches), np.nan)
     margin = int(round(WINDOW_UM / mpp))
     out = []
     for image in eosin(patches):
@@ -56,7 +65,9 @@ def fibre_coherence(patches: np.ndarray, mpp: float) -> np.ndarray:
 
 
 def coherence_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Wasserstein-1 distance of two sets' per-patch coherences."""
+    """Wasserstein-1 distance of two sets' per-patch coherences (NaN where they are NaN: too coarse)."""
     from scipy.stats import wasserstein_distance
 
+    if np.isnan(a).any() or np.isnan(b).any():
+        return float("nan")
     return float(wasserstein_distance(a, b))

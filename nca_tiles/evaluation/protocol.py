@@ -238,7 +238,7 @@ def format_table(results: dict[str, Any]) -> str:
         titles = [("inputs" if hand_over and name == "train" else title) for name, title in MEDIAN_SETS.items()]
         lines += ["", *_text_table(["nuclei, median per set", *titles], m_rows)]
     fibre = results.get("fibre_coherence_medians")  # absent in results saved before it existed
-    if fibre:
+    if fibre and not all(np.isnan(v) for v in fibre.values()):  # all NaN: strands too fine for the µm/px
         titles = [("inputs" if hand_over and name == "train" else title) for name, title in MEDIAN_SETS.items()]
         lines += ["", *_text_table(["eosin texture, median per set", *titles],
                                    [["fibre coherence (0–1)", *(f"{fibre[name]:.3f}" for name in MEDIAN_SETS)]])]
