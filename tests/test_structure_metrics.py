@@ -129,9 +129,9 @@ def test_crumpled_texture_is_not_and_the_distance_says_so():
     assert fibres.coherence_distance(a, b) == pytest.approx(a.mean() - b.mean())
 
 
-def test_coherence_does_not_depend_on_orientation_or_colour_scale():
-    """A quarter turn maps the structure tensor onto itself; a paler stain scales its gradients,
-    and coherence is a ratio of them."""
+def test_coherence_does_not_depend_on_orientation_and_glass_has_none():
+    """A quarter turn maps the structure tensor onto itself; a flat patch has no gradients, so no
+    direction."""
     patch = crumpled(7)
     turned = np.ascontiguousarray(np.rot90(patch))
     np.testing.assert_allclose(fibres.fibre_coherence(turned[None], 1.0), fibres.fibre_coherence(patch[None], 1.0),

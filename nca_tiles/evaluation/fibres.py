@@ -17,15 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from nca_tiles.evaluation import metrics
+
 STRAND_UM = 1.0  # σ of the gradient: collagen strands and their clefts are a few µm wide
 WINDOW_UM = 6.0  # σ of the window a direction must hold over to count as a fibre
-
-
-def eosin(patches: np.ndarray) -> np.ndarray:
-    """Eosin optical density (N, H, W) of uint8 RGB patches."""
-    from skimage.color import rgb2hed
-
-    return np.stack([rgb2hed(p)[..., 1] for p in patches]).astype(np.float64)
 
 
 def coherence_map(image: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray]:
@@ -54,10 +49,10 @@ def fibre_coherence(patches: np.ndarray, mpp: float) -> np.ndarray:
     if not resolves_strands(mpp):
         return np.full(len(patches), np.nan)
     margin = int(round(WINDOW_UM / mpp))
+    inner = (slice(margin, -margin or None),) * 2
     out = []
-    for image in eosin(patches):
+    for image in metrics.stain_density_maps(patches, "eosin"):
         coherence, trace = coherence_map(image, mpp)
-        inner = (slice(margin, -margin or None),) * 2
         weight = trace[inner]
         textured = weight.mean() > 1e-10  # glass, or any flat patch: no direction to speak of
         out.append(float((coherence[inner] * weight).sum() / weight.sum()) if textured else 0.0)

@@ -254,6 +254,15 @@ def kernel_inception_distance(
 STAINS = ("haematoxylin", "eosin", "dab")
 
 
+def stain_density_maps(patches: np.ndarray, stain: str) -> np.ndarray:
+    """One stain's optical density per pixel, (N, H, W) float64, of uint8 RGB patches
+    (skimage's ``rgb2hed``: the maps nuclei and fibres are found in)."""
+    from skimage.color import rgb2hed
+
+    channel = STAINS.index(stain)
+    return np.stack([rgb2hed(p)[..., channel] for p in patches]).astype(np.float64)
+
+
 def stain_optical_density(patches: np.ndarray, n_pixels: int | None = 200_000, seed: int = 0) -> np.ndarray:
     """Haematoxylin, eosin and DAB optical densities (log10 units) of a random subsample of pixels:
     an (n_pixels, 3) array, by Ruifrok–Johnston colour deconvolution (Ruifrok & Johnston 2001).

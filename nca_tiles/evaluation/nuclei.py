@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nca_tiles.evaluation import metrics
+
 # Smallest nucleus kept: lymphocyte nuclei are ≈ 5 µm across (≈ 20 µm²); below ~8 µm² it is noise.
 MIN_NUCLEUS_AREA_UM2 = 8.0
 SMOOTHING_UM = 1.0  # Gaussian σ before thresholding: suppresses pixel noise, keeps nuclei
@@ -34,9 +36,7 @@ STAT_NAMES = ("density_per_mm2", "area_um2", "eccentricity", "nearest_um")
 
 def haematoxylin(patches: np.ndarray) -> np.ndarray:
     """Haematoxylin optical density (N, H, W) of uint8 RGB patches."""
-    from skimage.color import rgb2hed
-
-    return np.stack([rgb2hed(p)[..., 0] for p in patches]).astype(np.float32)
+    return metrics.stain_density_maps(patches, "haematoxylin").astype(np.float32)
 
 
 def _smoothed(h: np.ndarray, mpp: float) -> np.ndarray:

@@ -232,14 +232,13 @@ def format_table(results: dict[str, Any]) -> str:
                      f"split's real patches, handed over at t = {hand_over['t_start']} blurred as by a level "
                      f"{hand_over['ratio']}x coarser (a perfect one); the reference: the other half")
     lines += ["", *_text_table(header, rows)]
+    titles = [("inputs" if hand_over and name == "train" else title) for name, title in MEDIAN_SETS.items()]
     medians = results.get("nuclei_medians")  # absent in results saved before it existed
     if medians:
         m_rows = [[label] + [f"{medians[name][key]:.4g}" for name in MEDIAN_SETS] for key, label in MEDIAN_LABELS.items()]
-        titles = [("inputs" if hand_over and name == "train" else title) for name, title in MEDIAN_SETS.items()]
         lines += ["", *_text_table(["nuclei, median per set", *titles], m_rows)]
     fibre = results.get("fibre_coherence_medians")  # absent in results saved before it existed
     if fibre and not all(np.isnan(v) for v in fibre.values()):  # all NaN: strands too fine for the µm/px
-        titles = [("inputs" if hand_over and name == "train" else title) for name, title in MEDIAN_SETS.items()]
         lines += ["", *_text_table(["eosin texture, median per set", *titles],
                                    [["fibre coherence (0–1)", *(f"{fibre[name]:.3f}" for name in MEDIAN_SETS)]])]
     bands = results.get("spectrum_bands")  # absent in results saved before it existed
